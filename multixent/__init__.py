@@ -1,0 +1,6 @@
+"""multixent: one cross-entropy loss for NumPy, PyTorch, JAX and any array-API library."""
+
+from ._loss import cross_entropy, cross_entropy_and_grad, log_softmax, logsumexp, nll_loss
+
+__all__ = ["cross_entropy", "cross_entropy_and_grad", "log_softmax", "logsumexp", "nll_loss"]
+__version__ = "0.1.0"

@@ -1,0 +1,18 @@
+"""Adapter for array libraries without autodiff (NumPy, array-api-strict, ...)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+from .. import _math
+
+
+def concrete(a: Any) -> Any:
+    return None if array_api_compat.is_lazy_array(a) else a
+
+
+def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
+    block_rows = _math.block_rows_for(x.shape[-1])
+    return _math.row_losses(x, target, weight, opts, xp=xp, block_rows=block_rows)

@@ -1,0 +1,126 @@
+"""Argument validation: every error message of the public functions lives here.
+
+Each message names the argument, what was expected and what came. Checks on
+*values* (class indices in range) run only when the values are concrete; under
+tracing (``jax.jit``, ``torch.compile``) the math poisons the result with NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+Namespace = Any
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def namespace(*arrays: Array | None) -> Namespace:
+    """The one array namespace of all arrays given (None skipped)."""
+    given = [a for a in arrays if a is not None]
+    try:
+        return array_api_compat.array_namespace(*given)
+    except TypeError as err:
+        kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__qualname__ for a in given}))
+        raise TypeError(
+            f"multixent: all arrays of one call must come from one array library; got {kinds} ({err})"
+        ) from None
+
+
+def floating(x: Array, name: str, xp: Namespace) -> None:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"multixent: {name} must have a real floating dtype; got {x.dtype}")
+
+
+def class_axis(axis: Any, ndim: int, name: str = "logits") -> int:
+    """``axis`` normalised into [0, ndim)."""
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"multixent: axis must be an int; got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"multixent: axis={axis} is out of range for {name} of {ndim} dimensions")
+    return axis % ndim
+
+
+def num_classes(shape: tuple[int, ...], axis: int) -> int:
+    c = shape[axis]
+    if c == 0:
+        raise ValueError(f"multixent: logits have zero classes along axis {axis} (shape {tuple(shape)})")
+    return int(c)
+
+
+def reduction(value: Any) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"multixent: reduction must be one of {REDUCTIONS}; got {value!r}")
+    return str(value)
+
+
+def number(value: Any, name: str, *, low: float, high: float = math.inf, open_low: bool = False) -> float:
+    """A Python real in [low, high] (or (low, high] with ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"multixent: {name} must be a Python float; got {type(value).__name__}")
+    ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"multixent: {name} must lie in {bracket}{low}, {high}]; got {value!r}")
+    return float(value)
+
+
+def index_target(target: Array, xp: Namespace) -> bool:
+    """True for class indices (integer dtype), False for probabilities (real floating)."""
+    if xp.isdtype(target.dtype, "integral"):
+        return True
+    if xp.isdtype(target.dtype, "real floating"):
+        return False
+    raise TypeError(
+        f"multixent: target must hold class indices (an integer dtype) or class "
+        f"probabilities (a real floating dtype); got {target.dtype}"
+    )
+
+
+def target_shape(target: Array, logits: Array, axis: int, is_index: bool) -> None:
+    expected = tuple(logits.shape)
+    kind = "class probabilities: the logits' shape"
+    if is_index:
+        expected = expected[:axis] + expected[axis + 1 :]
+        kind = "class indices: the logits' shape without the class axis"
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"multixent: target of shape {tuple(target.shape)} does not fit logits of shape "
+            f"{tuple(logits.shape)} with class axis {axis}; expected {expected} ({kind})"
+        )
+
+
+def ignore_index(value: Any, is_index: bool, default: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"multixent: ignore_index must be an int; got {type(value).__name__}")
+    if not is_index and value != default:
+        raise ValueError(
+            f"multixent: ignore_index={value} applies to class-index targets only; "
+            "the target holds class probabilities"
+        )
+    return value
+
+
+def weight(w: Array | None, classes: int, xp: Namespace) -> None:
+    if w is None:
+        return
+    if not xp.isdtype(w.dtype, ("real floating", "integral")):
+        raise TypeError(f"multixent: weight must have a real dtype; got {w.dtype}")
+    if tuple(w.shape) != (classes,):
+        raise ValueError(f"multixent: weight must have shape ({classes},) (one per class); got {tuple(w.shape)}")
+
+
+def indices_in_range(target: Array, classes: int, ignore: int) -> None:
+    """IndexError naming the first class index outside [0, C) that is not ``ignore``."""
+    xp = array_api_compat.array_namespace(target)
+    flat = xp.reshape(target, (-1,))
+    bad = (flat != ignore) & ((flat < 0) | (flat >= classes))
+    if flat.shape[0] and bool(xp.any(bad)):
+        first = int(xp.argmax(xp.astype(bad, xp.int8)))
+        raise IndexError(
+            f"multixent: target holds class index {int(flat[first])} (at flat position {first}); "
+            f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
+        )

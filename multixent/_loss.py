@@ -1,0 +1,264 @@
+"""Public functions: validate, pick the namespace and adapter, reshape, reduce.
+
+The math is in :mod:`multixent._math`; the per-framework autodiff in
+:mod:`multixent._adapters`. Nothing here names a framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import _checks, _math
+from ._adapters import adapter_for
+
+Array = Any
+
+_IGNORE_DEFAULT = -100
+
+
+def logsumexp(x: Array, /, *, axis: int = -1, keepdims: bool = False) -> Array:
+    """``log Σ_i exp(x_i)`` along ``axis``, stable for large and infinite values.
+
+    The shift by the maximum is applied only where that maximum is finite, so
+    rows of ``-inf`` give ``-inf`` and rows holding ``+inf`` give ``+inf``.
+    """
+    xp = _checks.namespace(x)
+    _checks.floating(x, "x", xp)
+    return _math.logsumexp(x, axis=_checks.class_axis(axis, x.ndim, "x"), keepdims=keepdims, xp=xp)
+
+
+def log_softmax(x: Array, /, *, axis: int = -1) -> Array:
+    """``x - logsumexp(x)`` along ``axis``."""
+    xp = _checks.namespace(x)
+    _checks.floating(x, "x", xp)
+    return _math.log_softmax(x, axis=_checks.class_axis(axis, x.ndim, "x"), xp=xp)
+
+
+@dataclass
+class _Call:
+    """One validated call, its arrays flattened to rows with the class axis last."""
+
+    xp: Any
+    rows: Array  # (R, C) logits
+    target: Array  # (R,) class indices or (R, C) probabilities
+    weight: Array | None  # (C,) in the compute dtype
+    counted: Array | None  # (R,) bool for class indices
+    batch_shape: tuple[int, ...]
+    axis: int
+    is_index: bool
+    reduction: str
+    opts: _math.Options
+    adapter: Any
+
+
+def _prepare(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    axis: Any,
+    ignore_index: Any,
+    reduction: str,
+    opts: _math.Options,
+    name: str,
+) -> _Call:
+    xp = _checks.namespace(x, target, weight)
+    _checks.floating(x, name, xp)
+    axis = _checks.class_axis(axis, x.ndim, name)
+    classes = _checks.num_classes(x.shape, axis)
+    reduction = _checks.reduction(reduction)
+    is_index = _checks.index_target(target, xp)
+    _checks.target_shape(target, x, axis, is_index)
+    _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
+    _checks.weight(weight, classes, xp)
+    adapter = adapter_for(x)
+    values = adapter.concrete(target) if is_index else None
+    if values is not None:
+        _checks.indices_in_range(values, classes, ignore_index)
+    dtype = _math.compute_dtype(x.dtype, xp)
+    batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
+    rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
+    if is_index:
+        target = xp.reshape(target, (-1,))
+        counted = target != ignore_index
+    else:
+        target = xp.reshape(xp.moveaxis(target, axis, -1), (-1, classes))
+        counted = None
+    if weight is not None:
+        weight = xp.astype(weight, dtype)
+    return _Call(xp, rows, target, weight, counted, batch_shape, axis, is_index, reduction, opts, adapter)
+
+
+def _mean(total: Array, count: Array, xp: Any) -> Array:
+    """``total / count``, and 0 (with a zero gradient) where ``count`` is 0."""
+    nonzero = count != 0
+    return xp.where(nonzero, total / xp.where(nonzero, count, xp.ones_like(count)), xp.zeros_like(total))
+
+
+def _denominators(call: _Call, dtype: Any) -> tuple[Array, Array]:
+    """The "mean" denominators of the cross-entropy and of the z-loss."""
+    xp = call.xp
+    rows = call.rows.shape[0]
+    if call.counted is None:
+        n = xp.asarray(float(rows), dtype=dtype, device=_device(call.rows))
+        return n, n
+    counted = xp.astype(call.counted, dtype)
+    n_counted = xp.sum(counted)
+    if call.weight is None:
+        return n_counted, n_counted
+    index = xp.where(call.counted, call.target, xp.zeros_like(call.target))
+    return xp.sum(xp.take(call.weight, index) * counted), n_counted
+
+
+def _device(x: Array) -> Any:
+    from array_api_compat import device
+
+    return device(x)
+
+
+def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
+    """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``."""
+    xp = call.xp
+    if call.reduction == "none":
+        per_row = ce + z_loss * lse * lse if z_loss else ce
+        return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype)
+    total = xp.sum(ce)
+    z_total = xp.sum(lse * lse) if z_loss else None
+    if call.reduction == "mean":
+        ce_count, z_count = _denominators(call, ce.dtype)
+        total = _mean(total, ce_count, xp)
+        z_total = None if z_total is None else _mean(z_total, z_count, xp)
+    if z_total is not None:
+        total = total + z_loss * z_total
+    return xp.astype(total, out_dtype)
+
+
+def _options(ignore_index: int, label_smoothing: Any, z_loss: Any, softcap: Any) -> tuple[_math.Options, float]:
+    smoothing = _checks.number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    z = _checks.number(z_loss, "z_loss", low=0.0)
+    cap = None if softcap is None else _checks.number(softcap, "softcap", low=0.0, open_low=True)
+    return _math.Options(ignore_index, smoothing, cap), z
+
+
+def cross_entropy(
+    logits: Array,
+    target: Array,
+    /,
+    *,
+    axis: int = -1,
+    weight: Array | None = None,
+    ignore_index: int = _IGNORE_DEFAULT,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Array:
+    r"""Cross-entropy between ``logits`` and ``target``, as torch's ``F.cross_entropy``.
+
+    .. math::
+
+        \ell_i = (1-\varepsilon)\, w_{y_i}\,(\operatorname{lse}(x_i) - x_{i,y_i})
+                 + \frac{\varepsilon}{C}\sum_c w_c\,(\operatorname{lse}(x_i) - x_{i,c})
+                 + c_z\,\operatorname{lse}(x_i)^2
+
+    for class indices ``y`` (integer ``target``, the logits' shape without
+    ``axis``), or :math:`\sum_c w_c t'_{i,c}(\operatorname{lse}(x_i) - x_{i,c})`
+    with :math:`t' = (1-\varepsilon)t + \varepsilon/C` for class probabilities
+    (floating ``target`` of the logits' shape). ``softcap=s`` first maps the
+    logits to :math:`s\tanh(x/s)`. "mean" divides by :math:`\sum w_{y_i}` over
+    counted positions (by the number of positions for probabilities; by the
+    counted positions for the z-loss), and is 0 when that is 0.
+
+    Example::
+
+        >>> import numpy as np, multixent
+        >>> x = np.array([[2.0, 0.5, -1.0]]); y = np.array([0])
+        >>> round(float(multixent.cross_entropy(x, y)), 6)
+        0.241951
+    """
+    opts, z = _options(ignore_index, label_smoothing, z_loss, softcap)
+    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
+    ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, opts, call.xp)
+    return _reduce(call, ce, lse, z, logits.dtype)
+
+
+def cross_entropy_and_grad(
+    logits: Array,
+    target: Array,
+    /,
+    *,
+    axis: int = -1,
+    weight: Array | None = None,
+    ignore_index: int = _IGNORE_DEFAULT,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> tuple[Array, Array]:
+    r"""``(loss, ∂loss/∂logits)`` of :func:`cross_entropy`, for "mean" and "sum".
+
+    The gradient is the closed form
+    :math:`\mathrm{scale}\cdot(\operatorname{softmax}(x)\sum_c a_c - a) + 2 c_z\,\mathrm{scale}_z\operatorname{lse}\operatorname{softmax}(x)`
+    (``a`` the weighted, smoothed target distribution; times :math:`1-\tanh^2`
+    under softcap), computed in one pass with the loss on any array library.
+    """
+    opts, z = _options(ignore_index, label_smoothing, z_loss, softcap)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"multixent: cross_entropy_and_grad supports reduction 'mean' or 'sum'; got {reduction!r}")
+    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
+    xp = call.xp
+    dtype = _math.compute_dtype(logits.dtype, xp)
+    one = xp.asarray(1.0, dtype=dtype, device=_device(call.rows))
+    ce_scale, z_scale = one, one
+    if reduction == "mean":
+        ce_count, z_count = _denominators(call, dtype)
+        ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
+    ce, lse, grad = _math.row_losses_and_grad(
+        call.rows,
+        call.target,
+        call.weight,
+        ce_scale,
+        2.0 * z * z_scale,
+        opts,
+        xp=xp,
+        block_rows=_math.block_rows_for(call.rows.shape[-1]),
+    )
+    loss = _reduce(call, ce, lse, z, logits.dtype)
+    moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
+    grad = xp.moveaxis(xp.reshape(grad, moved), -1, call.axis)
+    return loss, grad
+
+
+def nll_loss(
+    log_probs: Array,
+    target: Array,
+    /,
+    *,
+    axis: int = -1,
+    weight: Array | None = None,
+    ignore_index: int = _IGNORE_DEFAULT,
+    reduction: str = "mean",
+) -> Array:
+    r"""Negative log-likelihood of class indices, as torch's ``F.nll_loss``.
+
+    .. math:: \ell_i = -w_{y_i}\,\log p_{i,y_i}
+
+    "mean" divides by :math:`\sum w_{y_i}` over counted positions (0 when that is 0).
+    """
+    opts = _math.Options(ignore_index)
+    call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs")
+    if not call.is_index:
+        raise TypeError(f"multixent: nll_loss takes class indices (an integer target); got {target.dtype}")
+    xp = call.xp
+    dtype = _math.compute_dtype(log_probs.dtype, xp)
+    assert call.counted is not None
+    index = xp.where(call.counted, call.target, xp.zeros_like(call.target))
+    picked = xp.astype(xp.take_along_axis(call.rows, index[:, None], axis=-1)[:, 0], dtype)
+    picked = xp.where(call.counted, picked, xp.zeros_like(picked))
+    if call.weight is not None:
+        picked = picked * xp.take(call.weight, index)
+    nll = -picked
+    classes = call.rows.shape[-1]
+    bad = call.counted & ((call.target < 0) | (call.target >= classes))
+    nll = xp.where(bad, xp.full_like(nll, float("nan")), nll)
+    return _reduce(call, nll, nll, 0.0, log_probs.dtype)

@@ -1,0 +1,326 @@
+"""Array-API-generic math: logsumexp, log_softmax, and the cross-entropy rows.
+
+Every function takes the namespace ``xp`` and never names a framework. The
+cross-entropy works on 2-D ``(rows, C)`` logits with the class axis last and
+returns per-row terms; reductions live in :mod:`multixent._loss`.
+
+Per row, with ``s = z - m`` the logits shifted by their (finite) maximum,
+``lse_s = log Σ_c exp(s_c)``, smoothing ``ε`` and class weights ``w``::
+
+    class index y:      ce = (1-ε) w_y (lse_s - s_y) + ε/C Σ_c w_c (lse_s - s_c)
+    probabilities t:    ce = Σ_c t'_c w_c (lse_s - s_c),   t' = (1-ε) t + ε/C
+    and                 lse = lse_s + m
+
+Their gradient has the closed form used by :func:`row_losses_vjp`::
+
+    ∂ce/∂z = softmax(z) · Σ_c a_c - a,   ∂lse/∂z = softmax(z)
+
+with ``a`` the weighted target distribution above (``a_c = (1-ε) w_y [c=y] +
+ε/C w_c`` or ``t'_c w_c``), times ``1 - tanh²(x/s)`` under ``softcap=s``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_extra as xpx
+from array_api_compat import device
+
+Array = Any
+Namespace = Any
+
+#: Elements per block of rows processed at once by eager backends: small enough
+#: for the block's temporaries to stay in cache, large enough that the Python
+#: overhead per block is negligible (measured: 2**17..2**19 are equally fast).
+BLOCK_ELEMENTS = 2**18
+
+
+@dataclass(frozen=True)
+class Options:
+    """The static (hashable) options of one cross-entropy call."""
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    softcap: float | None = None
+
+
+def compute_dtype(dtype: Any, xp: Namespace) -> Any:
+    """float16/bfloat16 are computed in float32; wider floats as they are."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def _finite_max(x: Array, axis: int, xp: Namespace) -> Array:
+    """Row maximum (keepdims), replaced by 0 where it is not finite."""
+    m = xp.max(x, axis=axis, keepdims=True)
+    return xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+
+
+def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace) -> Array:
+    """``log Σ exp(x)`` along ``axis``, shifted by the finite maximum."""
+    m = _finite_max(x, axis, xp)
+    out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else xp.squeeze(out, axis=axis)
+
+
+def log_softmax(x: Array, /, *, axis: int, xp: Namespace) -> Array:
+    """``x - logsumexp(x)`` along ``axis``."""
+    m = _finite_max(x, axis, xp)
+    s = x - m
+    return s - xp.log(xp.sum(xp.exp(s), axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------
+# Targets of one block of rows
+
+
+@dataclass
+class _ClassTargets:
+    """Class-index targets of a block: which rows count, and their weights."""
+
+    index: Array  # (n,) clipped into [0, C)
+    counted: Array  # (n,) bool: not ignore_index
+    poisoned: Array  # (n,) bool: counted but out of [0, C) -> NaN
+    weight_at_target: Array | float  # (n,) w_y, or 1.0
+
+
+def _class_targets(
+    target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace
+) -> _ClassTargets:
+    counted = target != opts.ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    index = xp.where(counted & in_range, target, xp.zeros_like(target))
+    w_y = 1.0 if weight is None else xp.take(weight, index)
+    return _ClassTargets(index, counted, counted & ~in_range, w_y)
+
+
+def _smoothed(t: Array, num_classes: int, opts: Options, weight: Array | None) -> Array:
+    """``((1-ε) t + ε/C) · w`` for probability targets."""
+    eps = opts.label_smoothing
+    if eps:
+        t = t * (1.0 - eps) + eps / num_classes
+    return t if weight is None else t * weight
+
+
+def _prepare_logits(
+    x: Array, counted: Array | None, opts: Options, dtype: Any, xp: Namespace
+) -> tuple[Array, Array | None]:
+    """Upcast, zero the ignored rows (so no NaN/inf reaches any gradient), softcap.
+
+    Returns the logits to use and ``tanh(x/s)`` (None without softcap).
+    """
+    z = xp.astype(x, dtype, copy=False)
+    if counted is not None:
+        z = xp.where(counted[:, None], z, xp.zeros_like(z))
+    if opts.softcap is None:
+        return z, None
+    th = xp.tanh(z / opts.softcap)
+    return opts.softcap * th, th
+
+
+def _row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
+    """``Σ_c w_c s_c`` per row (``Σ_c s_c`` without weights)."""
+    return xp.sum(s, axis=-1) if weight is None else xp.sum(s * weight, axis=-1)
+
+
+def _poison(values: Array, poisoned: Array, xp: Namespace) -> Array:
+    return xp.where(poisoned, xp.full_like(values, math.nan), values)
+
+
+@dataclass
+class _Block:
+    """Forward quantities of one block of rows, kept for its gradient."""
+
+    ce: Array  # (n,)
+    lse: Array  # (n,), 0 on ignored rows
+    s: Array  # (n, C) logits minus their finite row max
+    lse_s: Array  # (n,) log Σ exp(s)
+    e: Array  # (n, C) exp(s)
+    tanh: Array | None  # tanh(x/softcap), or None
+    targets: Any  # _ClassTargets, or the (n, C) smoothed weighted probabilities
+
+
+def _forward_block(
+    x: Array, target: Array, weight: Array | None, opts: Options, dtype: Any, xp: Namespace
+) -> _Block:
+    num_classes = x.shape[-1]
+    cls = _class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
+    z, th = _prepare_logits(x, None if cls is None else cls.counted, opts, dtype, xp)
+    m = _finite_max(z, -1, xp)
+    s = z - m
+    e = xp.exp(s)
+    lse_s = xp.log(xp.sum(e, axis=-1))
+    eps = opts.label_smoothing
+    if cls is None:
+        tw = _smoothed(xp.astype(target, dtype), num_classes, opts, weight)
+        tws = xp.where(tw == 0, xp.zeros_like(s), tw * s)
+        ce = lse_s * xp.sum(tw, axis=-1) - xp.sum(tws, axis=-1)
+        lse = lse_s + m[:, 0]
+        return _Block(ce, lse, s, lse_s, e, th, tw)
+    s_y = xp.take_along_axis(s, cls.index[:, None], axis=-1)[:, 0]
+    ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
+    if eps:
+        w_sum = num_classes if weight is None else xp.sum(weight)
+        ce = ce + eps / num_classes * (w_sum * lse_s - _row_sum_weighted(s, weight, xp))
+    zero = xp.zeros_like(lse_s)
+    ce = _poison(xp.where(cls.counted, ce, zero), cls.poisoned, xp)
+    lse = xp.where(cls.counted, lse_s + m[:, 0], zero)
+    return _Block(ce, lse, s, lse_s, e, th, cls)
+
+
+def _grad_block(
+    p: Array,
+    th: Array | None,
+    targets: Any,
+    weight: Array | None,
+    ce_bar: Array,
+    lse_bar: Array,
+    opts: Options,
+    xp: Namespace,
+) -> Array:
+    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``p = softmax``."""
+    num_classes = p.shape[-1]
+    eps = opts.label_smoothing
+    if isinstance(targets, _ClassTargets):
+        w_sum = num_classes if weight is None else xp.sum(weight)
+        total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
+        zero = xp.zeros_like(ce_bar)
+        coef = _poison(xp.where(targets.counted, ce_bar * total + lse_bar, zero), targets.poisoned, xp)
+        g = p * coef[:, None]
+        if eps:
+            smooth = ce_bar * (eps / num_classes)
+            smooth = xp.where(targets.counted, smooth, zero)[:, None]
+            g = g - (smooth if weight is None else smooth * weight)
+        if eps < 1:
+            at_y = xp.where(targets.counted, ce_bar * (1.0 - eps) * targets.weight_at_target, zero)
+            classes = xp.arange(num_classes, dtype=targets.index.dtype, device=device(p))
+            g = xp.where(classes == targets.index[:, None], g - at_y[:, None], g)
+    else:
+        coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
+        g = p * coef[:, None] - ce_bar[:, None] * targets
+    if th is not None:
+        g = g * (1.0 - th * th)
+    return g
+
+
+def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
+    step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
+    return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
+
+
+def block_rows_for(num_classes: int) -> int:
+    """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
+    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+
+
+def row_losses(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    opts: Options,
+    *,
+    xp: Namespace,
+    block_rows: int | None = None,
+) -> tuple[Array, Array]:
+    """Per-row ``(ce, lse)`` of 2-D logits ``x``, in the compute dtype.
+
+    ``target`` is ``(rows,)`` class indices or ``(rows, C)`` probabilities;
+    ``weight`` is None or ``(C,)`` in the compute dtype. Ignored rows give
+    exactly 0 for both; counted out-of-range indices give NaN.
+    """
+    dtype = compute_dtype(x.dtype, xp)
+    blocks = [
+        _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp)
+        for a, b in _blocks(x.shape[0], block_rows)
+    ]
+    if len(blocks) == 1:
+        return blocks[0].ce, blocks[0].lse
+    return xp.concat([blk.ce for blk in blocks]), xp.concat([blk.lse for blk in blocks])
+
+
+def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
+    """``∂ce/∂t = -(1-ε) w log_softmax(z)`` scaled by ``ce_bar``."""
+    log_p = blk.s - blk.lse_s[:, None]
+    scale = -(1.0 - opts.label_smoothing) * ce_bar[:, None]
+    return scale * log_p if weight is None else scale * weight * log_p
+
+
+def row_losses_vjp(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    lse: Array | None,
+    ce_bar: Array,
+    lse_bar: Array,
+    opts: Options,
+    *,
+    xp: Namespace,
+    block_rows: int | None = None,
+    target_grad: bool = False,
+) -> tuple[Array, Array | None]:
+    """Gradients ``(x̄, t̄)`` of ``Σ_rows ce_bar·ce + lse_bar·lse``.
+
+    ``lse`` is :func:`row_losses`' second output, or None to recompute it
+    (which keeps the result differentiable, for double backward). ``t̄`` is
+    computed for probability targets when ``target_grad``, else None. Each
+    block is written into one output buffer: the peak is the gradient itself.
+    """
+    dtype = compute_dtype(x.dtype, xp)
+    rows, num_classes = x.shape
+    blocks = _blocks(rows, block_rows)
+    single = len(blocks) == 1
+    x_bar = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
+    t_bar = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
+    for a, b in blocks:
+        x_blk, t_blk = x[a:b, ...], target[a:b, ...]
+        tg = None
+        if lse is None or target_grad:
+            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp)
+            p, th, targets = blk.e / xp.exp(blk.lse_s)[:, None], blk.tanh, blk.targets
+            if target_grad:
+                tg = xp.astype(_target_grad(blk, ce_bar[a:b, ...], weight, opts), target.dtype)
+        else:
+            cls = _class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
+            z, th = _prepare_logits(x_blk, None if cls is None else cls.counted, opts, dtype, xp)
+            p = xp.exp(z - lse[a:b, None])
+            targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
+        g = _grad_block(p, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp)
+        g = xp.astype(g, x.dtype)
+        if single:
+            return g, tg
+        x_bar = xpx.at(x_bar)[a:b, ...].set(g)
+        if tg is not None:
+            t_bar = xpx.at(t_bar)[a:b, ...].set(tg)
+    return x_bar, t_bar
+
+
+def row_losses_and_grad(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    ce_scale: Array | float,
+    lse_scale: Array | float,
+    opts: Options,
+    *,
+    xp: Namespace,
+    block_rows: int | None = None,
+) -> tuple[Array, Array, Array]:
+    """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``.
+
+    This is the gradient of ``ce_scale·Σce + lse_scale/2·Σlse²`` (sum and mean
+    reductions), reusing each block's ``exp(s)`` for the softmax.
+    """
+    dtype = compute_dtype(x.dtype, xp)
+    blocks = _blocks(x.shape[0], block_rows)
+    x_bar = xp.empty(x.shape, dtype=x.dtype, device=device(x))
+    ces, lses = [], []
+    for a, b in blocks:
+        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp)
+        p = blk.e / xp.exp(blk.lse_s)[:, None]
+        ce_bar = xp.zeros_like(blk.ce) + ce_scale
+        g = _grad_block(p, blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
+        x_bar = xpx.at(x_bar)[a:b, ...].set(xp.astype(g, x.dtype))
+        ces.append(blk.ce)
+        lses.append(blk.lse)
+    return xp.concat(ces), xp.concat(lses), x_bar

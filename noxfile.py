@@ -1,0 +1,53 @@
+"""Test sessions, one per backend, running the same parametrized suite; plus lint and bench.
+
+`nox` runs every test session and lint; `nox -s bench` runs the benchmark.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+# The one place for the framework pins. torch must be exactly this CPU wheel on
+# our machines: any other version (or an unpinned torch) pulls a multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+JAX = ["jax", "optax"]
+TEST = ["pytest", "hypothesis", "scipy", "pytest-xdist"]
+
+BACKEND_DEPS = {
+    "numpy": [],
+    "array-api-strict": ["array-api-strict"],
+    "torch": [TORCH],
+    "jax": JAX,
+}
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKEND_DEPS))
+def tests(session: nox.Session, backend: str) -> None:
+    """The suite with only this backend's arrays (MULTIXENT_BACKENDS selects them)."""
+    session.install(*TEST, *BACKEND_DEPS[backend])
+    session.install(".")
+    session.run(
+        "pytest", "-n", "2", "-p", "no:cacheprovider", *session.posargs,
+        env={"MULTIXENT_BACKENDS": backend},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff and mypy on the package."""
+    session.install("ruff", "mypy", "numpy", "array-api-compat", "array-api-extra")
+    session.run("ruff", "check", "multixent", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "multixent")
+    session.run("mypy", "multixent")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark: writes benchmarks/results/*.md and *.png (not in the default run)."""
+    session.install(TORCH, *JAX, "scipy", "matplotlib")
+    session.install(".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
