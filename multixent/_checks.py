@@ -124,3 +124,9 @@ def indices_in_range(target: Array, classes: int, ignore: int) -> None:
             f"multixent: target holds class index {int(flat[first])} (at flat position {first}); "
             f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
         )
+
+
+def holds(target: Array, value: int) -> bool:
+    """Whether a concrete ``target`` holds ``value`` anywhere."""
+    xp = array_api_compat.array_namespace(target)
+    return bool(xp.any(target == value))

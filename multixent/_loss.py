@@ -6,6 +6,7 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,7 @@ def _prepare(
     values = adapter.concrete(target) if is_index else None
     if values is not None:
         _checks.indices_in_range(values, classes, ignore_index)
+        opts = dataclasses.replace(opts, may_ignore=_checks.holds(values, ignore_index))
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
     rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
@@ -178,7 +180,7 @@ def cross_entropy(
     """
     opts, z = _options(ignore_index, label_smoothing, z_loss, softcap)
     call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
-    ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, opts, call.xp)
+    ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.xp)
     return _reduce(call, ce, lse, z, logits.dtype)
 
 
@@ -209,6 +211,7 @@ def cross_entropy_and_grad(
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
     one = xp.asarray(1.0, dtype=dtype, device=_device(call.rows))
+    block_rows, opts = call.adapter.blocking(call.rows, call.opts)
     ce_scale, z_scale = one, one
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)
@@ -221,7 +224,7 @@ def cross_entropy_and_grad(
         2.0 * z * z_scale,
         opts,
         xp=xp,
-        block_rows=_math.block_rows_for(call.rows.shape[-1]),
+        block_rows=block_rows,
     )
     loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])

@@ -32,9 +32,9 @@ Array = Any
 Namespace = Any
 
 #: Elements per block of rows processed at once by eager backends: small enough
-#: for the block's temporaries to stay in cache, large enough that the Python
-#: overhead per block is negligible (measured: 2**17..2**19 are equally fast).
-BLOCK_ELEMENTS = 2**18
+#: for the block's few temporaries to stay in cache, large enough that the
+#: per-operation overhead (Python, thread start-up) is small against the work.
+BLOCK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ class Options:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     softcap: float | None = None
+    #: False when the caller has seen that no row is ignored (concrete values),
+    #: which saves a pass over the logits that zeroes the ignored rows.
+    may_ignore: bool = True
+    #: True when blocks may be updated in place with integer-array indexing
+    #: (NumPy, eager torch): the target's entry of the gradient is then one
+    #: scatter instead of a one-hot ``where`` over the block (which XLA fuses).
+    scatter: bool = False
 
 
 def compute_dtype(dtype: Any, xp: Namespace) -> Any:
@@ -54,7 +61,7 @@ def compute_dtype(dtype: Any, xp: Namespace) -> Any:
 def _finite_max(x: Array, axis: int, xp: Namespace) -> Array:
     """Row maximum (keepdims), replaced by 0 where it is not finite."""
     m = xp.max(x, axis=axis, keepdims=True)
-    return xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    return xp.where(xp.isfinite(m), m, 0.0)
 
 
 def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace) -> Array:
@@ -90,7 +97,7 @@ def _class_targets(
 ) -> _ClassTargets:
     counted = target != opts.ignore_index
     in_range = (target >= 0) & (target < num_classes)
-    index = xp.where(counted & in_range, target, xp.zeros_like(target))
+    index = xp.where(counted & in_range, target, 0)
     w_y = 1.0 if weight is None else xp.take(weight, index)
     return _ClassTargets(index, counted, counted & ~in_range, w_y)
 
@@ -111,8 +118,8 @@ def _prepare_logits(
     Returns the logits to use and ``tanh(x/s)`` (None without softcap).
     """
     z = xp.astype(x, dtype, copy=False)
-    if counted is not None:
-        z = xp.where(counted[:, None], z, xp.zeros_like(z))
+    if counted is not None and opts.may_ignore:
+        z = xp.where(counted[:, None], z, 0.0)
     if opts.softcap is None:
         return z, None
     th = xp.tanh(z / opts.softcap)
@@ -125,7 +132,7 @@ def _row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
 
 
 def _poison(values: Array, poisoned: Array, xp: Namespace) -> Array:
-    return xp.where(poisoned, xp.full_like(values, math.nan), values)
+    return xp.where(poisoned, math.nan, values)
 
 
 @dataclass
@@ -154,7 +161,7 @@ def _forward_block(
     eps = opts.label_smoothing
     if cls is None:
         tw = _smoothed(xp.astype(target, dtype), num_classes, opts, weight)
-        tws = xp.where(tw == 0, xp.zeros_like(s), tw * s)
+        tws = xp.where(tw == 0, 0.0, tw * s)
         ce = lse_s * xp.sum(tw, axis=-1) - xp.sum(tws, axis=-1)
         lse = lse_s + m[:, 0]
         return _Block(ce, lse, s, lse_s, e, th, tw)
@@ -194,14 +201,22 @@ def _grad_block(
             g = g - (smooth if weight is None else smooth * weight)
         if eps < 1:
             at_y = xp.where(targets.counted, ce_bar * (1.0 - eps) * targets.weight_at_target, zero)
-            classes = xp.arange(num_classes, dtype=targets.index.dtype, device=device(p))
-            g = xp.where(classes == targets.index[:, None], g - at_y[:, None], g)
+            g = _subtract_at(g, targets.index, at_y, opts.scatter, xp)
     else:
         coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
         g = p * coef[:, None] - ce_bar[:, None] * targets
     if th is not None:
         g = g * (1.0 - th * th)
     return g
+
+
+def _subtract_at(g: Array, index: Array, values: Array, scatter: bool, xp: Namespace) -> Array:
+    """``g[i, index[i]] -= values[i]`` for every row ``i``."""
+    if scatter:
+        rows = xp.arange(g.shape[0], dtype=index.dtype, device=device(g))
+        return xpx.at(g, (rows, index)).subtract(values, copy=False)
+    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
+    return xp.where(classes == index[:, None], g - values[:, None], g)
 
 
 def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
@@ -313,13 +328,16 @@ def row_losses_and_grad(
     """
     dtype = compute_dtype(x.dtype, xp)
     blocks = _blocks(x.shape[0], block_rows)
-    x_bar = xp.empty(x.shape, dtype=x.dtype, device=device(x))
+    single = len(blocks) == 1
+    x_bar = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
     ces, lses = [], []
     for a, b in blocks:
         blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp)
         p = blk.e / xp.exp(blk.lse_s)[:, None]
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         g = _grad_block(p, blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
+        if single:
+            return blk.ce, blk.lse, xp.astype(g, x.dtype)
         x_bar = xpx.at(x_bar)[a:b, ...].set(xp.astype(g, x.dtype))
         ces.append(blk.ce)
         lses.append(blk.lse)

@@ -10,6 +10,7 @@ eager index check is skipped (out-of-range indices give NaN).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -21,14 +22,18 @@ def concrete(a: Any) -> Any:
     return None if torch.compiler.is_compiling() else a
 
 
-def _block_rows(x: torch.Tensor) -> int | None:
-    return None if torch.compiler.is_compiling() else _math.block_rows_for(x.shape[-1])
+def blocking(x: torch.Tensor, opts: _math.Options) -> tuple[int | None, _math.Options]:
+    """Eager: cache-sized blocks and an in-place scatter; compiled: one block."""
+    if torch.compiler.is_compiling():
+        return None, opts
+    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, scatter=True)
 
 
 class _RowLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, xp: Any) -> Any:
-        ce, lse = _math.row_losses(x, target, weight, opts, xp=xp, block_rows=_block_rows(x))
+        block_rows, eager_opts = blocking(x, opts)
+        ce, lse = _math.row_losses(x, target, weight, eager_opts, xp=xp, block_rows=block_rows)
         ctx.save_for_backward(x, target, weight, lse)
         ctx.opts, ctx.xp = opts, xp
         return ce, lse
@@ -36,7 +41,9 @@ class _RowLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor) -> Any:
         x, target, weight, lse = ctx.saved_tensors
+        # create_graph=True: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled()
+        block_rows, opts = (None, ctx.opts) if differentiable else blocking(x, ctx.opts)
         x_bar, t_bar = _math.row_losses_vjp(
             x,
             target,
@@ -44,9 +51,9 @@ class _RowLosses(torch.autograd.Function):
             None if differentiable else lse,
             ce_bar,
             lse_bar,
-            ctx.opts,
+            opts,
             xp=ctx.xp,
-            block_rows=None if differentiable else _block_rows(x),
+            block_rows=block_rows,
             target_grad=ctx.needs_input_grad[1],
         )
         return x_bar, t_bar, None, None, None
@@ -54,3 +61,86 @@ class _RowLosses(torch.autograd.Function):
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
     return _RowLosses.apply(x, target, weight, opts, xp)
+
+
+# --------------------------------------------------------------------------
+# linear_cross_entropy: "mean"/"sum" compute the gradients in the forward and
+# scale them in the backward; "none" recomputes each chunk in the backward.
+
+
+def _matmul_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` without an ``acc``-sized temporary (functional under compile)."""
+    if torch.compiler.is_compiling():
+        return torch.addmm(acc, a, b)
+    return acc.addmm_(a, b)
+
+
+def _linear_spec(opts: _math.Options, chunk: int, w: torch.Tensor) -> Any:
+    from .. import _linear
+
+    return _linear.Spec(opts, chunk, None if torch.compiler.is_compiling() else _math.block_rows_for(w.shape[0]))
+
+
+class _LinearScalar(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any, xp: Any) -> Any:
+        from .. import _linear
+
+        if not any(ctx.needs_input_grad[:3]):
+            ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp)
+            return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
+        loss, grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, matmul_add=_matmul_add)
+        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        # The saved gradients are scaled in place (eager): a second backward
+        # through a retained graph then fails torch's saved-tensor version check.
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            if getattr(ctx, "scaled", False):
+                raise RuntimeError(
+                    "multixent: linear_cross_entropy's backward runs once per forward (it scales the gradients "
+                    "computed in the forward in place); compute the loss again to differentiate it again"
+                )
+            ctx.scaled = True
+        scaled = [
+            None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype))
+            for s in ctx.saved_tensors
+        ]
+        return (*scaled, None, None, None, None, None, None)
+
+
+class _LinearRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any, xp: Any) -> Any:
+        from .. import _linear
+
+        ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp)
+        ctx.save_for_backward(h, w, b, t, weight, lse)
+        ctx.spec, ctx.xp = spec, xp
+        return ce, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor) -> Any:
+        from .. import _linear
+
+        h, w, b, t, weight, lse = ctx.saved_tensors
+        dh, dw, db = _linear.rows_vjp(
+            h, w, b, t, weight, lse, ce_bar, lse_bar, ctx.spec, xp=ctx.xp, matmul_add=_matmul_add
+        )
+        return dh, dw, db, None, None, None, None
+
+
+def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
+    return _LinearRows.apply(h, w, b, target, weight, _linear_spec(opts, chunk, w), xp)
+
+
+def linear_scalar(
+    h: Any, w: Any, b: Any, target: Any, weight: Any, ce_scale: Any, lse_scale: Any, opts: _math.Options, chunk: int, xp: Any
+) -> Any:
+    spec = _linear_spec(opts, chunk, w)
+    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, spec, xp)
