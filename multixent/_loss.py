@@ -7,6 +7,7 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,8 +109,8 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array, Array]:
     n_counted = xp.sum(counted)
     if call.weight is None:
         return n_counted, n_counted
-    index = xp.where(call.counted, call.target, xp.zeros_like(call.target))
-    return xp.sum(xp.take(call.weight, index) * counted), n_counted
+    targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)
+    return xp.sum(targets.weight_at_target * counted), n_counted
 
 
 def _device(x: Array) -> Any:
@@ -254,14 +255,8 @@ def nll_loss(
         raise TypeError(f"multixent: nll_loss takes class indices (an integer target); got {target.dtype}")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
-    assert call.counted is not None
-    index = xp.where(call.counted, call.target, xp.zeros_like(call.target))
-    picked = xp.astype(xp.take_along_axis(call.rows, index[:, None], axis=-1)[:, 0], dtype)
-    picked = xp.where(call.counted, picked, xp.zeros_like(picked))
-    if call.weight is not None:
-        picked = picked * xp.take(call.weight, index)
-    nll = -picked
-    classes = call.rows.shape[-1]
-    bad = call.counted & ((call.target < 0) | (call.target >= classes))
-    nll = xp.where(bad, xp.full_like(nll, float("nan")), nll)
+    targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], opts, xp)
+    picked = xp.take_along_axis(call.rows, targets.index[:, None], axis=-1)[:, 0]
+    picked = xp.where(targets.counted, xp.astype(picked, dtype), 0.0)
+    nll = xp.where(targets.poisoned, math.nan, -targets.weight_at_target * picked)
     return _reduce(call, nll, nll, 0.0, log_probs.dtype)

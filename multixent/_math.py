@@ -92,7 +92,7 @@ class _ClassTargets:
     weight_at_target: Array | float  # (n,) w_y, or 1.0
 
 
-def _class_targets(
+def class_targets(
     target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace
 ) -> _ClassTargets:
     counted = target != opts.ignore_index
@@ -152,7 +152,7 @@ def _forward_block(
     x: Array, target: Array, weight: Array | None, opts: Options, dtype: Any, xp: Namespace
 ) -> _Block:
     num_classes = x.shape[-1]
-    cls = _class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
+    cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
     z, th = _prepare_logits(x, None if cls is None else cls.counted, opts, dtype, xp)
     m = _finite_max(z, -1, xp)
     s = z - m
@@ -296,7 +296,7 @@ def row_losses_vjp(
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar[a:b, ...], weight, opts), target.dtype)
         else:
-            cls = _class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
+            cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
             z, th = _prepare_logits(x_blk, None if cls is None else cls.counted, opts, dtype, xp)
             p = xp.exp(z - lse[a:b, None])
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
