@@ -34,7 +34,7 @@ Namespace = Any
 #: Elements per block of rows processed at once by eager backends: small enough
 #: for the block's few temporaries to stay in cache, large enough that the
 #: per-operation overhead (Python, thread start-up) is small against the work.
-BLOCK_ELEMENTS = 2**20
+BLOCK_ELEMENTS = 2**18
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,24 @@ class _Block:
 
 
 def _forward_block(
-    x: Array, target: Array, weight: Array | None, opts: Options, dtype: Any, xp: Namespace
+    x: Array, target: Array, weight: Array | None, opts: Options, dtype: Any, xp: Namespace, *, for_grad: bool
 ) -> _Block:
+    """Forward of one block of rows.
+
+    ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
+    inf never reaches a gradient. A value-only forward masks the per-row
+    results instead: on the CPU, XLA cannot fuse a ``where`` over the logits
+    into its reductions and would materialise it.
+    """
     num_classes = x.shape[-1]
     cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
-    z, th = _prepare_logits(x, None if cls is None else cls.counted, opts, dtype, xp)
-    m = _finite_max(z, -1, xp)
+    counted = None if cls is None or not for_grad else cls.counted
+    z, th = _prepare_logits(x, counted, opts, dtype, xp)
+    if for_grad:
+        m = xp.max(z, axis=-1, keepdims=True)
+    else:  # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
+        m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), None, opts, dtype, xp)[0]
+    m = xp.where(xp.isfinite(m), m, 0.0)
     s = z - m
     e = xp.exp(s)
     lse_s = xp.log(xp.sum(e, axis=-1))
@@ -165,7 +177,9 @@ def _forward_block(
         ce = lse_s * xp.sum(tw, axis=-1) - xp.sum(tws, axis=-1)
         lse = lse_s + m[:, 0]
         return _Block(ce, lse, s, lse_s, e, th, tw)
-    s_y = xp.take_along_axis(s, cls.index[:, None], axis=-1)[:, 0]
+    # gather from the input, not from ``s``: a gather's operand is materialised by XLA
+    x_y = xp.take_along_axis(x, cls.index[:, None], axis=-1)
+    s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
     ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
     if eps:
         w_sum = num_classes if weight is None else xp.sum(weight)
@@ -245,13 +259,14 @@ def row_losses(
     exactly 0 for both; counted out-of-range indices give NaN.
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = [
-        _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp)
-        for a, b in _blocks(x.shape[0], block_rows)
-    ]
-    if len(blocks) == 1:
-        return blocks[0].ce, blocks[0].lse
-    return xp.concat([blk.ce for blk in blocks]), xp.concat([blk.lse for blk in blocks])
+    ces, lses = [], []
+    for a, b in _blocks(x.shape[0], block_rows):
+        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False)
+        ces.append(blk.ce)
+        lses.append(blk.lse)  # and let the block's logits-sized temporaries go
+    if len(ces) == 1:
+        return ces[0], lses[0]
+    return xp.concat(ces), xp.concat(lses)
 
 
 def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
@@ -291,7 +306,7 @@ def row_losses_vjp(
         x_blk, t_blk = x[a:b, ...], target[a:b, ...]
         tg = None
         if lse is None or target_grad:
-            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp)
+            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True)
             p, th, targets = blk.e / xp.exp(blk.lse_s)[:, None], blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar[a:b, ...], weight, opts), target.dtype)
@@ -329,10 +344,10 @@ def row_losses_and_grad(
     dtype = compute_dtype(x.dtype, xp)
     blocks = _blocks(x.shape[0], block_rows)
     single = len(blocks) == 1
-    x_bar = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
+    x_bar: Array = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
     ces, lses = [], []
     for a, b in blocks:
-        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp)
+        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=True)
         p = blk.e / xp.exp(blk.lse_s)[:, None]
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         g = _grad_block(p, blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
