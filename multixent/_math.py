@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import array_api_extra as xpx
@@ -51,6 +52,9 @@ class Options:
     #: (NumPy, eager torch): the target's entry of the gradient is then one
     #: scatter instead of a one-hot ``where`` over the block (which XLA fuses).
     scatter: bool = False
+    #: The framework's stop-gradient (None without autodiff), applied to the
+    #: shift by the row max, whose derivative cancels exactly.
+    stop_gradient: Callable[[Array], Array] | None = None
 
 
 def compute_dtype(dtype: Any, xp: Namespace) -> Any:
@@ -162,11 +166,11 @@ def _forward_block(
     cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
     counted = None if cls is None or not for_grad else cls.counted
     z, th = _prepare_logits(x, counted, opts, dtype, xp)
-    if for_grad:
-        m = xp.max(z, axis=-1, keepdims=True)
-    else:  # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
-        m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), None, opts, dtype, xp)[0]
+    # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
+    m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     m = xp.where(xp.isfinite(m), m, 0.0)
+    if opts.stop_gradient is not None:
+        m = opts.stop_gradient(m)
     s = z - m
     e = xp.exp(s)
     lse_s = xp.log(xp.sum(e, axis=-1))
@@ -357,3 +361,29 @@ def row_losses_and_grad(
         ces.append(blk.ce)
         lses.append(blk.lse)
     return xp.concat(ces), xp.concat(lses), x_bar
+
+
+def row_losses_jvp(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    x_dot: Array,
+    target_dot: Array | None,
+    opts: Options,
+    *,
+    xp: Namespace,
+) -> tuple[Array, Array, Array, Array]:
+    """``(ce, lse, ce_dot, lse_dot)``: the forward and its tangent, in one block.
+
+    ``ce_dot = Σ_c ∂ce/∂x_c · ẋ_c (+ Σ_c ∂ce/∂t_c · ṫ_c)`` from the closed-form
+    gradient, sharing ``exp(s)`` with the forward.
+    """
+    blk = _forward_block(x, target, weight, opts, compute_dtype(x.dtype, xp), xp, for_grad=True)
+    p = blk.e / xp.exp(blk.lse_s)[:, None]
+    ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
+    g_ce = _grad_block(p, blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
+    g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
+    ce_dot = xp.sum(g_ce * x_dot, axis=-1)
+    if target_dot is not None:
+        ce_dot = ce_dot + xp.sum(_target_grad(blk, ones, weight, opts) * target_dot, axis=-1)
+    return blk.ce, blk.lse, ce_dot, xp.sum(g_lse * x_dot, axis=-1)

@@ -8,6 +8,7 @@ one pass under ``jit``.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -38,21 +39,15 @@ def _row_losses(x: Any, target: Any, weight: Any, opts: _math.Options) -> tuple[
 def _row_losses_jvp(opts: _math.Options, primals: Any, tangents: Any) -> Any:
     x, target, weight = primals
     x_dot, target_dot, _ = tangents  # no derivative with respect to the class weights (as torch)
-    xp = array_namespace(x)
-    ce, lse = _math.row_losses(x, target, weight, opts, xp=xp)
-    ones, zeros = jnp.ones_like(ce), jnp.zeros_like(ce)
     probs_target = jnp.issubdtype(target.dtype, jnp.floating)
-    g_ce, g_t = _math.row_losses_vjp(x, target, weight, lse, ones, zeros, opts, xp=xp, target_grad=probs_target)
-    g_lse, _ = _math.row_losses_vjp(x, target, weight, lse, zeros, ones, opts, xp=xp)
-    ce_dot = jnp.sum(g_ce * x_dot, axis=-1, dtype=ce.dtype)
-    if probs_target:
-        ce_dot = ce_dot + jnp.sum(g_t * target_dot, axis=-1, dtype=ce.dtype)
-    lse_dot = jnp.sum(g_lse * x_dot, axis=-1, dtype=lse.dtype)
+    ce, lse, ce_dot, lse_dot = _math.row_losses_jvp(
+        x, target, weight, x_dot, target_dot if probs_target else None, opts, xp=array_namespace(x)
+    )
     return (ce, lse), (ce_dot, lse_dot)
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
-    return _row_losses(x, target, weight, opts)
+    return _row_losses(x, target, weight, dataclasses.replace(opts, stop_gradient=jax.lax.stop_gradient))
 
 
 # --------------------------------------------------------------------------
@@ -61,19 +56,42 @@ def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -
 # them by the incoming scalar; "none" recomputes each chunk in the backward.
 
 
+def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
+    """The chunk loop as one ``lax.scan`` over the whole chunks, then the remainder."""
+    rows = xs[0].shape[0]
+    full = rows // chunk
+    if full <= 1:
+        from .. import _linear
+
+        return _linear._loop(body, carry, xs, chunk, xp)
+    stacked = tuple(jnp.reshape(x[: full * chunk], (full, chunk, *x.shape[1:])) for x in xs)
+    carry, outs = jax.lax.scan(body, carry, stacked)
+    outs = tuple(jnp.reshape(o, (full * chunk, *o.shape[2:])) for o in outs)
+    if rows == full * chunk:
+        return carry, outs
+    carry, rest = body(carry, tuple(x[full * chunk :] for x in xs))
+    return carry, tuple(jnp.concatenate([o, r]) for o, r in zip(outs, rest, strict=True))
+
+
+def _linear_hooks() -> Any:
+    from .. import _linear
+
+    return _linear.Hooks(loop=_scan_chunks)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _linear_scalar(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
     from .. import _linear
 
     xp = array_namespace(h)
-    ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp)
+    ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=_linear_hooks())
     return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
 
 def _linear_scalar_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
     from .. import _linear
 
-    return _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=array_namespace(h))
+    return _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=array_namespace(h), hooks=_linear_hooks())
 
 
 def _linear_scalar_bwd(spec: Any, grads: Any, g: Any) -> Any:
@@ -88,7 +106,7 @@ _linear_scalar.defvjp(_linear_scalar_fwd, _linear_scalar_bwd)
 def _linear_rows(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> Any:
     from .. import _linear
 
-    return _linear.rows(h, w, b, t, weight, spec, xp=array_namespace(h))
+    return _linear.rows(h, w, b, t, weight, spec, xp=array_namespace(h), hooks=_linear_hooks())
 
 
 def _linear_rows_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> Any:
@@ -101,7 +119,8 @@ def _linear_rows_bwd(spec: Any, res: Any, bars: Any) -> Any:
 
     h, w, b, t, weight, lse = res
     ce_bar, lse_bar = bars
-    dh, dw, db = _linear.rows_vjp(h, w, b, t, weight, lse, ce_bar, lse_bar, spec, xp=array_namespace(h))
+    xp = array_namespace(h)
+    dh, dw, db = _linear.rows_vjp(h, w, b, t, weight, lse, ce_bar, lse_bar, spec, xp=xp, hooks=_linear_hooks())
     return dh, dw, db, None, None
 
 
@@ -115,7 +134,16 @@ def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Op
 
 
 def linear_scalar(
-    h: Any, w: Any, b: Any, target: Any, weight: Any, ce_scale: Any, lse_scale: Any, opts: _math.Options, chunk: int, xp: Any
+    h: Any,
+    w: Any,
+    b: Any,
+    target: Any,
+    weight: Any,
+    ce_scale: Any,
+    lse_scale: Any,
+    opts: _math.Options,
+    chunk: int,
+    xp: Any,
 ) -> Any:
     from .. import _linear
 

@@ -43,7 +43,10 @@ class _RowLosses(torch.autograd.Function):
         x, target, weight, lse = ctx.saved_tensors
         # create_graph=True: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled()
-        block_rows, opts = (None, ctx.opts) if differentiable else blocking(x, ctx.opts)
+        if differentiable:
+            block_rows, opts = None, dataclasses.replace(ctx.opts, stop_gradient=torch.Tensor.detach)
+        else:
+            block_rows, opts = blocking(x, ctx.opts)
         x_bar, t_bar = _math.row_losses_vjp(
             x,
             target,
@@ -75,22 +78,31 @@ def _matmul_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return acc.addmm_(a, b)
 
 
+def _linear_hooks() -> Any:
+    from .. import _linear
+
+    return _linear.Hooks(matmul_add=_matmul_add)
+
+
 def _linear_spec(opts: _math.Options, chunk: int, w: torch.Tensor) -> Any:
     from .. import _linear
 
-    return _linear.Spec(opts, chunk, None if torch.compiler.is_compiling() else _math.block_rows_for(w.shape[0]))
+    block_rows, opts = blocking(w.T, opts)  # blocks of a chunk's logits, (rows, V) as w.T
+    return _linear.Spec(opts, chunk, block_rows)
 
 
 class _LinearScalar(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any, xp: Any) -> Any:
+    def forward(
+        ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any, xp: Any
+    ) -> Any:
         from .. import _linear
 
         if not any(ctx.needs_input_grad[:3]):
             ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp)
             return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
-        loss, grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, matmul_add=_matmul_add)
-        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])))
+        loss, grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_linear_hooks())
+        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3], strict=True)))
         return loss
 
     @staticmethod
@@ -130,17 +142,26 @@ class _LinearRows(torch.autograd.Function):
 
         h, w, b, t, weight, lse = ctx.saved_tensors
         dh, dw, db = _linear.rows_vjp(
-            h, w, b, t, weight, lse, ce_bar, lse_bar, ctx.spec, xp=ctx.xp, matmul_add=_matmul_add
+            h, w, b, t, weight, lse, ce_bar, lse_bar, ctx.spec, xp=ctx.xp, hooks=_linear_hooks()
         )
         return dh, dw, db, None, None, None, None
 
 
 def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    return _LinearRows.apply(h, w, b, target, weight, _linear_spec(opts, chunk, w), xp)
+    return _LinearRows.apply(h, w, b, target, weight, _linear_spec(opts, chunk, w), xp)  # type: ignore[no-untyped-call]
 
 
 def linear_scalar(
-    h: Any, w: Any, b: Any, target: Any, weight: Any, ce_scale: Any, lse_scale: Any, opts: _math.Options, chunk: int, xp: Any
+    h: Any,
+    w: Any,
+    b: Any,
+    target: Any,
+    weight: Any,
+    ce_scale: Any,
+    lse_scale: Any,
+    opts: _math.Options,
+    chunk: int,
+    xp: Any,
 ) -> Any:
     spec = _linear_spec(opts, chunk, w)
-    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, spec, xp)
+    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, spec, xp)  # type: ignore[no-untyped-call]
