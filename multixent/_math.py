@@ -304,8 +304,8 @@ def row_losses_vjp(
     rows, num_classes = x.shape
     blocks = _blocks(rows, block_rows)
     single = len(blocks) == 1
-    x_bar = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
-    t_bar = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
+    x_bar: Array = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
+    t_bar: Array = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
     for a, b in blocks:
         x_blk, t_blk = x[a:b, ...], target[a:b, ...]
         tg = None
