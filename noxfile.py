@@ -47,7 +47,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark: writes benchmarks/results/*.md and *.png (not in the default run)."""
+    """The benchmarks (cross_entropy, then linear_cross_entropy): write benchmarks/results/ (not in the default run)."""
     session.install(TORCH, *JAX, "scipy", "matplotlib")
     session.install(".")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+    session.run("python", "benchmarks/bench_linear.py", *session.posargs)
