@@ -20,12 +20,14 @@ Two ways to differentiate, chosen by the reduction:
   per row, so the forward keeps only the per-row ``lse`` and the backward
   recomputes each chunk's logits (4 matrix products).
 
-Nothing here names a framework; an adapter may pass ``matmul_add`` (an
-in-place ``acc += a @ b``) and ``block_rows`` (cache blocking inside a chunk).
+Nothing here names a framework; an adapter may pass :class:`Hooks` (an
+in-place ``acc += a @ b``; a compiled loop over the chunks) and
+``Spec.block_rows`` (cache blocking inside a chunk).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +38,6 @@ from . import _adapters, _checks, _loss, _math
 
 Array = Any
 Namespace = Any
-MatmulAdd = Callable[[Array, Array, Array], Array]
 
 #: Logits elements per chunk when ``chunk_size`` is None: ``chunk = max(1,
 #: CHUNK_ELEMENTS // V)`` rows. 2**22 elements are 16 MiB in float32; with the
@@ -63,8 +64,37 @@ def _add(acc: Array, a: Array, b: Array) -> Array:
     return acc + a @ b
 
 
-def _chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk, rows)) for a in range(0, max(rows, 1), chunk)]
+Body = Callable[[Any, tuple[Array, ...]], tuple[Any, tuple[Array, ...]]]
+
+
+def _loop(body: Body, carry: Any, xs: tuple[Array, ...], chunk: int, xp: Namespace) -> tuple[Any, tuple[Array, ...]]:
+    """Apply ``body`` to consecutive ``chunk``-row slices of ``xs``, threading ``carry``.
+
+    Returns the final carry and the chunks' outputs concatenated along rows.
+    """
+    rows = xs[0].shape[0]
+    outs = []
+    for a in range(0, max(rows, 1), chunk):
+        carry, out = body(carry, tuple(x[a : min(a + chunk, rows), ...] for x in xs))
+        outs.append(out)
+    if len(outs) == 1:
+        return carry, outs[0]
+    return carry, tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Framework-supplied primitives; the defaults are plain array-API code."""
+
+    #: ``acc + a @ b``, possibly updating ``acc`` in place.
+    matmul_add: Callable[[Array, Array, Array], Array] = _add
+    #: ``loop(body, carry, xs, chunk, xp)`` as :func:`_loop`. JAX passes a
+    #: ``lax.scan``: an unrolled Python loop lets XLA schedule every chunk's
+    #: logits at once (all the memory the chunking saves) and compiles slowly.
+    loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = _loop
+
+
+PLAIN = Hooks()
 
 
 def _logits(h: Array, w: Array, b: Array | None, dtype: Any, xp: Namespace) -> Array:
@@ -73,60 +103,61 @@ def _logits(h: Array, w: Array, b: Array | None, dtype: Any, xp: Namespace) -> A
     return z if b is None else z + b
 
 
-@dataclass
-class _Grads:
-    """Gradient buffers in the compute dtype, filled chunk by chunk."""
-
-    h: list[Array]  # the chunks' (n, D) rows, concatenated at the end
-    w: Array  # (V, D)
-    b: Array | None  # (V,)
-    matmul_add: MatmulAdd
-
-    @classmethod
-    def zeros(cls, h: Array, w: Array, b: Array | None, dtype: Any, matmul_add: MatmulAdd, xp: Namespace) -> _Grads:
-        dev = device(h)
-        bias = None if b is None else xp.zeros(b.shape, dtype=dtype, device=dev)
-        return cls([], xp.zeros(w.shape, dtype=dtype, device=dev), bias, matmul_add)
-
-    def add(self, g: Array, h_c: Array, w: Array, xp: Namespace) -> None:
-        """The chunk's rows of ``h̄``, and their terms of ``W̄`` and ``b̄``, from its ``ḡ``."""
-        self.h.append(g @ w)
-        self.w = self.matmul_add(self.w, g.T, xp.astype(h_c, g.dtype, copy=False))
-        if self.b is not None:
-            self.b = self.b + xp.sum(g, axis=0)
-
-    def result(self, h: Array, w: Array, b: Array | None, xp: Namespace) -> tuple[Array, Array, Array | None]:
-        """The gradients in the inputs' dtypes."""
-        cast = xp.astype
-        h_bar = self.h[0] if len(self.h) == 1 else xp.concat(self.h)
-        self.h = []
-        return (
-            cast(h_bar, h.dtype, copy=False),
-            cast(self.w, w.dtype, copy=False),
-            None if b is None else cast(self.b, b.dtype, copy=False),
-        )
-
-
 def _dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
     dtypes = (h.dtype, w.dtype) if b is None else (h.dtype, w.dtype, b.dtype)
     return _math.compute_dtype(xp.result_type(*dtypes), xp)
 
 
+def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace) -> tuple[Array, Array | None]:
+    dev = device(w)
+    return xp.zeros(w.shape, dtype=dtype, device=dev), None if b is None else xp.zeros(b.shape, dtype=dtype, device=dev)
+
+
+def _backprop(
+    carry: tuple[Array, Array | None], g: Array, h_c: Array, w: Array, hooks: Hooks, xp: Namespace
+) -> tuple[tuple[Array, Array | None], Array]:
+    """A chunk's ``h̄_c = ḡ @ W`` and its terms of ``W̄`` and ``b̄`` (added to ``carry``)."""
+    w_bar, b_bar = carry
+    w_bar = hooks.matmul_add(w_bar, g.T, xp.astype(h_c, g.dtype, copy=False))
+    if b_bar is not None:
+        b_bar = b_bar + xp.sum(g, axis=0)
+    return (w_bar, b_bar), g @ w
+
+
+def _cast_grads(
+    h_bar: Array, carry: tuple[Array, Array | None], h: Array, w: Array, b: Array | None, xp: Namespace
+) -> tuple[Array, Array, Array | None]:
+    """The gradients in the inputs' dtypes."""
+    w_bar, b_bar = carry
+    return (
+        xp.astype(h_bar, h.dtype, copy=False),
+        xp.astype(w_bar, w.dtype, copy=False),
+        None if b is None or b_bar is None else xp.astype(b_bar, b.dtype, copy=False),
+    )
+
+
 def rows(
-    h: Array, w: Array, b: Array | None, target: Array, weight: Array | None, spec: Spec, *, xp: Namespace
+    h: Array,
+    w: Array,
+    b: Array | None,
+    target: Array,
+    weight: Array | None,
+    spec: Spec,
+    *,
+    xp: Namespace,
+    hooks: Hooks = PLAIN,
 ) -> tuple[Array, Array]:
     """Per-row ``(ce, lse)`` in the compute dtype, as :func:`multixent._math.row_losses` of ``h @ W.T + b``."""
     dtype = _dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
-    ces, lses = [], []
-    for a, e in _chunks(h.shape[0], spec.chunk):
-        z = _logits(h[a:e, ...], wc, b, dtype, xp)
-        ce, lse = _math.row_losses(z, target[a:e, ...], weight, spec.opts, xp=xp, block_rows=spec.block_rows)
-        ces.append(ce)
-        lses.append(lse)
-    if len(ces) == 1:
-        return ces[0], lses[0]
-    return xp.concat(ces), xp.concat(lses)
+
+    def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
+        h_c, t_c = xs
+        z = _logits(h_c, wc, b, dtype, xp)
+        return carry, _math.row_losses(z, t_c, weight, spec.opts, xp=xp, block_rows=spec.block_rows)
+
+    _, (ce, lse) = hooks.loop(body, None, (h, target), spec.chunk, xp)
+    return ce, lse
 
 
 def rows_vjp(
@@ -141,7 +172,7 @@ def rows_vjp(
     spec: Spec,
     *,
     xp: Namespace,
-    matmul_add: MatmulAdd = _add,
+    hooks: Hooks = PLAIN,
 ) -> tuple[Array, Array, Array | None]:
     """``(h̄, W̄, b̄)`` of ``Σ_rows ce_bar·ce + lse_bar·lse``, recomputing each chunk's logits.
 
@@ -149,27 +180,23 @@ def rows_vjp(
     """
     dtype = _dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
-    grads = _Grads.zeros(h, w, b, dtype, matmul_add, xp)
-    for a, e in _chunks(h.shape[0], spec.chunk):
-        h_c = h[a:e, ...]
+
+    def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
+        h_c, t_c, lse_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         g, _ = _math.row_losses_vjp(
-            z,
-            target[a:e, ...],
-            weight,
-            lse[a:e, ...],
-            xp.astype(ce_bar[a:e, ...], dtype),
-            xp.astype(lse_bar[a:e, ...], dtype),
-            spec.opts,
-            xp=xp,
-            block_rows=spec.block_rows,
+            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows
         )
         del z
-        grads.add(g, h_c, wc, xp)
-    return grads.result(h, w, b, xp)
+        carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
+        return carry, (h_bar,)
+
+    bars = (xp.astype(ce_bar, dtype, copy=False), xp.astype(lse_bar, dtype, copy=False))
+    carry, (h_bar,) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target, lse, *bars), spec.chunk, xp)
+    return _cast_grads(h_bar, carry, h, w, b, xp)
 
 
-def scalar_loss(ce: Array, lse: Array, ce_scale: Array, lse_scale: Array, xp: Namespace) -> Array:
+def scalar_loss(ce: Array, lse: Array, ce_scale: Array, lse_scale: Array | None, xp: Namespace) -> Array:
     """``ce_scale·Σce + lse_scale/2·Σlse²``: the "mean"/"sum" loss whose gradient :func:`loss_and_grads` gives."""
     total = ce_scale * xp.sum(ce)
     if lse_scale is None:
@@ -188,7 +215,7 @@ def loss_and_grads(
     spec: Spec,
     *,
     xp: Namespace,
-    matmul_add: MatmulAdd = _add,
+    hooks: Hooks = PLAIN,
 ) -> tuple[Array, tuple[Array, Array, Array | None]]:
     """:func:`scalar_loss` and its gradients ``(h̄, W̄, b̄)`` in one pass over the chunks.
 
@@ -197,14 +224,13 @@ def loss_and_grads(
     """
     dtype = _dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
-    grads = _Grads.zeros(h, w, b, dtype, matmul_add, xp)
-    ces, lses = [], []
-    for a, e in _chunks(h.shape[0], spec.chunk):
-        h_c = h[a:e, ...]
+
+    def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
+        h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         ce, lse, g = _math.row_losses_and_grad(
             z,
-            target[a:e, ...],
+            t_c,
             weight,
             ce_scale,
             0.0 if lse_scale is None else lse_scale,
@@ -213,13 +239,11 @@ def loss_and_grads(
             block_rows=spec.block_rows,
         )
         del z
-        grads.add(g, h_c, wc, xp)
-        del g
-        ces.append(ce)
-        lses.append(lse)
-    ce_all = ces[0] if len(ces) == 1 else xp.concat(ces)
-    lse_all = lses[0] if len(lses) == 1 else xp.concat(lses)
-    return scalar_loss(ce_all, lse_all, ce_scale, lse_scale, xp), grads.result(h, w, b, xp)
+        carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
+        return carry, (ce, lse, h_bar)
+
+    carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target), spec.chunk, xp)
+    return scalar_loss(ce, lse, ce_scale, lse_scale, xp), _cast_grads(h_bar, carry, h, w, b, xp)
 
 
 # --------------------------------------------------------------------------
@@ -321,9 +345,7 @@ def linear_cross_entropy(
     if bias is not None:
         _checks.floating(bias, "bias", xp)
     if not _checks.index_target(target, xp):
-        raise TypeError(
-            f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}"
-        )
+        raise TypeError(f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}")
     num_classes, dim = _check_shapes(hidden, classifier, bias, target)
     chunk_size = _check_chunk_size(chunk_size)
     reduction = _checks.reduction(reduction)
@@ -333,6 +355,7 @@ def linear_cross_entropy(
     values = adapter.concrete(target)
     if values is not None:
         _checks.indices_in_range(values, num_classes, ignore_index)
+        opts = dataclasses.replace(opts, may_ignore=_checks.holds(values, ignore_index))
 
     dtype = _dtype(hidden, classifier, bias, xp)
     out_dtype = xp.result_type(hidden.dtype, classifier.dtype)
@@ -342,7 +365,10 @@ def linear_cross_entropy(
         weight = xp.astype(weight, dtype)
     n_rows = h.shape[0]
     chunk = default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
-    call = _loss._Call(xp, h, t, weight, t != ignore_index, tuple(hidden.shape[:-1]), -1, True, reduction, opts, adapter)
+    # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
+    call = _loss._Call(
+        xp, h, t, weight, t != ignore_index, tuple(hidden.shape[:-1]), -1, True, reduction, opts, adapter
+    )
 
     if reduction == "none":
         ce, lse = adapter.linear_rows(h, classifier, bias, t, weight, opts, chunk, xp)
@@ -354,4 +380,4 @@ def linear_cross_entropy(
         ce_scale, z_scale = _loss._mean(one, ce_count, xp), _loss._mean(one, z_count, xp)
     lse_scale = (2.0 * z) * z_scale if z else None
     loss = adapter.linear_scalar(h, classifier, bias, t, weight, ce_scale, lse_scale, opts, chunk, xp)
-    return xp.astype(loss, out_dtype)
+    return xp.astype(loss, out_dtype, copy=False)

@@ -74,6 +74,9 @@ def _prepare(
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
+    if is_index:  # the default index dtype: what gathers take, and room for ignore_index
+        index_dtype = xp.__array_namespace_info__().default_dtypes(device=_device(x))["indexing"]
+        target = xp.astype(xp.reshape(target, (-1,)), index_dtype, copy=False)
     values = adapter.concrete(target) if is_index else None
     if values is not None:
         _checks.indices_in_range(values, classes, ignore_index)
@@ -82,7 +85,6 @@ def _prepare(
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
     rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
     if is_index:
-        target = xp.reshape(target, (-1,))
         counted = target != ignore_index
     else:
         target = xp.reshape(xp.moveaxis(target, axis, -1), (-1, classes))
@@ -109,7 +111,7 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array, Array]:
     n_counted = xp.sum(counted)
     if call.weight is None:
         return n_counted, n_counted
-    targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)
+    targets = _math.class_targets(call.target, call.weight, call.weight.shape[0], call.opts, xp)
     return xp.sum(targets.weight_at_target * counted), n_counted
 
 

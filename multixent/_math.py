@@ -146,6 +146,7 @@ class _Block:
     ce: Array  # (n,)
     lse: Array  # (n,), 0 on ignored rows
     s: Array  # (n, C) logits minus their finite row max
+    shift: Array  # (n,) the finite row max m, s = z - m
     lse_s: Array  # (n,) log Σ exp(s)
     e: Array  # (n, C) exp(s)
     tanh: Array | None  # tanh(x/softcap), or None
@@ -180,7 +181,7 @@ def _forward_block(
         tws = xp.where(tw == 0, 0.0, tw * s)
         ce = lse_s * xp.sum(tw, axis=-1) - xp.sum(tws, axis=-1)
         lse = lse_s + m[:, 0]
-        return _Block(ce, lse, s, lse_s, e, th, tw)
+        return _Block(ce, lse, s, m[:, 0], lse_s, e, th, tw)
     # gather from the input, not from ``s``: a gather's operand is materialised by XLA
     x_y = xp.take_along_axis(x, cls.index[:, None], axis=-1)
     s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
@@ -191,7 +192,7 @@ def _forward_block(
     zero = xp.zeros_like(lse_s)
     ce = _poison(xp.where(cls.counted, ce, zero), cls.poisoned, xp)
     lse = xp.where(cls.counted, lse_s + m[:, 0], zero)
-    return _Block(ce, lse, s, lse_s, e, th, cls)
+    return _Block(ce, lse, s, m[:, 0], lse_s, e, th, cls)
 
 
 def _grad_block(
@@ -255,22 +256,31 @@ def row_losses(
     *,
     xp: Namespace,
     block_rows: int | None = None,
-) -> tuple[Array, Array]:
+    keep_stats: bool = False,
+) -> tuple[Array, ...]:
     """Per-row ``(ce, lse)`` of 2-D logits ``x``, in the compute dtype.
 
     ``target`` is ``(rows,)`` class indices or ``(rows, C)`` probabilities;
     ``weight`` is None or ``(C,)`` in the compute dtype. Ignored rows give
-    exactly 0 for both; counted out-of-range indices give NaN.
+    exactly 0 for both; counted out-of-range indices give NaN. ``keep_stats``
+    also returns the per-row ``(shift m, log Σ exp(z - m))`` that
+    :func:`row_losses_vjp` takes: ``exp(z - lse)`` would lose float32's
+    precision at large logits (1e4 and beyond).
     """
     dtype = compute_dtype(x.dtype, xp)
-    ces, lses = [], []
+    outs: list[tuple[Array, ...]] = []
     for a, b in _blocks(x.shape[0], block_rows):
         blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False)
-        ces.append(blk.ce)
-        lses.append(blk.lse)  # and let the block's logits-sized temporaries go
-    if len(ces) == 1:
-        return ces[0], lses[0]
-    return xp.concat(ces), xp.concat(lses)
+        out = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
+        if keep_stats:
+            stats = (blk.shift, blk.lse_s)
+            if isinstance(blk.targets, _ClassTargets):  # ignored rows' logits are zeroed for the gradient
+                stats = tuple(xp.where(blk.targets.counted, v, 0.0) for v in stats)
+            out += stats
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
 
 
 def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
@@ -284,7 +294,7 @@ def row_losses_vjp(
     x: Array,
     target: Array,
     weight: Array | None,
-    lse: Array | None,
+    stats: tuple[Array, Array] | None,
     ce_bar: Array,
     lse_bar: Array,
     opts: Options,
@@ -295,8 +305,8 @@ def row_losses_vjp(
 ) -> tuple[Array, Array | None]:
     """Gradients ``(x̄, t̄)`` of ``Σ_rows ce_bar·ce + lse_bar·lse``.
 
-    ``lse`` is :func:`row_losses`' second output, or None to recompute it
-    (which keeps the result differentiable, for double backward). ``t̄`` is
+    ``stats`` are :func:`row_losses`' ``keep_stats`` outputs, or None to
+    recompute them (which keeps the result differentiable, for double backward). ``t̄`` is
     computed for probability targets when ``target_grad``, else None. Each
     block is written into one output buffer: the peak is the gradient itself.
     """
@@ -309,7 +319,7 @@ def row_losses_vjp(
     for a, b in blocks:
         x_blk, t_blk = x[a:b, ...], target[a:b, ...]
         tg = None
-        if lse is None or target_grad:
+        if stats is None or target_grad:
             blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True)
             p, th, targets = blk.e / xp.exp(blk.lse_s)[:, None], blk.tanh, blk.targets
             if target_grad:
@@ -317,10 +327,11 @@ def row_losses_vjp(
         else:
             cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
             z, th = _prepare_logits(x_blk, None if cls is None else cls.counted, opts, dtype, xp)
-            p = xp.exp(z - lse[a:b, None])
+            shift, lse_s = stats
+            p = xp.exp((z - shift[a:b, None]) - lse_s[a:b, None])
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
         g = _grad_block(p, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp)
-        g = xp.astype(g, x.dtype)
+        g = xp.astype(g, x.dtype, copy=False)
         if single:
             return g, tg
         x_bar = xpx.at(x_bar)[a:b, ...].set(g)
@@ -356,8 +367,8 @@ def row_losses_and_grad(
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         g = _grad_block(p, blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
         if single:
-            return blk.ce, blk.lse, xp.astype(g, x.dtype)
-        x_bar = xpx.at(x_bar)[a:b, ...].set(xp.astype(g, x.dtype))
+            return blk.ce, blk.lse, xp.astype(g, x.dtype, copy=False)
+        x_bar = xpx.at(x_bar)[a:b, ...].set(xp.astype(g, x.dtype, copy=False))
         ces.append(blk.ce)
         lses.append(blk.lse)
     return xp.concat(ces), xp.concat(lses), x_bar

@@ -23,3 +23,32 @@ def blocking(x: Any, opts: _math.Options) -> tuple[int | None, _math.Options]:
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
     block_rows, opts = blocking(x, opts)
     return _math.row_losses(x, target, weight, opts, xp=xp, block_rows=block_rows)
+
+
+# --------------------------------------------------------------------------
+# linear_cross_entropy: values only (no autodiff here)
+
+
+def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
+    from .. import _linear
+
+    block_rows, opts = blocking(w.T, opts)  # blocks of a chunk's logits, (rows, V) as w.T
+    return _linear.rows(h, w, b, target, weight, _linear.Spec(opts, chunk, block_rows), xp=xp)
+
+
+def linear_scalar(
+    h: Any,
+    w: Any,
+    b: Any,
+    target: Any,
+    weight: Any,
+    ce_scale: Any,
+    lse_scale: Any,
+    opts: _math.Options,
+    chunk: int,
+    xp: Any,
+) -> Any:
+    from .. import _linear
+
+    ce, lse = linear_rows(h, w, b, target, weight, opts, chunk, xp)
+    return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)

@@ -33,14 +33,16 @@ class _RowLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, xp: Any) -> Any:
         block_rows, eager_opts = blocking(x, opts)
-        ce, lse = _math.row_losses(x, target, weight, eager_opts, xp=xp, block_rows=block_rows)
-        ctx.save_for_backward(x, target, weight, lse)
+        ce, lse, shift, lse_shifted = _math.row_losses(
+            x, target, weight, eager_opts, xp=xp, block_rows=block_rows, keep_stats=True
+        )
+        ctx.save_for_backward(x, target, weight, shift, lse_shifted)
         ctx.opts, ctx.xp = opts, xp
         return ce, lse
 
     @staticmethod
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor) -> Any:
-        x, target, weight, lse = ctx.saved_tensors
+        x, target, weight, shift, lse_shifted = ctx.saved_tensors
         # create_graph=True: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled()
         if differentiable:
@@ -51,7 +53,7 @@ class _RowLosses(torch.autograd.Function):
             x,
             target,
             weight,
-            None if differentiable else lse,
+            None if differentiable else (shift, lse_shifted),
             ce_bar,
             lse_bar,
             opts,
