@@ -1,0 +1,485 @@
+"""linear_cross_entropy: values and gradients equal the naive ``cross_entropy(h @ W.T + b, y)``.
+
+Every option, every reduction and chunk sizes 1, a non-divisor of N and N, on
+NumPy and array-api-strict (values against a float64 oracle), torch (values and
+gradients against torch autograd through ``F.cross_entropy``, float64) and JAX
+(against ``jax.grad`` of a naive ``jnp`` loss and optax, float64). Framework
+tests run only when their backend is selected by ``MULTIXENT_BACKENDS`` (a
+comma-separated list; unset means all) and skip when the framework is missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import multixent
+
+_SELECTED = os.environ.get("MULTIXENT_BACKENDS", "")
+
+
+def _backend(name: str) -> pytest.MarkDecorator:
+    """Skip unless ``name`` is selected (MULTIXENT_BACKENDS unset selects all)."""
+    chosen = {b.strip() for b in _SELECTED.split(",") if b.strip()}
+    return pytest.mark.skipif(bool(chosen) and name not in chosen, reason=f"backend {name} not selected")
+
+
+numpy_only = _backend("numpy")
+strict_only = _backend("array-api-strict")
+torch_only = _backend("torch")
+jax_only = _backend("jax")
+
+N, D, V = 11, 5, 13
+CHUNKS = [1, 4, N]  # 4 does not divide 11
+REDUCTIONS = ["none", "sum", "mean"]
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "ignore": {"ignore": True},
+    "smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 0.3},
+    "softcap": {"softcap": 2.5},
+    "all": {"weight": True, "ignore": True, "label_smoothing": 0.1, "z_loss": 0.2, "softcap": 3.0, "bias": True},
+}
+
+
+def _data(seed: int = 0, n: int = N, bias: bool = True) -> dict[str, np.ndarray | None]:
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, V, n)
+    return {
+        "h": rng.normal(size=(n, D)),
+        "w": rng.normal(size=(V, D)),
+        "b": rng.normal(size=V) if bias else None,
+        "y": target,
+        "y_ignored": np.where(np.arange(n) % 3 == 1, -100, target),
+        "weight": rng.uniform(0.2, 2.0, V),
+    }
+
+
+def _kwargs(spec: dict, data: dict, to) -> dict:
+    """linear_cross_entropy / cross_entropy keyword options (bias excluded)."""
+    kw = {k: spec[k] for k in ("label_smoothing", "z_loss", "softcap") if k in spec}
+    if spec.get("weight"):
+        kw["weight"] = to(data["weight"])
+    return kw
+
+
+def _target(spec: dict, data: dict) -> np.ndarray:
+    return data["y_ignored"] if spec.get("ignore") else data["y"]
+
+
+# --------------------------------------------------------------------------
+# NumPy and array-api-strict: values against a float64 oracle
+
+
+def _oracle(h, w, b, y, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """The loss of the materialised logits, written out in float64 NumPy."""
+    from scipy.special import logsumexp
+
+    x = h @ w.T + (0.0 if b is None else b)
+    if softcap is not None:
+        x = softcap * np.tanh(x / softcap)
+    counted = y != -100
+    yy = np.where(counted, y, 0)
+    wt = np.ones(V) if weight is None else weight
+    lse = logsumexp(x, axis=-1)
+    logp = x - lse[:, None]
+    eps = label_smoothing
+    ce = -(1 - eps) * wt[yy] * logp[np.arange(len(y)), yy] - eps / V * (logp * wt).sum(-1)
+    ce = np.where(counted, ce, 0.0)
+    lse2 = np.where(counted, lse**2, 0.0)
+    if reduction == "none":
+        return ce + z_loss * lse2
+    if reduction == "sum":
+        return ce.sum() + z_loss * lse2.sum()
+    den = (wt[yy] * counted).sum()
+    n = counted.sum()
+    return (ce.sum() / den if den else 0.0) + z_loss * (lse2.sum() / n if n else 0.0)
+
+
+@numpy_only
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_numpy_values(option: str, reduction: str, chunk: int) -> None:
+    spec, data = OPTIONS[option], _data()
+    b = data["b"] if spec.get("bias") else None
+    y = _target(spec, data)
+    kw = _kwargs(spec, data, np.asarray)
+    got = multixent.linear_cross_entropy(data["h"], data["w"], y, bias=b, chunk_size=chunk, reduction=reduction, **kw)
+    want = _oracle(data["h"], data["w"], b, y, reduction=reduction, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    materialised = multixent.cross_entropy(
+        data["h"] @ data["w"].T + (0 if b is None else b), y, reduction=reduction, **kw
+    )
+    np.testing.assert_allclose(got, materialised, rtol=1e-12, atol=1e-12)
+
+
+@numpy_only
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 9),
+    v=st.integers(1, 7),
+    chunk=st.one_of(st.none(), st.integers(1, 12)),
+    reduction=st.sampled_from(REDUCTIONS),
+    smoothing=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_numpy_property(n: int, v: int, chunk: int | None, reduction: str, smoothing: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w, b = rng.normal(size=(n, 3)) * 3, rng.normal(size=(v, 3)), rng.normal(size=v)
+    y = np.where(rng.random(n) < 0.3, -100, rng.integers(0, v, n))
+    kw = {"reduction": reduction, "label_smoothing": smoothing}
+    got = multixent.linear_cross_entropy(h, w, y, bias=b, chunk_size=chunk, **kw)
+    want = multixent.cross_entropy(h @ w.T + b, y, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@numpy_only
+def test_numpy_batch_shape_and_float32() -> None:
+    data = _data()
+    h = np.reshape(data["h"][:10], (2, 5, D)).astype(np.float32)
+    y = np.reshape(data["y"][:10], (2, 5))
+    w = data["w"].astype(np.float32)
+    got = multixent.linear_cross_entropy(h, w, y, reduction="none", chunk_size=3)
+    assert got.shape == (2, 5) and got.dtype == np.float32
+    want = _oracle(data["h"][:10], data["w"], None, data["y"][:10], reduction="none")
+    np.testing.assert_allclose(got.ravel(), want, rtol=1e-5, atol=1e-5)
+
+
+@numpy_only
+def test_numpy_no_rows() -> None:
+    h, w, y = np.zeros((0, D)), np.ones((V, D)), np.zeros((0,), dtype=np.int64)
+    assert multixent.linear_cross_entropy(h, w, y) == 0.0
+    assert multixent.linear_cross_entropy(h, w, y, reduction="none").shape == (0,)
+
+
+@strict_only
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_array_api_strict_values(reduction: str, chunk: int) -> None:
+    xps = pytest.importorskip("array_api_strict")
+    spec, data = OPTIONS["all"], _data()
+    y = _target(spec, data)
+    kw = _kwargs(spec, data, xps.asarray)
+    h, w, b = (xps.asarray(data[k]) for k in ("h", "w", "b"))
+    got = multixent.linear_cross_entropy(h, w, xps.asarray(y), bias=b, chunk_size=chunk, reduction=reduction, **kw)
+    want = _oracle(data["h"], data["w"], data["b"], y, reduction=reduction, **_kwargs(spec, data, np.asarray))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Argument errors (NumPy arrays; the checks are the same for every library)
+
+
+@numpy_only
+def test_shape_errors_name_both_shapes() -> None:
+    h, w, y = np.zeros((4, 3)), np.zeros((6, 5)), np.zeros(4, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(6, 5\)"):
+        multixent.linear_cross_entropy(h, w, y)
+    with pytest.raises(ValueError, match=r"bias of shape \(5,\).*\(6, 3\)"):
+        multixent.linear_cross_entropy(h, np.zeros((6, 3)), y, bias=np.zeros(5))
+    with pytest.raises(ValueError, match=r"target of shape \(3,\).*\(4, 3\)"):
+        multixent.linear_cross_entropy(h, np.zeros((6, 3)), y[:3])
+    with pytest.raises(ValueError, match="classifier must have shape"):
+        multixent.linear_cross_entropy(h, np.zeros((6, 3, 1)), y)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\)"):
+        multixent.linear_cross_entropy(h, np.zeros((6, 3)), y, weight=np.ones(5))
+
+
+@numpy_only
+@pytest.mark.parametrize(("chunk", "error"), [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_chunk_size_errors(chunk, error) -> None:
+    h, w, y = np.zeros((4, 3)), np.zeros((6, 3)), np.zeros(4, dtype=np.int64)
+    with pytest.raises(error, match="chunk_size must be a positive int or None"):
+        multixent.linear_cross_entropy(h, w, y, chunk_size=chunk)
+
+
+@numpy_only
+def test_type_and_value_errors() -> None:
+    h, w, y = np.zeros((4, 3)), np.zeros((6, 3)), np.zeros(4, dtype=np.int64)
+    with pytest.raises(TypeError, match="class indices"):
+        multixent.linear_cross_entropy(h, w, np.zeros(4))
+    with pytest.raises(TypeError, match="classifier must have a real floating dtype"):
+        multixent.linear_cross_entropy(h, w.astype(np.int64), y)
+    with pytest.raises(IndexError, match="class index 6"):
+        multixent.linear_cross_entropy(h, w, np.array([0, 6, 1, 2]))
+    with pytest.raises(ValueError, match="reduction"):
+        multixent.linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        multixent.linear_cross_entropy(h, w, y, label_smoothing=2.0)
+
+
+# --------------------------------------------------------------------------
+# torch: against torch autograd of F.cross_entropy on the materialised logits
+
+
+def _torch_native(x, y, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
+    import torch
+    import torch.nn.functional as F
+
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    out = F.cross_entropy(x, y, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    if z_loss:
+        counted = y != -100
+        lse2 = torch.where(counted, torch.logsumexp(x, dim=-1) ** 2, 0.0)
+        if reduction == "none":
+            out = out + z_loss * lse2
+        elif reduction == "sum":
+            out = out + z_loss * lse2.sum()
+        else:
+            out = out + z_loss * lse2.sum() / counted.sum().clamp(min=1)
+    return out
+
+
+def _torch_case(spec: dict, reduction: str, chunk: int | None, dtype=None, seed: int = 0):
+    """(fused value, native value, fused grads, native grads)."""
+    import torch
+
+    dtype = dtype or torch.float64
+    data = _data(seed)
+    y = torch.as_tensor(_target(spec, data))
+    kw = _kwargs(spec, data, lambda a: torch.as_tensor(a, dtype=torch.float64))
+    leaves = {k: torch.as_tensor(data[k]) for k in ("h", "w", "b")}
+    if not spec.get("bias"):
+        leaves.pop("b")
+    fused = {k: v.to(dtype, copy=True).requires_grad_() for k, v in leaves.items()}
+    native = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    got = multixent.linear_cross_entropy(
+        fused["h"], fused["w"], y, bias=fused.get("b"), chunk_size=chunk, reduction=reduction, **kw
+    )
+    logits = native["h"] @ native["w"].T + native.get("b", 0.0)
+    want = _torch_native(logits, y, reduction=reduction, **kw)
+    upstream = torch.linspace(0.5, 2.0, max(want.numel(), 1), dtype=torch.float64).reshape(want.shape)
+    (got * upstream.to(got.dtype)).sum().backward()
+    (want * upstream).sum().backward()
+    return got, want, {k: v.grad for k, v in fused.items()}, {k: v.grad for k, v in native.items()}
+
+
+@torch_only
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_torch_values_and_grads(option: str, reduction: str, chunk: int) -> None:
+    torch = pytest.importorskip("torch")
+    got, want, g_got, g_want = _torch_case(OPTIONS[option], reduction, chunk)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert g_got.keys() == g_want.keys()
+    for k in g_want:
+        torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+@torch_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_bfloat16(reduction: str) -> None:
+    torch = pytest.importorskip("torch")
+    got, want, g_got, g_want = _torch_case(OPTIONS["all"], reduction, 4, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in g_got.values())
+    # float32 accumulation: the error is the rounding of the bf16 inputs and of the result
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0.05, atol=0.05)
+    for k in g_want:
+        torch.testing.assert_close(g_got[k].double(), g_want[k], rtol=0.05, atol=0.05)
+
+
+@torch_only
+def test_torch_partial_requires_grad_and_no_grad() -> None:
+    torch = pytest.importorskip("torch")
+    data = _data()
+    h, w, y = torch.as_tensor(data["h"]), torch.as_tensor(data["w"]).requires_grad_(), torch.as_tensor(data["y"])
+    loss = multixent.linear_cross_entropy(h, w, y, chunk_size=4)
+    loss.backward()
+    w2 = w.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(h @ w2.T, y).backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    with torch.no_grad():
+        value = multixent.linear_cross_entropy(h, w, y, chunk_size=4)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, loss.detach())
+
+
+@torch_only
+def test_torch_second_backward_raises() -> None:
+    torch = pytest.importorskip("torch")
+    data = _data()
+    h = torch.as_tensor(data["h"]).requires_grad_()
+    loss = multixent.linear_cross_entropy(h, torch.as_tensor(data["w"]), torch.as_tensor(data["y"]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+@torch_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile(reduction: str) -> None:
+    torch = pytest.importorskip("torch")
+    spec = OPTIONS["all"]
+    data = _data()
+    y = torch.as_tensor(_target(spec, data))
+    kw = _kwargs(spec, data, lambda a: torch.as_tensor(a, dtype=torch.float32))
+    h, w, b = (torch.as_tensor(data[k], dtype=torch.float32) for k in ("h", "w", "b"))
+
+    def loss(h, w, b):
+        out = multixent.linear_cross_entropy(h, w, y, bias=b, chunk_size=4, reduction=reduction, **kw)
+        return (out * torch.arange(1, out.numel() + 1).reshape(out.shape)).sum()
+
+    # fullgraph=True: any graph break fails. aot_eager traces forward and backward
+    # as torch.compile does, without the Inductor code generation (slow to compile).
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    got = compiled(*leaves)
+    grads = torch.autograd.grad(got, leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    want = loss(*ref_leaves)
+    want_grads = torch.autograd.grad(want, ref_leaves)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@torch_only
+def test_torch_compile_inductor() -> None:
+    torch = pytest.importorskip("torch")
+    data = _data()
+    h, w = (torch.as_tensor(data[k], dtype=torch.float32).requires_grad_() for k in ("h", "w"))
+    y = torch.as_tensor(data["y"])
+    compiled = torch.compile(lambda h, w: multixent.linear_cross_entropy(h, w, y, chunk_size=4), fullgraph=True)
+    got = compiled(h, w)
+    grads = torch.autograd.grad(got, (h, w))
+    want = torch.nn.functional.cross_entropy(h @ w.T, y)
+    want_grads = torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(got, want)
+    for g, r in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+# --------------------------------------------------------------------------
+# JAX: against jax.grad of a naive jnp loss (and optax), float64
+
+
+@pytest.fixture(scope="module")
+def jax_x64():
+    jax = pytest.importorskip("jax")
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", previous)
+
+
+def _jax_native(x, y, *, weight=None, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
+    import jax
+    import jax.numpy as jnp
+
+    if softcap is not None:
+        x = softcap * jnp.tanh(x / softcap)
+    counted = y != -100
+    yy = jnp.where(counted, y, 0)
+    wt = jnp.ones(x.shape[-1], x.dtype) if weight is None else weight
+    logp = jax.nn.log_softmax(x, axis=-1)
+    eps = label_smoothing
+    ce = -(1 - eps) * wt[yy] * jnp.take_along_axis(logp, yy[:, None], axis=-1)[:, 0]
+    ce = jnp.where(counted, ce - eps / x.shape[-1] * jnp.sum(logp * wt, axis=-1), 0.0)
+    lse2 = jnp.where(counted, jax.nn.logsumexp(x, axis=-1) ** 2, 0.0)
+    if reduction == "none":
+        return ce + z_loss * lse2
+    if reduction == "sum":
+        return jnp.sum(ce) + z_loss * jnp.sum(lse2)
+    return jnp.sum(ce) / jnp.sum(wt[yy] * counted) + z_loss * jnp.sum(lse2) / jnp.sum(counted)
+
+
+def _jax_case(spec: dict, reduction: str, chunk: int | None, jit: bool, dtype=None):
+    import jax
+    import jax.numpy as jnp
+
+    dtype = dtype or jnp.float64
+    data = _data()
+    y = jnp.asarray(_target(spec, data))
+    kw = _kwargs(spec, data, lambda a: jnp.asarray(a, jnp.float64))
+    b = jnp.asarray(data["b"]) if spec.get("bias") else None
+    args = (jnp.asarray(data["h"]), jnp.asarray(data["w"]), b)
+
+    def weighted(out):
+        return jnp.sum(out * jnp.linspace(0.5, 2.0, max(out.size, 1)).reshape(out.shape))
+
+    def fused(h, w, b):
+        cast = (lambda a: a) if b is None else (lambda a: a.astype(dtype))
+        out = multixent.linear_cross_entropy(
+            h.astype(dtype), w.astype(dtype), y, bias=cast(b), chunk_size=chunk, reduction=reduction, **kw
+        )
+        return weighted(out.astype(jnp.float64))
+
+    def naive(h, w, b):
+        return weighted(_jax_native(h @ w.T + (0.0 if b is None else b), y, reduction=reduction, **kw))
+
+    argnums = (0, 1, 2) if b is not None else (0, 1)
+    f = jax.value_and_grad(fused, argnums=argnums)
+    if jit:
+        f = jax.jit(f)
+    return f(*args), jax.value_and_grad(naive, argnums=argnums)(*args)
+
+
+@jax_only
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_jax_values_and_grads(jax_x64, option: str, reduction: str, chunk: int) -> None:
+    (got, g_got), (want, g_want) = _jax_case(OPTIONS[option], reduction, chunk, jit=True)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@jax_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_eager(jax_x64, reduction: str) -> None:
+    (got, g_got), (want, g_want) = _jax_case(OPTIONS["all"], reduction, 4, jit=False)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@jax_only
+def test_jax_against_optax(jax_x64) -> None:
+    optax = pytest.importorskip("optax")
+    import jax
+    import jax.numpy as jnp
+
+    data = _data()
+    h, w, y = jnp.asarray(data["h"]), jnp.asarray(data["w"]), jnp.asarray(data["y"])
+    fused = jax.jit(jax.value_and_grad(lambda h, w: multixent.linear_cross_entropy(h, w, y, chunk_size=4), (0, 1)))
+    naive = jax.value_and_grad(
+        lambda h, w: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(h @ w.T, y)), (0, 1)
+    )
+    (got, g_got), (want, g_want) = fused(h, w), naive(h, w)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@jax_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_bfloat16(jax_x64, reduction: str) -> None:
+    import jax.numpy as jnp
+
+    (got, g_got), (want, g_want) = _jax_case(OPTIONS["all"], reduction, 4, jit=True, dtype=jnp.bfloat16)
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=0.05, atol=0.05)
+
+
+@jax_only
+def test_jax_vmap(jax_x64) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    data = _data()
+    hs = jnp.stack([jnp.asarray(data["h"]), 2 * jnp.asarray(data["h"])])
+    w, y = jnp.asarray(data["w"]), jnp.asarray(data["y"])
+    fused = jax.vmap(jax.grad(lambda h: multixent.linear_cross_entropy(h, w, y, chunk_size=4, z_loss=0.1)))
+    naive = jax.vmap(jax.grad(lambda h: _jax_native(h @ w.T, y, z_loss=0.1)))
+    np.testing.assert_allclose(jax.jit(fused)(hs), naive(hs), rtol=1e-10, atol=1e-12)
