@@ -31,7 +31,12 @@ def tests(session: nox.Session, backend: str) -> None:
     session.install(*TEST, *BACKEND_DEPS[backend])
     session.install(".")
     session.run(
-        "pytest", "-n", "2", "-p", "no:cacheprovider", *session.posargs,
+        "pytest",
+        "-n",
+        "2",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
         env={"MULTIXENT_BACKENDS": backend},
     )
 

@@ -98,8 +98,7 @@ def ignore_index(value: Any, is_index: bool, default: int) -> int:
         raise TypeError(f"multixent: ignore_index must be an int; got {type(value).__name__}")
     if not is_index and value != default:
         raise ValueError(
-            f"multixent: ignore_index={value} applies to class-index targets only; "
-            "the target holds class probabilities"
+            f"multixent: ignore_index={value} applies to class-index targets only; the target holds class probabilities"
         )
     return value
 

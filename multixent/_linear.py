@@ -182,7 +182,7 @@ def rows_vjp(
     wc = xp.astype(w, dtype, copy=False)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
-        h_c, t_c, lse_c, ce_bar_c, lse_bar_c = xs
+        h_c, t_c, _lse_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         g, _ = _math.row_losses_vjp(
             z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows

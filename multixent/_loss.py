@@ -203,7 +203,12 @@ def cross_entropy_and_grad(
     r"""``(loss, ∂loss/∂logits)`` of :func:`cross_entropy`, for "mean" and "sum".
 
     The gradient is the closed form
-    :math:`\mathrm{scale}\cdot(\operatorname{softmax}(x)\sum_c a_c - a) + 2 c_z\,\mathrm{scale}_z\operatorname{lse}\operatorname{softmax}(x)`
+
+    .. math::
+
+        \mathrm{scale}\cdot(\operatorname{softmax}(x)\sum_c a_c - a)
+        + 2 c_z\,\mathrm{scale}_z\operatorname{lse}(x)\operatorname{softmax}(x)
+
     (``a`` the weighted, smoothed target distribution; times :math:`1-\tanh^2`
     under softcap), computed in one pass with the loss on any array library.
     """

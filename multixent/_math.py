@@ -22,8 +22,8 @@ with ``a`` the weighted target distribution above (``a_c = (1-ε) w_y [c=y] +
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import array_api_extra as xpx
@@ -96,9 +96,7 @@ class _ClassTargets:
     weight_at_target: Array | float  # (n,) w_y, or 1.0
 
 
-def class_targets(
-    target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace
-) -> _ClassTargets:
+def class_targets(target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace) -> _ClassTargets:
     counted = target != opts.ignore_index
     in_range = (target >= 0) & (target < num_classes)
     index = xp.where(counted & in_range, target, 0)
@@ -271,9 +269,9 @@ def row_losses(
     outs: list[tuple[Array, ...]] = []
     for a, b in _blocks(x.shape[0], block_rows):
         blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False)
-        out = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
+        out: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
         if keep_stats:
-            stats = (blk.shift, blk.lse_s)
+            stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
             if isinstance(blk.targets, _ClassTargets):  # ignored rows' logits are zeroed for the gradient
                 stats = tuple(xp.where(blk.targets.counted, v, 0.0) for v in stats)
             out += stats

@@ -87,7 +87,7 @@ def make_case(layout: str, kind: str = "index", option: str = "plain", seed: int
     spec = OPTIONS[option]
     rng = np.random.default_rng(seed)
     classes = shape[axis]
-    batch = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    batch = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     x = rng.normal(size=shape) * scale
     options: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("weight", "ignore")}
     options["axis"] = axis

@@ -153,7 +153,9 @@ def grad(f: Callable[[np.ndarray], Any], x: np.ndarray, *, h: float = 1e-30) -> 
     return out.reshape(x.shape)
 
 
-def cross_entropy_grad(x: np.ndarray, t: np.ndarray, *, upstream: np.ndarray | None = None, **options: Any) -> np.ndarray:
+def cross_entropy_grad(
+    x: np.ndarray, t: np.ndarray, *, upstream: np.ndarray | None = None, **options: Any
+) -> np.ndarray:
     """``∂/∂x`` of the loss (of ``Σ upstream·loss`` for reduction "none")."""
 
     def f(z: np.ndarray) -> Any:

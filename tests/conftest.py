@@ -125,9 +125,8 @@ def _strict_backend() -> Backend:
 
 def _torch_backend() -> Backend:
     torch = pytest.importorskip("torch")
-    import array_api_compat.torch as xt
-
     import _native
+    import array_api_compat.torch as xt
 
     def asarray(a: np.ndarray, dtype: str | None) -> Any:
         t = torch.tensor(a)
@@ -152,9 +151,8 @@ def _torch_backend() -> Backend:
 def _jax_backend() -> Backend:
     jax = pytest.importorskip("jax")
     pytest.importorskip("optax")
-    import jax.numpy as jnp
-
     import _native
+    import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)
 

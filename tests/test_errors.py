@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import _reference as ref
 import numpy as np
 import pytest
-
-import _reference as ref
-import multixent
 from conftest import SELECTED, make_backend
+
+import multixent
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(4, 3))  # 4 rows, C = 3
@@ -40,7 +40,12 @@ CASES = {
     "index-negative": ("cross_entropy", X, np.array([0, 1, -1, 2]), {}, IndexError, r"-1\b.*\b3\b"),
     "index-far-out": ("cross_entropy", X, np.array([0, 1, 2, 1000]), {}, IndexError, r"1000\b.*\b3\b"),
     "index-not-the-ignore_index": (
-        "cross_entropy", X, np.array([0, -100, 1, 2]), {"ignore_index": -1}, IndexError, r"-100\b.*\b3\b"
+        "cross_entropy",
+        X,
+        np.array([0, -100, 1, 2]),
+        {"ignore_index": -1},
+        IndexError,
+        r"-100\b.*\b3\b",
     ),
     "index-with-grad": ("cross_entropy_and_grad", X, np.array([5, 1, 1, 2]), {}, IndexError, r"\b5\b.*\b3\b"),
     "nll-int-log_probs": ("nll_loss", X.astype(np.int32), Y, {}, TypeError, r"log_probs.*floating"),

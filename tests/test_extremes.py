@@ -6,13 +6,13 @@ on torch and JAX, through the framework's autodiff of ``cross_entropy``.
 
 from __future__ import annotations
 
+import _reference as ref
 import numpy as np
 import pytest
 import scipy.special
-
-import _reference as ref
-import multixent
 from _cases import assert_close, assert_result, make_case
+
+import multixent
 
 INF, NAN = np.inf, np.nan
 
@@ -174,9 +174,7 @@ def test_probability_zero_on_minus_inf_logit(backend, smoothing):
     if smoothing:
         assert np.all(got == INF)
         return
-    want = [
-        -np.sum(p[i, f] * scipy.special.log_softmax(x[i, f])) for i, f in enumerate(np.isfinite(x))
-    ]
+    want = [-np.sum(p[i, f] * scipy.special.log_softmax(x[i, f])) for i, f in enumerate(np.isfinite(x))]
     assert_close(backend, got, np.array(want))
     for how, g in _gradients(backend, backend.asarray(x), backend.asarray(p)):
         assert np.all(g[~np.isfinite(x)] == 0.0), how
@@ -213,7 +211,9 @@ def test_large_offsets(backend, dtype, offset):
     case.options["softcap"] = None
     x, t, kw = case.on(backend, dtype)
     exact = case.quantized(backend, dtype)
-    assert_result(backend, multixent.cross_entropy(x, t, **kw), ref.cross_entropy(exact.x, exact.target, **exact.options), dtype)
+    assert_result(
+        backend, multixent.cross_entropy(x, t, **kw), ref.cross_entropy(exact.x, exact.target, **exact.options), dtype
+    )
     want = ref.cross_entropy_grad(exact.x, exact.target, **exact.options)
     for _, g in _gradients(backend, x, t, **kw):
         assert_close(backend, g, want, dtype)

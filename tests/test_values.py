@@ -9,13 +9,13 @@ unbatched inputs, every floating dtype, ``nll_loss``, ``log_softmax``,
 
 from __future__ import annotations
 
+import _reference as ref
 import numpy as np
 import pytest
 import scipy.special
-
-import _reference as ref
-import multixent
 from _cases import KINDS, LAYOUTS, OPTIONS, REDUCTIONS, applies, assert_close, assert_result, make_case
+
+import multixent
 
 
 def _check_value(backend, case, reduction, dtype="float64"):
@@ -244,7 +244,9 @@ def test_log_softmax(backend, shape, axis):
         assert_result(backend, got, scipy.special.log_softmax(exact, axis=axis), dtype, factor=None)
     if backend.native is not None:
         xb = backend.asarray(x)
-        assert_close(backend, multixent.log_softmax(xb, axis=axis), backend.to_numpy(backend.native.log_softmax(xb, axis)))
+        assert_close(
+            backend, multixent.log_softmax(xb, axis=axis), backend.to_numpy(backend.native.log_softmax(xb, axis))
+        )
 
 
 @pytest.mark.parametrize("keepdims", [False, True])
