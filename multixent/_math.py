@@ -35,7 +35,7 @@ Namespace = Any
 #: Elements per block of rows processed at once by eager backends: small enough
 #: for the block's few temporaries to stay in cache, large enough that the
 #: per-operation overhead (Python, thread start-up) is small against the work.
-BLOCK_ELEMENTS = 2**18
+BLOCK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,8 @@ def _forward_block(
 
 
 def _grad_block(
-    p: Array,
+    e: Array,
+    e_scale: Array,
     th: Array | None,
     targets: Any,
     weight: Array | None,
@@ -203,15 +204,15 @@ def _grad_block(
     opts: Options,
     xp: Namespace,
 ) -> Array:
-    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``p = softmax``."""
-    num_classes = p.shape[-1]
+    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row)."""
+    num_classes = e.shape[-1]
     eps = opts.label_smoothing
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
         zero = xp.zeros_like(ce_bar)
         coef = _poison(xp.where(targets.counted, ce_bar * total + lse_bar, zero), targets.poisoned, xp)
-        g = p * coef[:, None]
+        g = e * (coef * e_scale)[:, None]
         if eps:
             smooth = ce_bar * (eps / num_classes)
             smooth = xp.where(targets.counted, smooth, zero)[:, None]
@@ -221,7 +222,7 @@ def _grad_block(
             g = _subtract_at(g, targets.index, at_y, opts.scatter, xp)
     else:
         coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
-        g = p * coef[:, None] - ce_bar[:, None] * targets
+        g = e * (coef * e_scale)[:, None] - ce_bar[:, None] * targets
     if th is not None:
         g = g * (1.0 - th * th)
     return g
@@ -319,16 +320,16 @@ def row_losses_vjp(
         tg = None
         if stats is None or target_grad:
             blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True)
-            p, th, targets = blk.e / xp.exp(blk.lse_s)[:, None], blk.tanh, blk.targets
+            e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar[a:b, ...], weight, opts), target.dtype)
         else:
             cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
             z, th = _prepare_logits(x_blk, None if cls is None else cls.counted, opts, dtype, xp)
             shift, lse_s = stats
-            p = xp.exp((z - shift[a:b, None]) - lse_s[a:b, None])
+            e, e_scale = xp.exp((z - shift[a:b, None]) - lse_s[a:b, None]), 1.0
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
-        g = _grad_block(p, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp)
+        g = _grad_block(e, e_scale, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp)
         g = xp.astype(g, x.dtype, copy=False)
         if single:
             return g, tg
@@ -361,9 +362,8 @@ def row_losses_and_grad(
     ces, lses = [], []
     for a, b in blocks:
         blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=True)
-        p = blk.e / xp.exp(blk.lse_s)[:, None]
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
-        g = _grad_block(p, blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
+        g = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
         if single:
             return blk.ce, blk.lse, xp.astype(g, x.dtype, copy=False)
         x_bar = xpx.at(x_bar)[a:b, ...].set(xp.astype(g, x.dtype, copy=False))
@@ -390,7 +390,7 @@ def row_losses_jvp(
     blk = _forward_block(x, target, weight, opts, compute_dtype(x.dtype, xp), xp, for_grad=True)
     p = blk.e / xp.exp(blk.lse_s)[:, None]
     ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
-    g_ce = _grad_block(p, blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
+    g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
     g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
     ce_dot = xp.sum(g_ce * x_dot, axis=-1)
     if target_dot is not None:
