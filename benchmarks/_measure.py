@@ -26,6 +26,22 @@ Environment
     libraries); :func:`load_average` is a cheap noise indicator to record beside timings.
 
 The worker entry point is ``python _measure.py --rss-worker MODULE:FUNC JSON``.
+
+A second benchmark (run as ``python benchmarks/bench_x.py``, so this directory is on ``sys.path``)::
+
+    import _measure as M
+
+    t = M.time_interleaved({"mine": lambda: mine(x), "native": lambda: native(x)})
+    print(M.ratio(t["mine"], t["native"]), M.paired_ratio(t["mine"], t["native"]), t["mine"].as_dict())
+
+    # in bench_x.py, at module level (the worker imports it; keep heavy imports inside):
+    def memory_case(impl, n):
+        x = make_and_touch_inputs(n)
+        return lambda: run(impl, x)
+
+    out = M.peak_extra_rss("bench_x:memory_case", {"impl": "mine", "n": 4096},
+                           warmup_kwargs={"impl": "mine", "n": 8})
+    print(out["extra_bytes"] / logits_bytes)
 """
 
 from __future__ import annotations
@@ -65,6 +81,8 @@ class Timing:
     minflt: float = math.nan
     user_s: float = math.nan
     sys_s: float = math.nan
+    #: True when the case was so slow that fewer rounds were run (see ``slow_call_s``).
+    capped: bool = False
 
     @property
     def median(self) -> float:
@@ -94,6 +112,7 @@ class Timing:
             "samples_ms": [s * 1e3 for s in self.samples],
             "warmup_ms": [s * 1e3 for s in self.warmup_s],
             "rounds": len(self.samples),
+            "capped": self.capped,
             "minflt_per_call": self.minflt,
             "user_ms_per_call": self.user_s * 1e3,
             "sys_ms_per_call": self.sys_s * 1e3,
@@ -143,6 +162,8 @@ def time_interleaved(
     max_rounds: int | None = None,
     max_spread: float = 0.1,
     extra_budget_s: float = 30.0,
+    slow_call_s: float | None = None,
+    slow_rounds: int = 3,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Timing]:
     """Median-ready timings of ``cases``, alternating between them in one process.
@@ -155,15 +176,25 @@ def time_interleaved(
     On a noisy machine: while some case's interquartile spread exceeds ``max_spread``, further
     rounds run, up to ``max_rounds`` in all, and only while the extra rounds have taken less than
     ``extra_budget_s`` seconds.
+
+    A safety net for pathologically slow cases: when a warm-up call of some case takes longer than
+    ``slow_call_s``, the warm-up stops there and only ``slow_rounds`` rounds run (the timings are
+    marked ``capped``), so one slow case cannot take the whole run's time.
     """
     names = list(cases)
     warm: dict[str, list[float]] = {n: [] for n in names}
+    capped = False
     for _ in range(max(1, warmup)):
         for n in names:
             warm[n].append(_call_n(cases[n], 1))
+        if slow_call_s is not None and max(w[-1] for w in warm.values()) > slow_call_s:
+            capped = True
+            break
     number = {n: max(1, math.ceil(min_sample_s / max(min(warm[n]), 1e-9))) for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     usage: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n in names}
+    if capped:
+        rounds = max_rounds = min(rounds, slow_rounds)
     limit = max(rounds, max_rounds or rounds)
     t_extra = None
     r = 0
@@ -185,7 +216,7 @@ def time_interleaved(
     for n in names:
         calls = len(samples[n]) * number[n]
         f, u, s = (v / calls for v in usage[n])
-        out[n] = Timing(samples[n], number[n], warm[n], minflt=f, user_s=u, sys_s=s)
+        out[n] = Timing(samples[n], number[n], warm[n], minflt=f, user_s=u, sys_s=s, capped=capped)
     return out
 
 

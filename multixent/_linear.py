@@ -315,16 +315,24 @@ def linear_cross_entropy(
     The rows are processed ``chunk_size`` at a time, so only a chunk's logits
     (``chunk_size × V``) exist at once. ``chunk_size=None`` takes
     ``max(1, 2**22 // V)`` rows (at most all of them): a chunk's logits hold at
-    most ~4M elements (16 MiB in float32) whatever the batch. A larger chunk
-    means fewer passes over ``classifier`` and its gradient, a smaller one less
-    memory.
+    most ~4M elements (16 MiB in float32) whatever the batch, and the extra
+    memory is the gradients (``h̄``, ``W̄``, ``b̄``) plus a few such chunk-sized
+    temporaries (measured at N=8192, D=512, V=32768, float32, forward+backward:
+    0.15× the full logits' bytes on torch and under ``jax.jit``, against 3.0×
+    and 2.1× for the naive path). A larger chunk means fewer passes over
+    ``classifier`` and its gradient, a smaller one less memory. With JAX the
+    chunks run in one ``lax.scan`` (the remainder after it); elsewhere in a
+    Python loop (unrolled by ``torch.compile``).
 
     Gradients: for "mean" and "sum" they are computed during the forward
     (the upstream gradient is one scalar, so the backward only scales them:
     three matrix products, as the naive path); the forward therefore holds
     ``h̄`` and ``W̄`` until the backward. For "none" the backward recomputes each
     chunk's logits from the saved per-row log-sum-exp (four matrix products).
-    float16/bfloat16 inputs are computed in float32 (the classifier is upcast
+    The torch backward runs once per forward (a second ``backward`` through a
+    retained graph raises) and is not itself differentiable; JAX defines
+    reverse mode (``custom_vjp``: ``grad``, ``vjp``, ``jit``, ``vmap``), not
+    forward mode. float16/bfloat16 inputs are computed in float32 (the classifier is upcast
     once, the logits, softmax and gradient accumulation are float32); the
     gradients come back in each input's dtype. NumPy and other libraries
     without autodiff return the value.

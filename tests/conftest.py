@@ -9,8 +9,9 @@ id (``test_x[torch-...]``). torch and jax are imported only when selected, so
 A :class:`Backend` offers ``name``, ``xp`` (the array-API namespace),
 ``asarray(np_array, dtype_name)``, ``to_numpy(a)``, ``dtypes`` (the floating
 dtypes it supports), ``eps(dtype_name)``, ``native`` (the framework's own loss
-from :mod:`_native`, or None) and ``autodiff`` (value and gradient through
-the framework's autodiff, or None).
+from :mod:`_native`, or None), ``autodiff`` (value and gradient through
+the framework's autodiff, or None) and ``jit`` (``jax.jit`` on JAX, else the
+function itself).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Backend:
     #: ``autodiff(f, x) -> (f(x), ∂f/∂x)`` through the framework's autodiff, or None
     autodiff: Callable[[Callable[[Any], Any], Any], tuple[Any, Any]] | None = None
     modules: dict[str, Any] = field(default_factory=dict)
+    #: ``jit(f)``: ``jax.jit`` on JAX (one compilation instead of one per operation and shape, for
+    #: tests over many shapes); the function itself elsewhere
+    jit: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda f: f
 
     def asarray(self, a: Any, dtype: str | None = None) -> Any:
         """A copy of the NumPy array ``a`` in this library (``dtype`` a name such as "bfloat16")."""
@@ -168,7 +172,7 @@ def _jax_backend() -> Backend:
         return jax.value_and_grad(f)(x)
 
     dtypes = ("float16", "bfloat16", "float32", "float64")
-    return Backend("jax", jnp, dtypes, asarray, to_numpy, _native.jax_loss, autodiff, {"jax": jax})
+    return Backend("jax", jnp, dtypes, asarray, to_numpy, _native.jax_loss, autodiff, {"jax": jax}, jax.jit)
 
 
 _FACTORIES = {

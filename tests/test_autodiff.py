@@ -292,9 +292,15 @@ def test_jax_grad(jx, kind, option, reduction):
     argnums = (0, 1) if kind == "probs" else 0
     value, grads = jax.value_and_grad(_scalar(mx, ub), argnums=argnums)(x, t)
     grads = grads if kind == "probs" else (grads,)
-    oracles = [jax.grad(_scalar(reference, ub), argnums=argnums)(x, t)]
+
+    def oracle_grad(fn):  # jit (cheaper than eager for oracles), closing over class indices (optax reads them)
+        if kind == "probs":
+            return jax.jit(jax.grad(_scalar(fn, ub), argnums=argnums))(x, t)
+        return jax.jit(jax.grad(lambda z: _scalar(fn, ub)(z, t)))(x)
+
+    oracles = [oracle_grad(reference)]
     if native is not None:
-        oracles.append(jax.grad(_scalar(native, ub), argnums=argnums)(x, t))
+        oracles.append(oracle_grad(native))
         assert_close(jb, value, jb.to_numpy(_scalar(native, ub)(x, t)))
     for want in oracles:
         want = want if kind == "probs" else (want,)

@@ -1,0 +1,44 @@
+"""``import multixent`` (and using it on NumPy arrays) loads neither torch nor jax."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_import_loads_no_framework():
+    result = _run(
+        """
+        import sys
+        import multixent
+        loaded = sorted(m for m in ("torch", "jax", "jaxlib", "optax") if m in sys.modules)
+        assert not loaded, loaded
+        print(sorted(multixent.__all__))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("cross_entropy", "cross_entropy_and_grad", "log_softmax", "logsumexp", "nll_loss"):
+        assert name in result.stdout
+
+
+def test_numpy_use_loads_no_framework():
+    result = _run(
+        """
+        import sys
+        import numpy as np
+        import multixent
+        x, y = np.random.default_rng(0).normal(size=(4, 3)), np.array([0, 2, -100, 1])
+        multixent.cross_entropy(x, y, label_smoothing=0.1, z_loss=0.1, softcap=2.0)
+        multixent.cross_entropy_and_grad(x, y)
+        multixent.nll_loss(multixent.log_softmax(x), y)
+        multixent.logsumexp(x)
+        loaded = sorted(m for m in ("torch", "jax", "jaxlib") if m in sys.modules)
+        assert not loaded, loaded
+        """
+    )
+    assert result.returncode == 0, result.stderr
