@@ -327,7 +327,7 @@ def row_losses_vjp(
             cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
             z, th = _prepare_logits(x_blk, None if cls is None else cls.counted, opts, dtype, xp)
             shift, lse_s = stats
-            e, e_scale = xp.exp((z - shift[a:b, None]) - lse_s[a:b, None]), 1.0
+            e, e_scale = xp.exp(z - shift[a:b, None]), xp.exp(-lse_s[a:b])  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
         g = _grad_block(e, e_scale, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp)
         g = xp.astype(g, x.dtype, copy=False)
