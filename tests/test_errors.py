@@ -194,3 +194,52 @@ def test_jax_jit_in_range_no_error(jax_backend):
     np.testing.assert_allclose(
         jax_backend.to_numpy(got), ref.cross_entropy(X, np.array([0, 2, -100, 1]), label_smoothing=0.1), rtol=1e-13
     )
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_inputs_not_modified_by_gradients(backend, kind):
+    """Gradients (cross_entropy_and_grad, the framework's autodiff) leave the inputs as they were, in every dtype."""
+    x = RNG.normal(size=(6, 5)) * 3
+    t = np.array([0, 4, -100, 3, 2, 1]) if kind == "index" else RNG.dirichlet(np.ones(5), size=6)
+    w = np.linspace(0.5, 2.0, 5)
+    for dtype in backend.dtypes:
+        xb = backend.asarray(x, dtype)
+        tb = backend.asarray(t, None if kind == "index" else dtype)
+        wb = backend.asarray(w, dtype)
+        before = [backend.to_numpy(a) for a in (xb, tb, wb)]
+        options = {"weight": wb, "label_smoothing": 0.1, "z_loss": 0.1}
+        multixent.cross_entropy_and_grad(xb, tb, **options)
+        multixent.cross_entropy_and_grad(xb, tb, softcap=3.0, **options)
+        if backend.name == "torch":  # backward through the leaf itself
+            torch = backend.modules["torch"]
+            leaf = xb.requires_grad_(True)
+            multixent.cross_entropy(leaf, tb, reduction="none", **options).sum().backward()
+            torch.autograd.grad(multixent.cross_entropy(leaf, tb, **options), leaf)
+            xb = leaf.detach()
+        elif backend.autodiff is not None:
+            backend.autodiff(lambda z, tb=tb, options=options: multixent.cross_entropy(z, tb, **options), xb)
+        for a, b in zip((xb, tb, wb), before, strict=True):
+            np.testing.assert_array_equal(backend.to_numpy(a), b)
+
+
+def test_index_error_while_differentiating(backend):
+    """The logits being traced by autodiff does not skip the check on a concrete target."""
+    if backend.autodiff is None:
+        pytest.skip("no autodiff")
+    t = backend.asarray(np.array([0, 1, 5, 2]))
+    with pytest.raises(IndexError, match=r"\b5\b.*\b3\b"):
+        backend.autodiff(lambda z: multixent.cross_entropy(z, t), backend.asarray(X))
+
+
+def test_jax_vmap_over_targets_out_of_range_is_nan(jax_backend):
+    """A target traced by vmap: the bad position's loss is NaN, the others as usual."""
+    jax = jax_backend.modules["jax"]
+    y = np.array([[0, 1, 2, 1], [0, 3, 1, 2]])
+    got = jax.vmap(lambda x, t: multixent.cross_entropy(x, t, reduction="none"))(
+        jax_backend.asarray(np.stack([X, X])), jax_backend.asarray(y)
+    )
+    got = jax_backend.to_numpy(got)
+    assert np.isnan(got[1, 1])
+    np.testing.assert_allclose(got[0], ref.cross_entropy(X, y[0], reduction="none"), rtol=1e-13)
+    valid = [0, 2, 3]
+    np.testing.assert_allclose(got[1, valid], ref.cross_entropy(X[valid], y[1, valid], reduction="none"), rtol=1e-13)

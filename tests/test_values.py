@@ -47,11 +47,10 @@ def test_options(backend, layout, kind, option, reduction):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts(backend, layout, kind, reduction):
-    option = "all" if kind == "index" else "weight-ignore-smoothing"
-    case = make_case(layout, kind, option if applies(option, kind) else "smoothing", seed=1)
+    """Every layout with every option (all but ignore_index for probabilities)."""
+    case = make_case(layout, kind, "all" if kind == "index" else "weight", seed=1)
     if kind == "probs":
-        case.options.update(weight=np.linspace(0.5, 1.5, LAYOUTS[layout][0][LAYOUTS[layout][1]]), z_loss=0.1)
-        case.options["softcap"] = 2.5
+        case.options.update(label_smoothing=0.2, z_loss=0.1, softcap=2.5)
     got = _check_value(backend, case, reduction)
     shape, axis = LAYOUTS[layout]
     batch = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
@@ -109,11 +108,12 @@ def test_integer_target_dtypes(backend, itype):
     got = multixent.cross_entropy(x, backend.asarray(case.target, itype), **kw)
     exact = case.quantized(backend, "float32")
     assert_result(backend, got, ref.cross_entropy(exact.x, case.target, **exact.options), "float32")
-    if itype != "uint8":  # with ignored positions (ignore_index=-100 does not fit uint8)
-        target = case.target.copy()
-        target[::3] = -100
-        got = multixent.cross_entropy(x, backend.asarray(target, itype), **kw)
-        assert_result(backend, got, ref.cross_entropy(exact.x, target, **exact.options), "float32")
+    # with ignored positions (-100 does not fit uint8: 255 there)
+    ignore = 255 if itype == "uint8" else -100
+    target = case.target.copy()
+    target[::3] = ignore
+    got = multixent.cross_entropy(x, backend.asarray(target, itype), ignore_index=ignore, **kw)
+    assert_result(backend, got, ref.cross_entropy(exact.x, target, ignore_index=ignore, **exact.options), "float32")
 
 
 # --------------------------------------------------------------------------
@@ -160,33 +160,104 @@ def test_cross_entropy_and_grad_dtypes(backend, kind):
         assert_result(backend, grad, ref.cross_entropy_grad(exact.x, exact.target, **exact.options), dtype)
 
 
-def test_cross_entropy_and_grad_block_boundaries(backend):
-    """Many rows (several cache blocks on eager backends; rows not a multiple of the block)."""
+def _written_out_grad(x, y, w, smoothing, z_loss, cap, reduction, upstream=None):
+    """∂loss/∂x of index targets with every option, written out in float64: per row
+    ``(softmax·Σa - a)·scale + 2c·lse·softmax·scale_z``, times ``1 - tanh²`` (``a`` the weighted
+    smoothed target distribution); ignored rows 0."""
+    rows, classes = x.shape
+    counted = y != -100
+    yy = np.where(counted, y, 0)
+    th = np.tanh(np.where(counted[:, None], x, 0.0) / cap)
+    lse = scipy.special.logsumexp(cap * th, axis=-1)
+    p = np.exp(cap * th - lse[:, None])
+    a = np.broadcast_to(smoothing / classes * w, (rows, classes)).copy()
+    a[np.arange(rows), yy] += (1 - smoothing) * w[yy]
+    scale = np.ones(rows) if upstream is None else upstream
+    scale_z = scale
+    if reduction == "mean":
+        scale, scale_z = scale / np.sum(w[yy] * counted), scale_z / counted.sum()
+    g = (p * a.sum(-1, keepdims=True) - a) * scale[:, None] + 2 * z_loss * (lse * scale_z)[:, None] * p
+    return np.where(counted[:, None], g * (1 - th**2), 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_gradient_block_boundaries(backend, reduction):
+    """Many rows: several cache blocks on eager backends, the row count not a multiple of the block."""
     rng = np.random.default_rng(10)
-    rows, classes = 2**18 // 64 * 2 + 37, 64
+    classes = 64
+    block_rows = getattr(multixent._math, "BLOCK_ELEMENTS", 2**20) // classes
+    rows = 2 * block_rows + 37
     x = rng.normal(size=(rows, classes)) * 3
     y = rng.integers(0, classes, rows)
     y[::5] = -100
     w = rng.uniform(0.5, 1.5, classes)
-    options = {"weight": w, "label_smoothing": 0.1, "z_loss": 0.01, "softcap": 5.0}
-    loss, grad = multixent.cross_entropy_and_grad(
-        backend.asarray(x), backend.asarray(y), **{**options, "weight": backend.asarray(w)}
-    )
-    assert_close(backend, loss, ref.cross_entropy(x, y, **options))
-    # the gradient of this loss written out (softmax minus the weighted smoothed target), in float64
-    z = np.where((y != -100)[:, None], x, 0.0)
-    th = np.tanh(z / 5.0)
-    zc = 5.0 * th
-    lse = scipy.special.logsumexp(zc, axis=-1)
-    p = np.exp(zc - lse[:, None])
-    counted = y != -100
-    yy = np.where(counted, y, 0)
-    a = 0.1 / classes * w[None, :] * np.ones_like(p)
-    a[np.arange(rows), yy] += 0.9 * w[yy]
-    den = np.sum(w[yy] * counted)
-    g = (p * a.sum(-1, keepdims=True) - a) / den + 0.02 * lse[:, None] * p / counted.sum()
-    g = np.where(counted[:, None], g * (1 - th**2), 0.0)
-    assert_close(backend, grad, g)
+    u = rng.normal(size=rows) if reduction == "none" else None
+    smoothing, z_loss, cap = 0.1, 0.01, 5.0
+    options = {"weight": w, "label_smoothing": smoothing, "z_loss": z_loss, "softcap": cap}
+    # the written-out gradient agrees with the reference's complex-step gradient on a small problem
+    small = slice(0, 7)
+    u_small = None if u is None else u[small]
+    want_small = ref.cross_entropy_grad(x[small], y[small], reduction=reduction, upstream=u_small, **options)
+    got_small = _written_out_grad(x[small], y[small], w, smoothing, z_loss, cap, reduction, u_small)
+    np.testing.assert_allclose(got_small, want_small, rtol=1e-12, atol=1e-14)
+    want = _written_out_grad(x, y, w, smoothing, z_loss, cap, reduction, u)
+    xb, yb, kw = backend.asarray(x), backend.asarray(y), {**options, "weight": backend.asarray(w)}
+    if reduction != "none":
+        loss, grad = multixent.cross_entropy_and_grad(xb, yb, reduction=reduction, **kw)
+        assert_close(backend, loss, ref.cross_entropy(x, y, reduction=reduction, **options))
+        assert_close(backend, grad, want)
+    if backend.autodiff is not None:
+        ub = None if u is None else backend.asarray(u)
+
+        def f(z):
+            loss = multixent.cross_entropy(z, yb, reduction=reduction, **kw)
+            return loss if ub is None else backend.xp.sum(loss * ub)
+
+        _, grad = backend.autodiff(f, xb)
+        assert_close(backend, grad, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs(backend, kind):
+    """Transposed and strided views (on libraries that have them) give the loss and gradient of their values."""
+    case = make_case("2d", kind, "all" if kind == "index" else "weight", seed=21)
+    case.options.update(z_loss=0.1, label_smoothing=0.1)
+    xp = backend.xp
+    # logits as the transpose of a (C, 2N) array, keeping every other row: strided and transposed
+    def strided(a):
+        return xp.permute_dims(backend.asarray(np.ascontiguousarray(np.repeat(a, 2, axis=0).T)), (1, 0))[::2, ...]
+
+    x = strided(case.x)
+    t = backend.asarray(np.repeat(case.target, 2))[::2] if kind == "index" else strided(case.target)
+    kw = {**case.options, "weight": backend.asarray(case.weight)}
+    for reduction in ("none", "mean"):
+        got = multixent.cross_entropy(x, t, reduction=reduction, **kw)
+        assert_close(backend, got, ref.cross_entropy(case.x, case.target, reduction=reduction, **case.options))
+    loss, grad = multixent.cross_entropy_and_grad(x, t, reduction="sum", **kw)
+    assert_close(backend, loss, ref.cross_entropy(case.x, case.target, reduction="sum", **case.options))
+    assert_close(backend, grad, ref.cross_entropy_grad(case.x, case.target, reduction="sum", **case.options))
+    if backend.autodiff is not None:
+        _, grad = backend.autodiff(lambda z: multixent.cross_entropy(z, t, reduction="sum", **kw), x)
+        assert_close(backend, grad, ref.cross_entropy_grad(case.x, case.target, reduction="sum", **case.options))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_unnormalised_probability_targets(backend, reduction):
+    """Probability targets need not sum to 1 (torch takes any real values): the same formula."""
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(5, 4))
+    p = rng.uniform(0.0, 3.0, size=(5, 4))
+    p[1] = 0.0  # a row of zeros
+    p[2, 1] = -0.5  # and a negative entry
+    w = rng.uniform(0.5, 2.0, 4)
+    options = {"weight": w, "label_smoothing": 0.2}
+    xb, pb, kw = backend.asarray(x), backend.asarray(p), {**options, "weight": backend.asarray(w)}
+    got = multixent.cross_entropy(xb, pb, reduction=reduction, **kw)
+    assert_close(backend, got, ref.cross_entropy(x, p, reduction=reduction, **options))
+    if backend.native is not None:
+        native = backend.native.cross_entropy(xb, pb, reduction=reduction, **kw)
+        if native is not None:
+            assert_close(backend, got, backend.to_numpy(native))
 
 
 # --------------------------------------------------------------------------
