@@ -89,11 +89,8 @@ def _linear_hooks() -> Any:
 def _linear_spec(opts: _math.Options, chunk: int, w: torch.Tensor) -> Any:
     from .. import _linear
 
-    # One block per chunk: the chunk already bounds the temporaries, and 4x fewer
-    # operations than cache-sized blocks (each torch operation costs a thread
-    # synchronisation, which is slow on a loaded machine).
-    _, opts = blocking(w.T, opts)
-    return _linear.Spec(opts, chunk, None)
+    block_rows, opts = blocking(w.T, opts)  # blocks of a chunk's logits, (rows, V) as w.T
+    return _linear.Spec(opts, chunk, block_rows)
 
 
 class _LinearScalar(torch.autograd.Function):
