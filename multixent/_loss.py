@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from array_api_compat import device
+
 from . import _checks, _math
 from ._adapters import adapter_for
 
@@ -75,7 +77,7 @@ def _prepare(
     _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
     if is_index:  # the default index dtype: what gathers take, and room for ignore_index
-        index_dtype = xp.__array_namespace_info__().default_dtypes(device=_device(x))["indexing"]
+        index_dtype = xp.__array_namespace_info__().default_dtypes(device=device(x))["indexing"]
         target = xp.astype(xp.reshape(target, (-1,)), index_dtype, copy=False)
     values = adapter.concrete(target) if is_index else None
     if values is not None:
@@ -105,7 +107,7 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array, Array]:
     xp = call.xp
     rows = call.rows.shape[0]
     if call.counted is None:
-        n = xp.asarray(float(rows), dtype=dtype, device=_device(call.rows))
+        n = xp.asarray(float(rows), dtype=dtype, device=device(call.rows))
         return n, n
     counted = xp.astype(call.counted, dtype)
     n_counted = xp.sum(counted)
@@ -113,12 +115,6 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array, Array]:
         return n_counted, n_counted
     targets = _math.class_targets(call.target, call.weight, call.weight.shape[0], call.opts, xp)
     return xp.sum(targets.weight_at_target * counted), n_counted
-
-
-def _device(x: Array) -> Any:
-    from array_api_compat import device
-
-    return device(x)
 
 
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
@@ -218,7 +214,7 @@ def cross_entropy_and_grad(
     call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
-    one = xp.asarray(1.0, dtype=dtype, device=_device(call.rows))
+    one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
     block_rows, opts = call.adapter.blocking(call.rows, call.opts)
     ce_scale, z_scale = one, one
     if reduction == "mean":

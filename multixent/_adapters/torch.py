@@ -1,7 +1,8 @@
 """PyTorch adapter: the generic forward and closed-form backward as an autograd Function.
 
-The forward saves only the logits (an input) and the per-row lse; the backward
-writes the gradient block by block into one buffer. When the backward itself is
+The forward saves only the logits (an input) and two per-row numbers, the shift
+``m`` and ``log Σ exp(z - m)`` (not lse: ``exp(z - lse)`` loses float32 precision at
+large logits); the backward writes the gradient block by block into one buffer. When the backward itself is
 being differentiated (``create_graph=True``) it recomputes everything with
 differentiable operations in one block, so double backward works. Under
 ``torch.compile`` everything is one block (the compiler fuses it) and the
