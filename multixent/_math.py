@@ -32,10 +32,12 @@ from array_api_compat import device
 Array = Any
 Namespace = Any
 
-#: Elements per block of rows processed at once by eager backends: small enough
-#: for the block's few temporaries to stay in cache, large enough that the
-#: per-operation overhead (Python, thread start-up) is small against the work.
-BLOCK_ELEMENTS = 2**20
+#: Elements per block of rows processed at once by eager backends (16 MiB of
+#: float32): a block's operations run in a cache-resident buffer or in place,
+#: and few enough large operations that multithreaded backends don't stall on
+#: their per-operation synchronisation when the machine is busy (with 2**20,
+#: torch's forward took 6x longer under a competing process; now ~1.2x).
+BLOCK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,13 @@ class Options:
     #: False when the caller has seen that no row is ignored (concrete values),
     #: which saves a pass over the logits that zeroes the ignored rows.
     may_ignore: bool = True
-    #: True when blocks may be updated in place with integer-array indexing
-    #: (NumPy, eager torch): the target's entry of the gradient is then one
-    #: scatter instead of a one-hot ``where`` over the block (which XLA fuses).
-    scatter: bool = False
+    #: True when arrays may be written in place and the namespace's functions
+    #: take ``out=`` (NumPy, eager torch; never while autodiff records): each
+    #: block's ``exp(z - m)`` is written into a reused buffer or straight into
+    #: its slice of the gradient and updated there, and the target's entry is
+    #: one scatter instead of a one-hot ``where`` over the block (which XLA fuses).
+    #: Fewer, larger operations: no block-sized temporaries, fewer passes.
+    in_place: bool = False
     #: The framework's stop-gradient (None without autodiff), applied to the
     #: shift by the row max, whose derivative cancels exactly.
     stop_gradient: Callable[[Array], Array] | None = None
@@ -143,7 +148,7 @@ class _Block:
 
     ce: Array  # (n,)
     lse: Array  # (n,), 0 on ignored rows
-    s: Array  # (n, C) logits minus their finite row max
+    s: Array | None  # (n, C) logits minus their finite row max (None: overwritten by e)
     shift: Array  # (n,) the finite row max m, s = z - m
     lse_s: Array  # (n,) log Σ exp(s)
     e: Array  # (n, C) exp(s)
@@ -151,46 +156,85 @@ class _Block:
     targets: Any  # _ClassTargets, or the (n, C) smoothed weighted probabilities
 
 
+def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
+    if out is None:
+        s = z - m
+        return s, lambda: xp.exp(s)
+    s = xp.subtract(z, m, out=out)
+    return s, lambda: xp.exp(s, out=s)
+
+
 def _forward_block(
-    x: Array, target: Array, weight: Array | None, opts: Options, dtype: Any, xp: Namespace, *, for_grad: bool
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    opts: Options,
+    dtype: Any,
+    xp: Namespace,
+    *,
+    for_grad: bool,
+    out: Array | None = None,
 ) -> _Block:
-    """Forward of one block of rows.
+    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given.
 
     ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
-    inf never reaches a gradient. A value-only forward masks the per-row
-    results instead: on the CPU, XLA cannot fuse a ``where`` over the logits
-    into its reductions and would materialise it.
+    inf never reaches a gradient (in place, :func:`_grad_block` zeroes those
+    rows of its result instead). A value-only forward masks the per-row
+    results: on the CPU, XLA cannot fuse a ``where`` over the logits into its
+    reductions and would materialise it.
     """
     num_classes = x.shape[-1]
     cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
-    counted = None if cls is None or not for_grad else cls.counted
+    counted = None if cls is None or not for_grad or opts.in_place else cls.counted
     z, th = _prepare_logits(x, counted, opts, dtype, xp)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     m = xp.where(xp.isfinite(m), m, 0.0)
     if opts.stop_gradient is not None:
         m = opts.stop_gradient(m)
-    s = z - m
-    e = xp.exp(s)
-    lse_s = xp.log(xp.sum(e, axis=-1))
+    s, exp_s = _exp_shifted(z, m, out, xp)
     eps = opts.label_smoothing
     if cls is None:
         tw = _smoothed(xp.astype(target, dtype), num_classes, opts, weight)
-        tws = xp.where(tw == 0, 0.0, tw * s)
-        ce = lse_s * xp.sum(tw, axis=-1) - xp.sum(tws, axis=-1)
+        tws = xp.sum(xp.where(tw == 0, 0.0, tw * s), axis=-1)  # before exp(s) may overwrite s
+        e = exp_s()
+        lse_s = xp.log(xp.sum(e, axis=-1))
+        ce = lse_s * xp.sum(tw, axis=-1) - tws
         lse = lse_s + m[:, 0]
-        return _Block(ce, lse, s, m[:, 0], lse_s, e, th, tw)
+        return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
     # gather from the input, not from ``s``: a gather's operand is materialised by XLA
     x_y = xp.take_along_axis(x, cls.index[:, None], axis=-1)
     s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
+    smooth_sum = _row_sum_weighted(s, weight, xp) if eps else None  # before exp(s) may overwrite s
+    e = exp_s()
+    lse_s = xp.log(xp.sum(e, axis=-1))
     ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
-    if eps:
+    if smooth_sum is not None:
         w_sum = num_classes if weight is None else xp.sum(weight)
-        ce = ce + eps / num_classes * (w_sum * lse_s - _row_sum_weighted(s, weight, xp))
+        ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     zero = xp.zeros_like(lse_s)
     ce = _poison(xp.where(cls.counted, ce, zero), cls.poisoned, xp)
     lse = xp.where(cls.counted, lse_s + m[:, 0], zero)
-    return _Block(ce, lse, s, m[:, 0], lse_s, e, th, cls)
+    return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, cls)
+
+
+def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
+    """``a · b``, written into ``out`` when given, else updating ``a`` when in place."""
+    if out is not None:
+        return xp.multiply(a, b, out=out)
+    if in_place:
+        a *= b
+        return a
+    return a * b
+
+
+def _minus(a: Array, b: Array, in_place: bool) -> Array:
+    """``a - b``, updating ``a`` when in place."""
+    if in_place:
+        a -= b
+        return a
+    return a - b
 
 
 def _grad_block(
@@ -203,34 +247,43 @@ def _grad_block(
     lse_bar: Array,
     opts: Options,
     xp: Namespace,
+    out: Array | None = None,
 ) -> Array:
-    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row)."""
+    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row).
+
+    In place (``opts.in_place``) the result is written into ``out``, or over ``e``.
+    """
     num_classes = e.shape[-1]
     eps = opts.label_smoothing
+    in_place = opts.in_place
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
         zero = xp.zeros_like(ce_bar)
         coef = _poison(xp.where(targets.counted, ce_bar * total + lse_bar, zero), targets.poisoned, xp)
-        g = e * (coef * e_scale)[:, None]
+        g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         if eps:
             smooth = ce_bar * (eps / num_classes)
             smooth = xp.where(targets.counted, smooth, zero)[:, None]
-            g = g - (smooth if weight is None else smooth * weight)
+            g = _minus(g, smooth if weight is None else smooth * weight, in_place)
         if eps < 1:
             at_y = xp.where(targets.counted, ce_bar * (1.0 - eps) * targets.weight_at_target, zero)
-            g = _subtract_at(g, targets.index, at_y, opts.scatter, xp)
+            g = _subtract_at(g, targets.index, at_y, in_place, xp)
     else:
         coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
-        g = e * (coef * e_scale)[:, None] - ce_bar[:, None] * targets
+        g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
+        g = _minus(g, ce_bar[:, None] * targets, in_place)
     if th is not None:
-        g = g * (1.0 - th * th)
+        g = _times(g, 1.0 - th * th, in_place)
+    if in_place and isinstance(targets, _ClassTargets) and opts.may_ignore:
+        # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
+        g = xpx.at(g, ~targets.counted).set(0.0, copy=False)
     return g
 
 
-def _subtract_at(g: Array, index: Array, values: Array, scatter: bool, xp: Namespace) -> Array:
+def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
     """``g[i, index[i]] -= values[i]`` for every row ``i``."""
-    if scatter:
+    if in_place:
         rows = xp.arange(g.shape[0], dtype=index.dtype, device=device(g))
         return xpx.at(g, (rows, index)).subtract(values, copy=False)
     classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
@@ -245,6 +298,51 @@ def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
 def block_rows_for(num_classes: int) -> int:
     """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
     return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+
+
+class _Output:
+    """The ``(rows, C)`` gradient, written block by block.
+
+    In place (``opts.in_place``), each block's ``exp(s)`` is computed straight
+    in the block's slice of the result, or with ``scratch`` in one reused
+    cache-sized buffer whose product with the row coefficients then writes the
+    slice (one block more memory; faster on NumPy, where the forward's sum
+    runs between the two). A compute dtype wider than the result's always
+    takes the buffer and is cast in.
+    """
+
+    def __init__(
+        self, like: Array, dtype: Any, blocks: list[tuple[int, int]], opts: Options, xp: Namespace, *, scratch: bool
+    ):
+        self.xp, self.dtype = xp, like.dtype
+        self.direct = opts.in_place and dtype == like.dtype
+        self.array: Array = None
+        if self.direct or len(blocks) > 1:
+            self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
+        self.buffer: Array = None
+        if opts.in_place and (scratch or not self.direct):
+            rows = max(b - a for a, b in blocks)
+            self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
+
+    def scratch(self, a: int, b: int) -> Array | None:
+        """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
+        if self.buffer is not None:
+            return self.buffer[: b - a, ...]
+        return self.array[a:b, ...] if self.direct else None
+
+    def dest(self, a: int, b: int) -> Array | None:
+        """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
+        return self.array[a:b, ...] if self.direct else None
+
+    def put(self, a: int, b: int, g: Array) -> Array:
+        """Store block ``[a, b)`` (already there when direct); returns the output so far."""
+        if self.direct:
+            return self.array
+        g = self.xp.astype(g, self.dtype, copy=False)
+        if self.array is None:
+            return g
+        self.array = xpx.at(self.array)[a:b, ...].set(g)
+        return self.array
 
 
 def row_losses(
@@ -267,16 +365,21 @@ def row_losses(
     precision at large logits (1e4 and beyond).
     """
     dtype = compute_dtype(x.dtype, xp)
+    blocks = _blocks(x.shape[0], block_rows)
+    buffer = None
+    if opts.in_place:  # one block-sized buffer for every block's exp(s)
+        buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
     outs: list[tuple[Array, ...]] = []
-    for a, b in _blocks(x.shape[0], block_rows):
-        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False)
-        out: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
+    for a, b in blocks:
+        out = None if buffer is None else buffer[: b - a, ...]
+        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False, out=out)
+        result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
         if keep_stats:
             stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
             if isinstance(blk.targets, _ClassTargets):  # ignored rows' logits are zeroed for the gradient
                 stats = tuple(xp.where(blk.targets.counted, v, 0.0) for v in stats)
-            out += stats
-        outs.append(out)
+            result += stats
+        outs.append(result)
     if len(outs) == 1:
         return outs[0]
     return tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
@@ -312,31 +415,37 @@ def row_losses_vjp(
     dtype = compute_dtype(x.dtype, xp)
     rows, num_classes = x.shape
     blocks = _blocks(rows, block_rows)
+    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=False)
     single = len(blocks) == 1
-    x_bar: Array = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
     t_bar: Array = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
+    g: Array = None
     for a, b in blocks:
         x_blk, t_blk = x[a:b, ...], target[a:b, ...]
         tg = None
         if stats is None or target_grad:
-            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True)
+            # the target's gradient needs s, which an in-place exp would overwrite
+            scratch = None if target_grad else x_bar.scratch(a, b)
+            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True, out=scratch)
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar[a:b, ...], weight, opts), target.dtype)
         else:
             cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
-            z, th = _prepare_logits(x_blk, None if cls is None else cls.counted, opts, dtype, xp)
+            counted = None if cls is None or opts.in_place else cls.counted
+            z, th = _prepare_logits(x_blk, counted, opts, dtype, xp)
             shift, lse_s = stats
-            e, e_scale = xp.exp(z - shift[a:b, None]), xp.exp(-lse_s[a:b])  # softmax = e·e_scale
+            e = _exp_shifted(z, shift[a:b, None], x_bar.scratch(a, b), xp)[1]()
+            e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
-        g = _grad_block(e, e_scale, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp)
-        g = xp.astype(g, x.dtype, copy=False)
+        g = _grad_block(
+            e, e_scale, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp, x_bar.dest(a, b)
+        )
+        g = x_bar.put(a, b, g)
         if single:
             return g, tg
-        x_bar = xpx.at(x_bar)[a:b, ...].set(g)
         if tg is not None:
             t_bar = xpx.at(t_bar)[a:b, ...].set(tg)
-    return x_bar, t_bar
+    return g, t_bar
 
 
 def row_losses_and_grad(
@@ -357,19 +466,24 @@ def row_losses_and_grad(
     """
     dtype = compute_dtype(x.dtype, xp)
     blocks = _blocks(x.shape[0], block_rows)
-    single = len(blocks) == 1
-    x_bar: Array = None if single else xp.empty(x.shape, dtype=x.dtype, device=device(x))
+    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=True)
     ces, lses = [], []
+    g: Array = None
     for a, b in blocks:
-        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=True)
+        blk = _forward_block(
+            x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=True, out=x_bar.scratch(a, b)
+        )
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
-        g = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ce_bar, lse_scale * blk.lse, opts, xp)
-        if single:
-            return blk.ce, blk.lse, xp.astype(g, x.dtype, copy=False)
-        x_bar = xpx.at(x_bar)[a:b, ...].set(xp.astype(g, x.dtype, copy=False))
+        lse_bar = lse_scale * blk.lse
+        g = _grad_block(
+            blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, xp, x_bar.dest(a, b)
+        )
+        g = x_bar.put(a, b, g)
         ces.append(blk.ce)
         lses.append(blk.lse)
-    return xp.concat(ces), xp.concat(lses), x_bar
+    if len(blocks) == 1:
+        return ces[0], lses[0], g
+    return xp.concat(ces), xp.concat(lses), g
 
 
 def row_losses_jvp(

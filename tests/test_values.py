@@ -180,6 +180,34 @@ def _written_out_grad(x, y, w, smoothing, z_loss, cap, reduction, upstream=None)
     return np.where(counted[:, None], g * (1 - th**2), 0.0)
 
 
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_blocks(backend, kind, option, monkeypatch):
+    """Blocks of 2 rows: the eager backends' in-place block paths, for every option and dtype."""
+    if not applies(option, kind):
+        pytest.skip("ignore_index applies to class indices only")
+    case = make_case("kdim-axis1", kind, option, seed=12)
+    classes = case.x.shape[1]
+    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", 2 * classes)
+    for dtype in backend.dtypes:
+        x, t, kw = case.on(backend, dtype)
+        exact = case.quantized(backend, dtype)
+        for reduction in ("none", "sum"):
+            got = multixent.cross_entropy(x, t, reduction=reduction, **kw)
+            want = ref.cross_entropy(exact.x, exact.target, reduction=reduction, **exact.options)
+            assert_result(backend, got, want, dtype)
+        want = ref.cross_entropy_grad(exact.x, exact.target, reduction="sum", **exact.options)
+        _, grad = multixent.cross_entropy_and_grad(x, t, reduction="sum", **kw)
+        assert_result(backend, grad, want, dtype)
+        if backend.autodiff is not None:
+
+            def loss_of(z, t=t, kw=kw):
+                return multixent.cross_entropy(z, t, reduction="sum", **kw)
+
+            _, grad = backend.autodiff(loss_of, x)
+            assert_result(backend, grad, want, dtype)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_gradient_block_boundaries(backend, reduction):
     """Many rows: several cache blocks on eager backends, the row count not a multiple of the block."""

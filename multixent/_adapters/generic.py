@@ -15,9 +15,9 @@ def concrete(a: Any) -> Any:
 
 
 def blocking(x: Any, opts: _math.Options) -> tuple[int | None, _math.Options]:
-    """Cache-sized blocks of rows; in-place scatter where integer-array setitem exists."""
-    scatter = array_api_compat.is_numpy_array(x)
-    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, scatter=scatter)
+    """Blocks of rows; computed in place for NumPy (``out=`` and integer-array setitem)."""
+    in_place = array_api_compat.is_numpy_array(x)
+    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:

@@ -24,10 +24,12 @@ def concrete(a: Any) -> Any:
 
 
 def blocking(x: torch.Tensor, opts: _math.Options) -> tuple[int | None, _math.Options]:
-    """Eager: cache-sized blocks and an in-place scatter; compiled: one block."""
+    """Eager: blocks of rows computed in place; compiled: one block (the compiler fuses it)."""
     if torch.compiler.is_compiling():
         return None, opts
-    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, scatter=True)
+    # out= refuses inputs that autograd records (cross_entropy_and_grad under grad mode)
+    in_place = not (torch.is_grad_enabled() and x.requires_grad)
+    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
 
 
 class _RowLosses(torch.autograd.Function):
