@@ -54,6 +54,9 @@ LIMIT_AND_GRAD = 1.5
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
+#: Fresh processes per RSS measurement (the least is reported; see _memory_rss).
+MEMORY_REPEATS = 3
+
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -283,9 +286,16 @@ def _timed(
 def _memory_rss(
     res: Results, framework: str, factory: str, impl: str, n: int, c: int, dtype: str, passes: str, **extra: Any
 ) -> None:
+    """Peak extra RSS: the least of ``MEMORY_REPEATS`` fresh processes (all are recorded).
+
+    The noise is one-sided: the kernel's reclaim on this shared machine re-faults pages
+    that then count as resident, so a repeat can only read more than the code needs.
+    """
     kwargs = {"impl": impl, "n": n, "c": c, "dtype": dtype, "passes": passes, **extra}
     warm = {**kwargs, "n": _warmup_rows(n, c)}
-    out = M.peak_extra_rss(factory, kwargs, warmup_kwargs=warm)
+    runs = [M.peak_extra_rss(factory, kwargs, warmup_kwargs=warm) for _ in range(MEMORY_REPEATS)]
+    out = min(runs, key=lambda r: r["extra_bytes"])
+    out["extra_bytes_all"] = [r["extra_bytes"] for r in runs]
     logits = n * c * ITEMSIZE[dtype]
     res.add_memory(
         {
@@ -947,6 +957,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument(
+        "--memory-repeats", type=int, default=MEMORY_REPEATS, help="fresh processes per RSS figure, least reported"
+    )
+    p.add_argument(
         "--mem-min-mib",
         type=float,
         default=4.0,
@@ -999,6 +1012,8 @@ def _report(res: Results, out: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global MEMORY_REPEATS
+    MEMORY_REPEATS = max(1, args.memory_repeats)
     if args.report_from is not None:
         res = _load(args.report_from)
         acc = _report(res, args.out)

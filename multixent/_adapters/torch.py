@@ -2,7 +2,8 @@
 
 The forward saves only the logits (an input) and two per-row numbers, the shift
 ``m`` and ``log Σ exp(z - m)`` (not lse: ``exp(z - lse)`` loses float32 precision at
-large logits); the backward writes the gradient block by block into one buffer. When the backward itself is
+large logits); the backward computes the gradient block by block in place, in
+its own buffer (no other logits-sized memory). When the backward itself is
 being differentiated (``create_graph=True``) it recomputes everything with
 differentiable operations in one block, so double backward works. Under
 ``torch.compile`` everything is one block (the compiler fuses it) and the
