@@ -158,7 +158,7 @@ def rows(
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
-        return carry, _math.row_losses(z, t_c, weight, spec.opts, xp=xp, block_rows=spec.block_rows)
+        return carry, _math.row_losses(z, t_c, weight, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True)
 
     _, (ce, lse) = hooks.loop(body, None, (h, target), spec.chunk, xp)
     return ce, lse
@@ -189,7 +189,7 @@ def rows_vjp(
         h_c, t_c, _lse_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         g, _ = _math.row_losses_vjp(
-            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows
+            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True
         )
         del z
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
@@ -241,6 +241,7 @@ def loss_and_grads(
             spec.opts,
             xp=xp,
             block_rows=spec.block_rows,
+            overwrite=True,
         )
         del z
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)

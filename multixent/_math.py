@@ -174,7 +174,7 @@ def _forward_block(
     for_grad: bool,
     out: Array | None = None,
 ) -> _Block:
-    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given.
+    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``).
 
     ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
     inf never reaches a gradient (in place, :func:`_grad_block` zeroes those
@@ -191,6 +191,9 @@ def _forward_block(
     m = xp.where(xp.isfinite(m), m, 0.0)
     if opts.stop_gradient is not None:
         m = opts.stop_gradient(m)
+    if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
+        x_y = xp.take_along_axis(x, cls.index[:, None], axis=-1)
+        s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
     s, exp_s = _exp_shifted(z, m, out, xp)
     eps = opts.label_smoothing
     if cls is None:
@@ -201,9 +204,6 @@ def _forward_block(
         ce = lse_s * xp.sum(tw, axis=-1) - tws
         lse = lse_s + m[:, 0]
         return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
-    # gather from the input, not from ``s``: a gather's operand is materialised by XLA
-    x_y = xp.take_along_axis(x, cls.index[:, None], axis=-1)
-    s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
     smooth_sum = _row_sum_weighted(s, weight, xp) if eps else None  # before exp(s) may overwrite s
     e = exp_s()
     lse_s = xp.log(xp.sum(e, axis=-1))
@@ -306,19 +306,31 @@ class _Output:
     cache-sized buffer whose product with the row coefficients then writes the
     slice (one block more memory; faster on NumPy, where the forward's sum
     runs between the two). A compute dtype wider than the result's always
-    takes the buffer and is cast in.
+    takes the buffer and is cast in. With ``overwrite`` (the logits are a
+    temporary of the caller's) the gradient is computed over the logits.
     """
 
     def __init__(
-        self, like: Array, dtype: Any, blocks: list[tuple[int, int]], opts: Options, xp: Namespace, *, scratch: bool
+        self,
+        like: Array,
+        dtype: Any,
+        blocks: list[tuple[int, int]],
+        opts: Options,
+        xp: Namespace,
+        *,
+        scratch: bool,
+        overwrite: bool = False,
     ):
         self.xp, self.dtype = xp, like.dtype
         self.direct = opts.in_place and dtype == like.dtype
+        overwrite = overwrite and self.direct
         self.array: Array = None
-        if self.direct or len(blocks) > 1:
+        if overwrite:
+            self.array = like
+        elif self.direct or len(blocks) > 1:
             self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
         self.buffer: Array = None
-        if opts.in_place and (scratch or not self.direct):
+        if opts.in_place and not overwrite and (scratch or not self.direct):
             rows = max(b - a for a, b in blocks)
             self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
 
@@ -352,6 +364,7 @@ def row_losses(
     xp: Namespace,
     block_rows: int | None = None,
     keep_stats: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Array, ...]:
     """Per-row ``(ce, lse)`` of 2-D logits ``x``, in the compute dtype.
 
@@ -360,16 +373,18 @@ def row_losses(
     exactly 0 for both; counted out-of-range indices give NaN. ``keep_stats``
     also returns the per-row ``(shift m, log Σ exp(z - m))`` that
     :func:`row_losses_vjp` takes: ``exp(z - lse)`` would lose float32's
-    precision at large logits (1e4 and beyond).
+    precision at large logits (1e4 and beyond). ``overwrite``: ``x`` is a
+    temporary of the caller's, which may be overwritten.
     """
     dtype = compute_dtype(x.dtype, xp)
     blocks = _blocks(x.shape[0], block_rows)
-    buffer = None
-    if opts.in_place:  # one block-sized buffer for every block's exp(s)
+    in_x = opts.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
+    buffer: Array = None
+    if opts.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
     outs: list[tuple[Array, ...]] = []
     for a, b in blocks:
-        out = None if buffer is None else buffer[: b - a, ...]
+        out = x[a:b, ...] if in_x else None if buffer is None else buffer[: b - a, ...]
         blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False, out=out)
         result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
         if keep_stats:
@@ -402,18 +417,20 @@ def row_losses_vjp(
     xp: Namespace,
     block_rows: int | None = None,
     target_grad: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Array, Array | None]:
     """Gradients ``(x̄, t̄)`` of ``Σ_rows ce_bar·ce + lse_bar·lse``.
 
     ``stats`` are :func:`row_losses`' ``keep_stats`` outputs, or None to
     recompute them (which keeps the result differentiable, for double backward). ``t̄`` is
     computed for probability targets when ``target_grad``, else None. Each
-    block is written into one output buffer: the peak is the gradient itself.
+    block is written into one output buffer: the peak is the gradient itself
+    (``overwrite``: that buffer is ``x``, a temporary of the caller's).
     """
     dtype = compute_dtype(x.dtype, xp)
     rows, num_classes = x.shape
     blocks = _blocks(rows, block_rows)
-    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=False)
+    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=False, overwrite=overwrite)
     single = len(blocks) == 1
     t_bar: Array = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
     g: Array = None
@@ -456,15 +473,17 @@ def row_losses_and_grad(
     *,
     xp: Namespace,
     block_rows: int | None = None,
+    overwrite: bool = False,
 ) -> tuple[Array, Array, Array]:
     """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``.
 
     This is the gradient of ``ce_scale·Σce + lse_scale/2·Σlse²`` (sum and mean
-    reductions), reusing each block's ``exp(s)`` for the softmax.
+    reductions), reusing each block's ``exp(s)`` for the softmax. ``overwrite``:
+    ``x`` is a temporary of the caller's, and in place becomes ``x̄``.
     """
     dtype = compute_dtype(x.dtype, xp)
     blocks = _blocks(x.shape[0], block_rows)
-    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=True)
+    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=True, overwrite=overwrite)
     ces, lses = [], []
     g: Array = None
     for a, b in blocks:

@@ -277,6 +277,19 @@ def test_torch_values_and_grads(option: str, reduction: str, chunk: int) -> None
 
 @torch_only
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_torch_blocks_inside_chunks(option: str, reduction: str, monkeypatch) -> None:
+    """Blocks of 2 rows inside a chunk of all rows: the in-place block path over each chunk's logits."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", V // 2)
+    got, want, g_got, g_want = _torch_case(OPTIONS[option], reduction, None)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for k in g_want:
+        torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+@torch_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_torch_bfloat16(reduction: str) -> None:
     torch = pytest.importorskip("torch")
     got, want, g_got, g_want = _torch_case(OPTIONS["all"], reduction, 4, dtype=torch.bfloat16)
