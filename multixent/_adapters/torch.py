@@ -101,7 +101,8 @@ def _linear_hooks() -> Any:
 def _linear_spec(opts: _math.Options, chunk: int, w: torch.Tensor) -> Any:
     from .. import _linear
 
-    block_rows, opts = blocking(w.T, opts)  # blocks of a chunk's logits, (rows, V) as w.T
+    # blocks of a chunk's (rows, V) logits, computed inside the Functions, where autograd records nothing
+    block_rows, opts = blocking(w.T.detach(), opts)
     return _linear.Spec(opts, chunk, block_rows)
 
 
