@@ -33,8 +33,13 @@ Array = Any
 Namespace = Any
 
 #: Elements per block of rows processed at once by eager backends (16 MiB of
-#: float32): each block is computed in place, in a reused buffer that stays in
-#: cache, in few operations. (torch takes larger blocks; see its adapter.)
+#: float32). Each block is computed in place in few operations, in a buffer
+#: reused across blocks, and across calls too: glibc serves allocations below
+#: its 32 MiB mmap threshold from the heap, while larger ones are fresh pages
+#: every call (a 64 MiB buffer cost torch 13 ms of page faults per call). Few,
+#: large operations also matter to torch on a busy machine: each of its
+#: multithreaded operations synchronises its threads once, and with 2**20-element
+#: blocks a competing process made the forward 6x slower than F.cross_entropy.
 BLOCK_ELEMENTS = 2**22
 
 
@@ -155,12 +160,28 @@ class _Block:
 
 
 def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
-    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given.
+
+    ``z`` narrower than ``out`` (bfloat16 logits) is cast as it is copied in:
+    torch's mixed-dtype subtraction is ten times slower than a copy.
+    """
     if out is None:
         s = z - m
         return s, lambda: xp.exp(s)
-    s = xp.subtract(z, m, out=out)
+    if z.dtype == out.dtype:
+        s = xp.subtract(z, m, out=out)
+    else:  # in place (NumPy, torch): setitem casts; array-api-extra's at() would astype a copy first
+        out[...] = z
+        s = out
+        s -= m
     return s, lambda: xp.exp(s, out=s)
+
+
+def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
+    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
+    if out is not None and counted is None and opts.softcap is None:
+        return x, None
+    return _prepare_logits(x, counted, opts, dtype, xp)
 
 
 def _forward_block(
@@ -185,7 +206,7 @@ def _forward_block(
     num_classes = x.shape[-1]
     cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
     counted = None if cls is None or not for_grad or opts.in_place else cls.counted
-    z, th = _prepare_logits(x, counted, opts, dtype, xp)
+    z, th = _logits_for(x, out, counted, opts, dtype, xp)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     m = xp.where(xp.isfinite(m), m, 0.0)
@@ -293,9 +314,9 @@ def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
 
 
-def block_rows_for(num_classes: int, blocks_of: int = 1) -> int:
-    """Rows per block for eager backends: ``blocks_of`` times :data:`BLOCK_ELEMENTS` logits."""
-    return max(1, blocks_of * BLOCK_ELEMENTS // max(num_classes, 1))
+def block_rows_for(num_classes: int) -> int:
+    """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
+    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
 
 
 class _Output:
@@ -321,7 +342,7 @@ class _Output:
         scratch: bool,
         overwrite: bool = False,
     ):
-        self.xp, self.dtype = xp, like.dtype
+        self.xp, self.dtype, self.in_place = xp, like.dtype, opts.in_place
         self.direct = opts.in_place and dtype == like.dtype
         overwrite = overwrite and self.direct
         self.array: Array = None
@@ -348,10 +369,12 @@ class _Output:
         """Store block ``[a, b)`` (already there when direct); returns the output so far."""
         if self.direct:
             return self.array
-        g = self.xp.astype(g, self.dtype, copy=False)
         if self.array is None:
-            return g
-        self.array = xpx.at(self.array)[a:b, ...].set(g)
+            return self.xp.astype(g, self.dtype, copy=False)
+        if self.in_place:  # setitem casts (array-api-extra's at() would astype a copy first)
+            self.array[a:b, ...] = g
+            return self.array
+        self.array = xpx.at(self.array)[a:b, ...].set(self.xp.astype(g, self.dtype, copy=False))
         return self.array
 
 
@@ -447,9 +470,10 @@ def row_losses_vjp(
         else:
             cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
             counted = None if cls is None or opts.in_place else cls.counted
-            z, th = _prepare_logits(x_blk, counted, opts, dtype, xp)
+            scratch = x_bar.scratch(a, b)
+            z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
-            e = _exp_shifted(z, shift[a:b, None], x_bar.scratch(a, b), xp)[1]()
+            e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
             e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
         g = _grad_block(

@@ -183,12 +183,12 @@ def _written_out_grad(x, y, w, smoothing, z_loss, cap, reduction, upstream=None)
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_small_blocks(backend, kind, option, monkeypatch):
-    """Blocks of 1 or 2 rows: the eager backends' in-place block paths, for every option and dtype."""
+    """Blocks of 1 row: the eager backends' in-place block paths, for every option and dtype."""
     if not applies(option, kind):
         pytest.skip("ignore_index applies to class indices only")
     case = make_case("kdim-axis1", kind, option, seed=12)
     classes = case.x.shape[1]
-    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", classes // 2)  # 1 row (torch: 2 rows)
+    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", classes)  # 1 row
     for dtype in backend.dtypes:
         x, t, kw = case.on(backend, dtype)
         exact = case.quantized(backend, dtype)
@@ -210,7 +210,7 @@ def test_small_blocks(backend, kind, option, monkeypatch):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_gradient_block_boundaries(backend, reduction, monkeypatch):
-    """Several blocks on eager backends (100 rows; torch 400), the row count not a multiple of the block."""
+    """Several blocks of 100 rows on eager backends, the row count not a multiple of the block."""
     rng = np.random.default_rng(10)
     classes = 64
     monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", 100 * classes)

@@ -19,14 +19,6 @@ import torch
 
 from .. import _math
 
-#: Blocks of ``BLOCKS_OF * _math.BLOCK_ELEMENTS`` logits (64 MiB of float32): each
-#: multithreaded torch operation synchronises its threads once, and while another
-#: process competes for the cores every synchronisation can wait a scheduler time
-#: slice. Fewer, larger operations: measured at N=4096, C=32000 with one CPU-bound
-#: process beside, the forward took 1.1-1.2x F.cross_entropy's time (2**20-element
-#: blocks: 6x); on an idle machine 0.5x either way.
-BLOCKS_OF = 4
-
 
 def concrete(a: Any) -> Any:
     return None if torch.compiler.is_compiling() else a
@@ -38,7 +30,7 @@ def blocking(x: torch.Tensor, opts: _math.Options) -> tuple[int | None, _math.Op
         return None, opts
     # out= refuses inputs that autograd records (cross_entropy_and_grad under grad mode)
     in_place = not (torch.is_grad_enabled() and x.requires_grad)
-    return _math.block_rows_for(x.shape[-1], BLOCKS_OF), dataclasses.replace(opts, in_place=in_place)
+    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
 
 
 class _RowLosses(torch.autograd.Function):
