@@ -41,12 +41,12 @@ Namespace = Any
 
 #: Logits elements per chunk when ``chunk_size`` is None: ``chunk = max(1,
 #: CHUNK_ELEMENTS // V)`` rows. 2**23 elements are 32 MiB in float32. Eager
-#: backends work through a chunk in cache-sized blocks (the chunk's logits and
-#: its gradient are its only chunk-sized arrays); XLA fuses the chunk. Measured
-#: at N=8192, D=512, V=32768 fp32 (forward+backward): extra memory 0.17x the
-#: full logits on torch and JAX. Larger chunks are faster (fewer passes over
-#: the classifier and its gradient, larger matrix products): 2**24 elements
-#: brought torch to 0.98x the naive time but 0.24x its memory.
+#: backends overwrite a chunk's logits with its gradient, block by block (the
+#: logits are its only chunk-sized array); XLA fuses the chunk. Measured at
+#: N=8192, D=512, V=32768 fp32 (forward+backward, nox -s bench on 09ffc66):
+#: extra memory 0.11x the full logits on torch (0.58x the naive time), 0.17x
+#: on JAX (1.03x). Larger chunks are faster (fewer passes over the classifier
+#: and its gradient, larger matrix products) and hold more memory.
 CHUNK_ELEMENTS = 2**23
 
 
