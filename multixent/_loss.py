@@ -215,7 +215,7 @@ def cross_entropy_and_grad(
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
     one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-    block_rows, opts = call.adapter.blocking(call.rows, call.opts)
+    block_rows, opts = call.adapter.blocking(call.rows, call.opts, call.target, call.weight)
     ce_scale, z_scale = one, one
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)

@@ -146,6 +146,14 @@ def test_torch_only_target_requires_grad_and_no_grad(torch_backend):
         value = multixent.cross_entropy(x.clone().requires_grad_(), tr, **kw)
     assert not value.requires_grad
     assert_close(tb, value, tb.to_numpy(loss.detach()))
+    # cross_entropy_and_grad with a recorded target (and weight) under grad mode: same loss, differentiable
+    w = torch.ones(case.x.shape[-1], dtype=x.dtype, requires_grad=True)
+    value, grad = multixent.cross_entropy_and_grad(x, tr, **{**kw, "weight": w})
+    assert value.requires_grad
+    assert_close(tb, value, tb.to_numpy(loss.detach()))
+    assert_close(tb, grad, ref.cross_entropy_grad(case.x, case.target, **case.options))
+    (g,) = torch.autograd.grad(value, tr)
+    assert_close(tb, g, ref.cross_entropy_target_grad(case.x, case.target, **case.options))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -14,7 +14,7 @@ def concrete(a: Any) -> Any:
     return None if array_api_compat.is_lazy_array(a) else a
 
 
-def blocking(x: Any, opts: _math.Options) -> tuple[int | None, _math.Options]:
+def blocking(x: Any, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
     """Blocks of rows; computed in place for NumPy (``out=`` and integer-array setitem)."""
     in_place = array_api_compat.is_numpy_array(x)
     return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)

@@ -27,7 +27,7 @@ def concrete(a: Any) -> Any:
     return None if isinstance(a, jax.core.Tracer) else np.asarray(a)
 
 
-def blocking(x: Any, opts: _math.Options) -> tuple[int | None, _math.Options]:
+def blocking(x: Any, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
     """One block: XLA fuses the whole computation."""
     return None, opts
 

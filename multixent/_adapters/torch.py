@@ -24,12 +24,16 @@ def concrete(a: Any) -> Any:
     return None if torch.compiler.is_compiling() else a
 
 
-def blocking(x: torch.Tensor, opts: _math.Options) -> tuple[int | None, _math.Options]:
-    """Eager: blocks of rows computed in place; compiled: one block (the compiler fuses it)."""
+def blocking(x: torch.Tensor, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
+    """Eager: blocks of rows computed in place; compiled: one block (the compiler fuses it).
+
+    ``inputs`` are the call's other arrays: out= refuses any that autograd
+    records (cross_entropy_and_grad under grad mode), and then nothing is in place.
+    """
     if torch.compiler.is_compiling():
         return None, opts
-    # out= refuses inputs that autograd records (cross_entropy_and_grad under grad mode)
-    in_place = not (torch.is_grad_enabled() and x.requires_grad)
+    recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
+    in_place = not recorded
     return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
 
 
