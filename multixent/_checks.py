@@ -112,20 +112,16 @@ def weight(w: Array | None, classes: int, xp: Namespace) -> None:
         raise ValueError(f"multixent: weight must have shape ({classes},) (one per class); got {tuple(w.shape)}")
 
 
-def indices_in_range(target: Array, classes: int, ignore: int) -> None:
-    """IndexError naming the first class index outside [0, C) that is not ``ignore``."""
+def class_indices(target: Array, classes: int, ignore: int) -> bool:
+    """Whether concrete class indices hold ``ignore``; IndexError naming the first outside [0, C) that is not."""
     xp = array_api_compat.array_namespace(target)
     flat = xp.reshape(target, (-1,))
-    bad = (flat != ignore) & ((flat < 0) | (flat >= classes))
+    ignored = flat == ignore
+    bad = ~ignored & ((flat < 0) | (flat >= classes))
     if flat.shape[0] and bool(xp.any(bad)):
         first = int(xp.argmax(xp.astype(bad, xp.int8)))
         raise IndexError(
             f"multixent: target holds class index {int(flat[first])} (at flat position {first}); "
             f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
         )
-
-
-def holds(target: Array, value: int) -> bool:
-    """Whether a concrete ``target`` holds ``value`` anywhere."""
-    xp = array_api_compat.array_namespace(target)
-    return bool(xp.any(target == value))
+    return bool(xp.any(ignored))

@@ -370,8 +370,7 @@ def linear_cross_entropy(
     adapter = _adapters.adapter_for(hidden)
     values = adapter.concrete(target)
     if values is not None:
-        _checks.indices_in_range(values, num_classes, ignore_index)
-        opts = dataclasses.replace(opts, may_ignore=_checks.holds(values, ignore_index))
+        opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, num_classes, ignore_index))
 
     dtype = _dtype(hidden, classifier, bias, xp)
     out_dtype = xp.result_type(hidden.dtype, classifier.dtype)

@@ -7,7 +7,6 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,7 @@ class _Call:
     rows: Array  # (R, C) logits
     target: Array  # (R,) class indices or (R, C) probabilities
     weight: Array | None  # (C,) in the compute dtype
-    counted: Array | None  # (R,) bool for class indices
+    counted: Array | None  # (R,) bool for class indices that may be ignore_index
     batch_shape: tuple[int, ...]
     axis: int
     is_index: bool
@@ -81,40 +80,38 @@ def _prepare(
         target = xp.astype(xp.reshape(target, (-1,)), index_dtype, copy=False)
     values = adapter.concrete(target) if is_index else None
     if values is not None:
-        _checks.indices_in_range(values, classes, ignore_index)
-        opts = dataclasses.replace(opts, may_ignore=_checks.holds(values, ignore_index))
+        opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, classes, ignore_index))
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
     rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
-    if is_index:
-        counted = target != ignore_index
-    else:
+    counted = None
+    if not is_index:
         target = xp.reshape(xp.moveaxis(target, axis, -1), (-1, classes))
-        counted = None
+    elif opts.may_ignore:
+        counted = target != ignore_index
     if weight is not None:
         weight = xp.astype(weight, dtype)
     return _Call(xp, rows, target, weight, counted, batch_shape, axis, is_index, reduction, opts, adapter)
 
 
-def _mean(total: Array, count: Array, xp: Any) -> Array:
+def _mean(total: Array, count: Array | int, xp: Any) -> Array:
     """``total / count``, and 0 (with a zero gradient) where ``count`` is 0."""
+    if isinstance(count, int):  # known now; no rows: total is the empty sum, 0
+        return total / count if count else total
     nonzero = count != 0
     return xp.where(nonzero, total / xp.where(nonzero, count, xp.ones_like(count)), xp.zeros_like(total))
 
 
-def _denominators(call: _Call, dtype: Any) -> tuple[Array, Array]:
-    """The "mean" denominators of the cross-entropy and of the z-loss."""
+def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
+    """The "mean" denominators of the cross-entropy and of the z-loss (ints when known now)."""
     xp = call.xp
-    rows = call.rows.shape[0]
-    if call.counted is None:
-        n = xp.asarray(float(rows), dtype=dtype, device=device(call.rows))
+    n: Array | int = int(call.rows.shape[0])
+    if call.counted is not None:
+        n = xp.sum(xp.astype(call.counted, dtype))
+    if call.weight is None or not call.is_index:
         return n, n
-    counted = xp.astype(call.counted, dtype)
-    n_counted = xp.sum(counted)
-    if call.weight is None:
-        return n_counted, n_counted
     targets = _math.class_targets(call.target, call.weight, call.weight.shape[0], call.opts, xp)
-    return xp.sum(targets.weight_at_target * counted), n_counted
+    return xp.sum(targets.mask(targets.weight_at_target, xp)), n
 
 
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
@@ -258,8 +255,7 @@ def nll_loss(
         raise TypeError(f"multixent: nll_loss takes class indices (an integer target); got {target.dtype}")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
-    targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], opts, xp)
+    targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)
     picked = xp.take_along_axis(call.rows, targets.index[:, None], axis=-1)[:, 0]
-    picked = xp.where(targets.counted, xp.astype(picked, dtype), 0.0)
-    nll = xp.where(targets.poisoned, math.nan, -targets.weight_at_target * picked)
+    nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
     return _reduce(call, nll, nll, 0.0, log_probs.dtype)

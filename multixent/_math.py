@@ -50,8 +50,9 @@ class Options:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     softcap: float | None = None
-    #: False when the caller has seen that no row is ignored (concrete values),
-    #: which saves a pass over the logits that zeroes the ignored rows.
+    #: False when the caller has seen the class indices (concrete values): none
+    #: is ignore_index and all are in range. Saves a pass over the logits that
+    #: zeroes the ignored rows, and the per-row masks.
     may_ignore: bool = True
     #: True when arrays may be written in place and the namespace's functions
     #: take ``out=`` (NumPy, eager torch; never while autodiff records): each
@@ -99,17 +100,29 @@ class _ClassTargets:
     """Class-index targets of a block: which rows count, and their weights."""
 
     index: Array  # (n,) clipped into [0, C)
-    counted: Array  # (n,) bool: not ignore_index
-    poisoned: Array  # (n,) bool: counted but out of [0, C) -> NaN
+    counted: Array | None  # (n,) bool: not ignore_index (None: every row)
+    poisoned: Array | None  # (n,) bool: counted but out of [0, C) -> NaN (None: no row)
     weight_at_target: Array | float  # (n,) w_y, or 1.0
+
+    def mask(self, values: Array, xp: Namespace) -> Array:
+        """``values`` on counted rows, 0 on ignored ones."""
+        return values if self.counted is None else xp.where(self.counted, values, 0.0)
+
+    def poison(self, values: Array, xp: Namespace) -> Array:
+        """:meth:`mask`, and NaN on rows whose class index is out of range."""
+        values = self.mask(values, xp)
+        return values if self.poisoned is None else xp.where(self.poisoned, math.nan, values)
 
 
 def class_targets(target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace) -> _ClassTargets:
-    counted = target != opts.ignore_index
-    in_range = (target >= 0) & (target < num_classes)
-    index = xp.where(counted & in_range, target, 0)
+    if opts.may_ignore:
+        counted = target != opts.ignore_index
+        in_range = (target >= 0) & (target < num_classes)
+        index, poisoned = xp.where(counted & in_range, target, 0), counted & ~in_range
+    else:  # checked concretely: every row counts and is in range
+        index, counted, poisoned = target, None, None
     w_y = 1.0 if weight is None else xp.take(weight, index)
-    return _ClassTargets(index, counted, counted & ~in_range, w_y)
+    return _ClassTargets(index, counted, poisoned, w_y)
 
 
 def _smoothed(t: Array, num_classes: int, opts: Options, weight: Array | None) -> Array:
@@ -128,7 +141,7 @@ def _prepare_logits(
     Returns the logits to use and ``tanh(x/s)`` (None without softcap).
     """
     z = xp.astype(x, dtype, copy=False)
-    if counted is not None and opts.may_ignore:
+    if counted is not None:
         z = xp.where(counted[:, None], z, 0.0)
     if opts.softcap is None:
         return z, None
@@ -139,10 +152,6 @@ def _prepare_logits(
 def _row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
     """``Σ_c w_c s_c`` per row (``Σ_c s_c`` without weights)."""
     return xp.sum(s, axis=-1) if weight is None else xp.sum(s * weight, axis=-1)
-
-
-def _poison(values: Array, poisoned: Array, xp: Namespace) -> Array:
-    return xp.where(poisoned, math.nan, values)
 
 
 @dataclass
@@ -232,9 +241,8 @@ def _forward_block(
     if smooth_sum is not None:
         w_sum = num_classes if weight is None else xp.sum(weight)
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
-    zero = xp.zeros_like(lse_s)
-    ce = _poison(xp.where(cls.counted, ce, zero), cls.poisoned, xp)
-    lse = xp.where(cls.counted, lse_s + m[:, 0], zero)
+    ce = cls.poison(ce, xp)
+    lse = cls.mask(lse_s + m[:, 0], xp)
     return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, cls)
 
 
@@ -278,15 +286,13 @@ def _grad_block(
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
-        zero = xp.zeros_like(ce_bar)
-        coef = _poison(xp.where(targets.counted, ce_bar * total + lse_bar, zero), targets.poisoned, xp)
+        coef = targets.poison(ce_bar * total + lse_bar, xp)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         if eps:
-            smooth = ce_bar * (eps / num_classes)
-            smooth = xp.where(targets.counted, smooth, zero)[:, None]
+            smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
             g = _minus(g, smooth if weight is None else smooth * weight, in_place)
         if eps < 1:
-            at_y = xp.where(targets.counted, ce_bar * (1.0 - eps) * targets.weight_at_target, zero)
+            at_y = targets.mask(ce_bar * (1.0 - eps) * targets.weight_at_target, xp)
             g = _subtract_at(g, targets.index, at_y, in_place, xp)
     else:
         coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
@@ -294,7 +300,7 @@ def _grad_block(
         g = _minus(g, ce_bar[:, None] * targets, in_place)
     if th is not None:
         g = _times(g, 1.0 - th * th, in_place)
-    if in_place and isinstance(targets, _ClassTargets) and opts.may_ignore:
+    if in_place and isinstance(targets, _ClassTargets) and targets.counted is not None:
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
         g = xpx.at(g, ~targets.counted).set(0.0, copy=False)
     return g
@@ -413,7 +419,7 @@ def row_losses(
         if keep_stats:
             stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
             if isinstance(blk.targets, _ClassTargets):  # ignored rows' logits are zeroed for the gradient
-                stats = tuple(xp.where(blk.targets.counted, v, 0.0) for v in stats)
+                stats = tuple(blk.targets.mask(v, xp) for v in stats)
             result += stats
         outs.append(result)
     if len(outs) == 1:
