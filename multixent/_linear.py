@@ -170,7 +170,6 @@ def rows_vjp(
     b: Array | None,
     target: Array,
     weight: Array | None,
-    lse: Array,
     ce_bar: Array,
     lse_bar: Array,
     spec: Spec,
@@ -180,13 +179,13 @@ def rows_vjp(
 ) -> tuple[Array, Array, Array | None]:
     """``(h̄, W̄, b̄)`` of ``Σ_rows ce_bar·ce + lse_bar·lse``, recomputing each chunk's logits.
 
-    ``lse`` is :func:`rows`' second output. The gradients come in the inputs' dtypes.
+    The gradients come in the inputs' dtypes.
     """
     dtype = _dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
-        h_c, t_c, _lse_c, ce_bar_c, lse_bar_c = xs
+        h_c, t_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         g, _ = _math.row_losses_vjp(
             z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True
@@ -196,7 +195,7 @@ def rows_vjp(
         return carry, (h_bar,)
 
     bars = (xp.astype(ce_bar, dtype, copy=False), xp.astype(lse_bar, dtype, copy=False))
-    carry, (h_bar,) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target, lse, *bars), spec.chunk, xp)
+    carry, (h_bar,) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target, *bars), spec.chunk, xp)
     return _cast_grads(h_bar, carry, h, w, b, xp)
 
 
@@ -382,17 +381,19 @@ def linear_cross_entropy(
     chunk = default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
     # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
     call = _loss._Call(
-        xp, h, t, weight, t != ignore_index, tuple(hidden.shape[:-1]), -1, True, reduction, opts, adapter
-    )
+        xp, h, t, weight, t != ignore_index if opts.may_ignore else None, tuple(hidden.shape[:-1]), -1, True,
+        reduction, opts, adapter,
+    )  # fmt: skip
 
-    if reduction == "none":
-        ce, lse = adapter.linear_rows(h, classifier, bias, t, weight, opts, chunk, xp)
-        return _loss._reduce(call, ce, lse, z, out_dtype)
-    one = xp.asarray(1.0, dtype=dtype, device=device(h))
-    ce_scale, z_scale = one, one
-    if reduction == "mean":
-        ce_count, z_count = _loss._denominators(call, dtype)
-        ce_scale, z_scale = _loss._mean(one, ce_count, xp), _loss._mean(one, z_count, xp)
-    lse_scale = (2.0 * z) * z_scale if z else None
-    loss = adapter.linear_scalar(h, classifier, bias, t, weight, ce_scale, lse_scale, opts, chunk, xp)
-    return xp.astype(loss, out_dtype, copy=False)
+    with adapter.quiet():
+        if reduction == "none":
+            ce, lse = adapter.linear_rows(h, classifier, bias, t, weight, opts, chunk, xp)
+            return _loss._reduce(call, ce, lse, z, out_dtype)
+        one = xp.asarray(1.0, dtype=dtype, device=device(h))
+        ce_scale, z_scale = one, one
+        if reduction == "mean":
+            ce_count, z_count = _loss._denominators(call, dtype)
+            ce_scale, z_scale = _loss._mean(one, ce_count, xp), _loss._mean(one, z_count, xp)
+        lse_scale = (2.0 * z) * z_scale if z else None
+        loss = adapter.linear_scalar(h, classifier, bias, t, weight, ce_scale, lse_scale, opts, chunk, xp)
+        return xp.astype(loss, out_dtype, copy=False)

@@ -176,8 +176,9 @@ def cross_entropy(
     """
     opts, z = _options(ignore_index, label_smoothing, z_loss, softcap)
     call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
-    ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.xp)
-    return _reduce(call, ce, lse, z, logits.dtype)
+    with call.adapter.quiet():
+        ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.xp)
+        return _reduce(call, ce, lse, z, logits.dtype)
 
 
 def cross_entropy_and_grad(
@@ -217,17 +218,11 @@ def cross_entropy_and_grad(
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)
         ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
-    ce, lse, grad = _math.row_losses_and_grad(
-        call.rows,
-        call.target,
-        call.weight,
-        ce_scale,
-        2.0 * z * z_scale,
-        opts,
-        xp=xp,
-        block_rows=block_rows,
-    )
-    loss = _reduce(call, ce, lse, z, logits.dtype)
+    with call.adapter.quiet():
+        ce, lse, grad = _math.row_losses_and_grad(
+            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, opts, xp=xp, block_rows=block_rows
+        )
+        loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = xp.moveaxis(xp.reshape(grad, moved), -1, call.axis)
     return loss, grad
@@ -257,5 +252,6 @@ def nll_loss(
     dtype = _math.compute_dtype(log_probs.dtype, xp)
     targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)
     picked = xp.take_along_axis(call.rows, targets.index[:, None], axis=-1)[:, 0]
-    nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
-    return _reduce(call, nll, nll, 0.0, log_probs.dtype)
+    with call.adapter.quiet():
+        nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
+        return _reduce(call, nll, nll, 0.0, log_probs.dtype)

@@ -43,6 +43,7 @@ def _on(backend, kw):
 # Ignored positions: exactly zero loss and gradient whatever their logits hold
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # masked values: no NumPy warnings
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("options", ["plain", "all"])
 def test_ignored_rows_hold_nan_and_inf(backend, options, reduction):
@@ -67,6 +68,7 @@ def test_ignored_rows_hold_nan_and_inf(backend, options, reduction):
         assert_close(backend, g, want)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # masked values: no NumPy warnings
 def test_ignored_rows_hold_nan_nll_loss(backend):
     lp = scipy.special.log_softmax(np.random.default_rng(1).normal(size=(4, 3)), axis=-1)
     y = np.array([0, -100, 2, 1])
@@ -163,6 +165,7 @@ def test_softcap_makes_infinite_logits_finite(backend):
         assert_close(backend, g, ref.cross_entropy_grad(big, y, softcap=cap))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # masked values: no NumPy warnings
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_probability_zero_on_minus_inf_logit(backend, smoothing):
     """A probability target of 0 on a -inf logit contributes 0 (torch: NaN); smoothing makes it +inf."""

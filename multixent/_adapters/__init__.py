@@ -3,8 +3,9 @@
 An adapter supplies ``row_losses(x, target, weight, opts, xp)`` (the per-row
 ``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable through
 the framework's autodiff), ``blocking(x, opts, *inputs)`` (rows per block and the
-options for computing without autodiff) and ``concrete(array)`` (the array,
-or a host copy of it, when its values can be read now; None while traced).
+options for computing without autodiff), ``concrete(array)`` (the array,
+or a host copy of it, when its values can be read now; None while traced) and
+``quiet()`` (a context without floating-point warnings).
 Framework modules are imported only when such an array arrives:
 array-api-compat recognises torch and JAX arrays without importing them.
 """
