@@ -168,21 +168,25 @@ class _Block:
     targets: Any  # _ClassTargets, or the (n, C) smoothed weighted probabilities
 
 
-def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
-    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given.
+def _in_buffer(z: Array, out: Array | None) -> Array:
+    """``z`` narrower than ``out`` (bfloat16 logits) cast as it is copied into ``out``; else ``z``.
 
-    ``z`` narrower than ``out`` (bfloat16 logits) is cast as it is copied in:
-    torch's mixed-dtype subtraction is ten times slower than a copy.
+    In place only (NumPy, torch): setitem casts, where array-api-extra's at()
+    would astype a copy first; torch's mixed-dtype subtraction is ten times
+    slower than a copy, and its bfloat16 max three times slower than float32's.
     """
+    if out is None or z is out or z.dtype == out.dtype:
+        return z
+    out[...] = z
+    return out
+
+
+def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
     if out is None:
         s = z - m
         return s, lambda: xp.exp(s)
-    if z.dtype == out.dtype:
-        s = xp.subtract(z, m, out=out)
-    else:  # in place (NumPy, torch): setitem casts; array-api-extra's at() would astype a copy first
-        out[...] = z
-        s = out
-        s -= m
+    s = xp.subtract(_in_buffer(z, out), m, out=out)
     return s, lambda: xp.exp(s, out=s)
 
 
@@ -216,8 +220,9 @@ def _forward_block(
     cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
     counted = None if cls is None or not for_grad or opts.in_place else cls.counted
     z, th = _logits_for(x, out, counted, opts, dtype, xp)
+    z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
-    m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
+    m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     m = xp.where(xp.isfinite(m), m, 0.0)
     if opts.stop_gradient is not None:
         m = opts.stop_gradient(m)
