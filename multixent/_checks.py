@@ -116,12 +116,14 @@ def class_indices(target: Array, classes: int, ignore: int) -> bool:
     """Whether concrete class indices hold ``ignore``; IndexError naming the first outside [0, C) that is not."""
     xp = array_api_compat.array_namespace(target)
     flat = xp.reshape(target, (-1,))
-    ignored = flat == ignore
-    bad = ~ignored & ((flat < 0) | (flat >= classes))
-    if flat.shape[0] and bool(xp.any(bad)):
+    outside = (flat < 0) | (flat >= classes)
+    if not bool(xp.any(outside)):  # the usual case: in range, and ignore_index (-100) is not
+        return 0 <= ignore < classes and bool(xp.any(flat == ignore))
+    bad = outside & (flat != ignore)
+    if bool(xp.any(bad)):
         first = int(xp.argmax(xp.astype(bad, xp.int8)))
         raise IndexError(
             f"multixent: target holds class index {int(flat[first])} (at flat position {first}); "
             f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
         )
-    return bool(xp.any(ignored))
+    return True
