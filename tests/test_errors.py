@@ -116,6 +116,16 @@ def test_ignore_index_may_lie_outside_the_classes(backend):
         np.testing.assert_allclose(backend.to_numpy(got), ref.cross_entropy(X, y, ignore_index=ignore), rtol=1e-13)
 
 
+@pytest.mark.parametrize("y", [[0, 2, 1, 2], [0, 1, 1, 0]], ids=["present", "absent"])
+def test_ignore_index_inside_the_classes(backend, y):
+    """ignore_index=2 (a class) ignores the positions holding 2, whether or not there are any."""
+    y = np.array(y)
+    for reduction in ("none", "mean"):
+        got = multixent.cross_entropy(backend.asarray(X), backend.asarray(y), ignore_index=2, reduction=reduction)
+        want = ref.cross_entropy(X, y, ignore_index=2, reduction=reduction)
+        np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-13)
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("kind", ["index", "probs"])
 def test_inputs_not_modified(backend, kind, reduction):
