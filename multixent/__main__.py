@@ -29,16 +29,21 @@ def _batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return logits, target, weight
 
 
-def _numpy_reference(logits: np.ndarray, target: np.ndarray, weight: np.ndarray) -> tuple[float, np.ndarray]:
-    """torch's formula written out in NumPy, with its closed-form gradient."""
-    eps, classes = OPTIONS["label_smoothing"], logits.shape[-1]
+def _target_distribution(target: np.ndarray, weight: np.ndarray, classes: int) -> tuple[np.ndarray, float]:
+    """torch's loss as ``Σ_rows -a·log_softmax / denominator``: the rows ``a`` and the denominator."""
+    eps = OPTIONS["label_smoothing"]
     counted = target != OPTIONS["ignore_index"]
     index = np.where(counted, target, 0)
-    log_p = logits - logits.max(-1, keepdims=True)
-    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
     onehot = np.eye(classes)[index]
     a = ((1 - eps) * onehot + eps / classes) * weight * counted[:, None]
-    denominator = (weight[index] * counted).sum()
+    return a, float((weight[index] * counted).sum())
+
+
+def _numpy_reference(logits: np.ndarray, target: np.ndarray, weight: np.ndarray) -> tuple[float, np.ndarray]:
+    """torch's formula written out in NumPy, with its closed-form gradient."""
+    a, denominator = _target_distribution(target, weight, logits.shape[-1])
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
     loss = -(a * log_p).sum() / denominator
     grad = (np.exp(log_p) * a.sum(-1, keepdims=True) - a) / denominator
     return float(loss), grad
@@ -73,18 +78,20 @@ def _jax() -> tuple[str, float, float, float]:
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)
-    logits, target, _ = (jnp.asarray(a) for a in _batch())
-    target = jnp.where(target == OPTIONS["ignore_index"], 0, target)  # optax has no ignore_index
+    logits, target, weight = _batch()
+    # optax has no weights, smoothing or ignore_index: its loss of the target distribution they make
+    a, denominator = _target_distribution(target, weight, logits.shape[-1])
+    logits, target, weight, a = (jnp.asarray(v) for v in (logits, target, weight, a))
 
     def ours(x: Any) -> Any:
-        return multixent.cross_entropy(x, target)
+        return multixent.cross_entropy(x, target, weight=weight, **OPTIONS)
 
     def native(x: Any) -> Any:
         try:
             import optax
         except ImportError:  # optax is optional: its formula in jax.numpy
-            return -jnp.take_along_axis(jax.nn.log_softmax(x), target[:, None], axis=-1).mean()
-        return optax.softmax_cross_entropy_with_integer_labels(x, target).mean()
+            return -(a * jax.nn.log_softmax(x)).sum() / denominator
+        return optax.softmax_cross_entropy(x, a).sum() / denominator
 
     (l_ours, g_ours), (l_native, g_native) = (jax.jit(jax.value_and_grad(f))(logits) for f in (ours, native))
     diff = max(abs(float(l_ours) - float(l_native)), float(jnp.abs(g_ours - g_native).max()))
@@ -94,7 +101,7 @@ def _jax() -> tuple[str, float, float, float]:
 CHECKS: dict[str, tuple[str, Callable[[], tuple[str, float, float, float]]]] = {
     "numpy": ("float64 formula in NumPy", _numpy),
     "torch": ("torch.nn.functional.cross_entropy", _torch),
-    "jax": ("optax, under jit", _jax),
+    "jax": ("optax.softmax_cross_entropy, under jit", _jax),
 }
 
 
