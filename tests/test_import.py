@@ -42,3 +42,12 @@ def test_numpy_use_loads_no_framework():
         """
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_main_job_agrees_with_the_native_losses():
+    """``python -m multixent``: every installed backend shows the NumPy reference's loss, and exits 0."""
+    result = subprocess.run([sys.executable, "-m", "multixent"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checked = [line.split() for line in result.stdout.splitlines() if " ok " in line]
+    assert checked and checked[0][0] == "numpy", result.stdout
+    assert {row[2] for row in checked} == {checked[0][3]}, result.stdout  # one loss: the reference's
