@@ -380,10 +380,8 @@ def linear_cross_entropy(
     n_rows = h.shape[0]
     chunk = default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
     # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
-    call = _loss._Call(
-        xp, h, t, weight, t != ignore_index if opts.may_ignore else None, tuple(hidden.shape[:-1]), -1, True,
-        reduction, opts, adapter,
-    )  # fmt: skip
+    counted = t != ignore_index if opts.may_ignore else None
+    call = _loss._Call(xp, h, t, weight, counted, tuple(hidden.shape[:-1]), -1, True, reduction, opts, adapter)
 
     with adapter.quiet():
         if reduction == "none":
