@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import array_api_compat
+import numpy
 
 Array = Any
 Namespace = Any
@@ -18,8 +19,29 @@ Namespace = Any
 REDUCTIONS = ("none", "sum", "mean")
 
 
-def namespace(*arrays: Array | None) -> Namespace:
-    """The one array namespace of all arrays given (None skipped)."""
+def array(a: Any, name: str) -> None:
+    """TypeError unless ``a`` is a plain (dense, unmasked) array of an array library."""
+    if isinstance(a, numpy.ma.MaskedArray):
+        raise TypeError(f"multixent: {name} is a numpy.ma.MaskedArray, not supported; pass .filled(...) or a plain array")
+    if isinstance(a, numpy.matrix):
+        raise TypeError(f"multixent: {name} is a numpy.matrix, not supported; pass numpy.asarray({name})")
+    if "sparse" in str(getattr(a, "layout", "")):
+        raise TypeError(f"multixent: {name} is a sparse tensor ({a.layout}), not supported; pass a dense one (.to_dense())")
+    if not array_api_compat.is_array_api_obj(a):
+        raise TypeError(
+            f"multixent: {name} must be an array (NumPy, torch, JAX or any array-API library); got {type(a).__name__}"
+        )
+
+
+def namespace(*arrays: Array | None, names: tuple[str, ...] = ()) -> Namespace:
+    """The one array namespace of all arrays given (None skipped where optional).
+
+    ``names`` name the arguments in order; those named are checked with :func:`array`
+    (None allowed only for ``weight`` and ``bias``).
+    """
+    for a, name in zip(arrays, names):
+        if a is not None or name not in ("weight", "bias"):
+            array(a, name)
     given = [a for a in arrays if a is not None]
     try:
         return array_api_compat.array_namespace(*given)
@@ -30,9 +52,23 @@ def namespace(*arrays: Array | None) -> Namespace:
         ) from None
 
 
+_FLOATS = "float16, bfloat16, float32 or float64"
+
+
+def is_floating(dtype: Any, xp: Namespace) -> bool:
+    """``xp.isdtype(dtype, "real floating")``, true also for NumPy's ml_dtypes bfloat16."""
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:  # NumPy's isdtype refuses the ml_dtypes types (bfloat16, float8_*)
+        return numpy.dtype(dtype).name == "bfloat16"
+
+
 def floating(x: Array, name: str, xp: Namespace) -> None:
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"multixent: {name} must have a real floating dtype; got {x.dtype}")
+    """TypeError unless ``x`` holds float16, bfloat16, float32 or float64."""
+    if not is_floating(x.dtype, xp):
+        raise TypeError(f"multixent: {name} must have a real floating dtype ({_FLOATS}); got {x.dtype}")
+    if xp.finfo(x.dtype).bits < 16:
+        raise TypeError(f"multixent: {name} must have dtype {_FLOATS}; got {x.dtype} (cast it first)")
 
 
 def class_axis(axis: Any, ndim: int, name: str = "logits") -> int:
@@ -68,11 +104,20 @@ def number(value: Any, name: str, *, low: float, high: float = math.inf, open_lo
     return float(value)
 
 
-def index_target(target: Array, xp: Namespace) -> bool:
-    """True for class indices (integer dtype), False for probabilities (real floating)."""
-    if xp.isdtype(target.dtype, "integral"):
+def index_target(target: Array, xp: Namespace, function: str | None = None) -> bool:
+    """True for class indices (integer dtype), False for probabilities (real floating).
+
+    ``function`` names a function that takes class indices only (``nll_loss``).
+    """
+    integral = not is_floating(target.dtype, xp) and xp.isdtype(target.dtype, "integral")
+    if function is not None and not integral:
+        raise TypeError(
+            f"multixent: {function} needs class indices (an integer target, the logits' shape without the "
+            f"class axis); got target of dtype {target.dtype}"
+        )
+    if integral:
         return True
-    if xp.isdtype(target.dtype, "real floating"):
+    if is_floating(target.dtype, xp):
         return False
     raise TypeError(
         f"multixent: target must hold class indices (an integer dtype) or class "
@@ -106,24 +151,38 @@ def ignore_index(value: Any, is_index: bool, default: int) -> int:
 def weight(w: Array | None, classes: int, xp: Namespace) -> None:
     if w is None:
         return
-    if not xp.isdtype(w.dtype, ("real floating", "integral")):
+    if not (is_floating(w.dtype, xp) or xp.isdtype(w.dtype, "integral")):
         raise TypeError(f"multixent: weight must have a real dtype; got {w.dtype}")
     if tuple(w.shape) != (classes,):
         raise ValueError(f"multixent: weight must have shape ({classes},) (one per class); got {tuple(w.shape)}")
 
 
-def class_indices(target: Array, classes: int, ignore: int) -> bool:
-    """Whether concrete class indices hold ``ignore``; IndexError naming the first outside [0, C) that is not."""
+def readable(a: Array) -> bool:
+    """False for arrays without values (torch ``meta`` tensors): their indices are not checked."""
+    return not getattr(a, "is_meta", False)
+
+
+def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 0, comparable: bool = True) -> bool:
+    """Whether concrete class indices hold ``ignore``; IndexError naming the first outside [0, C) that is not.
+
+    ``comparable=False``: ``ignore`` lies outside the index dtype and matches nothing. ``wrapped_bits``: the target was unsigned of that many bits and
+    was cast to the signed type of the same width, so a negative value ``v`` is really ``v + 2**bits``
+    (out of range, never ignored); the message names the true value.
+    """
     xp = array_api_compat.array_namespace(target)
     flat = xp.reshape(target, (-1,))
     outside = (flat < 0) | (flat >= classes)
     if not bool(xp.any(outside)):  # the usual case: in range, and ignore_index (-100) is not
-        return 0 <= ignore < classes and bool(xp.any(flat == ignore))
-    bad = outside & (flat != ignore)
+        return comparable and 0 <= ignore < classes and bool(xp.any(flat == ignore))
+    bad = outside & (flat != ignore) if comparable else outside
+    if wrapped_bits:
+        bad = bad | (flat < 0)
     if bool(xp.any(bad)):
         first = int(xp.argmax(xp.astype(bad, xp.int8)))
+        value = int(flat[first])
+        value += 2**wrapped_bits if wrapped_bits and value < 0 else 0
         raise IndexError(
-            f"multixent: target holds class index {int(flat[first])} (at flat position {first}); "
+            f"multixent: target holds class index {value} (at flat position {first}); "
             f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
         )
     return True

@@ -7,6 +7,7 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +25,21 @@ def logsumexp(x: Array, /, *, axis: int = -1, keepdims: bool = False) -> Array:
     """``log Σ_i exp(x_i)`` along ``axis``, stable for large and infinite values.
 
     The shift by the maximum is applied only where that maximum is finite, so
-    rows of ``-inf`` give ``-inf`` and rows holding ``+inf`` give ``+inf``.
+    rows of ``-inf`` give ``-inf`` and rows holding ``+inf`` give ``+inf``; an
+    empty axis gives ``-inf``. float16/bfloat16 are computed in float32.
     """
-    xp = _checks.namespace(x)
+    xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
-    return _math.logsumexp(x, axis=_checks.class_axis(axis, x.ndim, "x"), keepdims=keepdims, xp=xp)
+    with adapter_for(x).quiet():
+        return _math.logsumexp(x, axis=_checks.class_axis(axis, x.ndim, "x"), keepdims=keepdims, xp=xp)
 
 
 def log_softmax(x: Array, /, *, axis: int = -1) -> Array:
-    """``x - logsumexp(x)`` along ``axis``."""
-    xp = _checks.namespace(x)
+    """``x - logsumexp(x)`` along ``axis`` (an empty axis gives an empty array)."""
+    xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
-    return _math.log_softmax(x, axis=_checks.class_axis(axis, x.ndim, "x"), xp=xp)
+    with adapter_for(x).quiet():
+        return _math.log_softmax(x, axis=_checks.class_axis(axis, x.ndim, "x"), xp=xp)
 
 
 @dataclass
@@ -64,23 +68,20 @@ def _prepare(
     reduction: str,
     opts: _math.Options,
     name: str,
+    indices_only: str | None = None,
 ) -> _Call:
-    xp = _checks.namespace(x, target, weight)
+    xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
     _checks.floating(x, name, xp)
     axis = _checks.class_axis(axis, x.ndim, name)
     classes = _checks.num_classes(x.shape, axis)
     reduction = _checks.reduction(reduction)
-    is_index = _checks.index_target(target, xp)
+    is_index = _checks.index_target(target, xp, indices_only)
     _checks.target_shape(target, x, axis, is_index)
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
-    if is_index:  # the default index dtype: what gathers take, and room for ignore_index
-        index_dtype = xp.__array_namespace_info__().default_dtypes(device=device(x))["indexing"]
-        target = xp.astype(xp.reshape(target, (-1,)), index_dtype, copy=False)
-    values = adapter.concrete(target) if is_index else None
-    if values is not None:
-        opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, classes, ignore_index))
+    if is_index:
+        target, opts = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
     rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
@@ -88,10 +89,36 @@ def _prepare(
     if not is_index:
         target = xp.reshape(xp.moveaxis(target, axis, -1), (-1, classes))
     elif opts.may_ignore:
-        counted = target != ignore_index
+        counted = target != opts.ignore_index
     if weight is not None:
         weight = xp.astype(weight, dtype)
     return _Call(xp, rows, target, weight, counted, batch_shape, axis, is_index, reduction, opts, adapter)
+
+
+def _index_target(target: Array, classes: int, opts: _math.Options, adapter: Any, xp: Any) -> tuple[Array, _math.Options]:
+    """Class indices in the default index dtype (what gathers take), checked now when concrete.
+
+    Unsigned indices as wide as that dtype wrap to negatives in the cast: concrete ones are
+    reported with their true value; traced ones become ``poison`` (out of range: NaN). An
+    ``ignore_index`` outside the index dtype matches nothing (a sentinel stands in for it).
+    """
+    dtype = xp.__array_namespace_info__().default_dtypes(device=device(target))["indexing"]
+    info, src = xp.iinfo(dtype), xp.iinfo(target.dtype)
+    wrapped_bits = src.bits if src.min == 0 and src.bits >= info.bits else 0
+    ignore = opts.ignore_index
+    comparable = info.min <= ignore <= info.max
+    target = xp.astype(target, dtype, copy=False)
+    values = adapter.concrete(target) if _checks.readable(target) else None
+    if values is not None:
+        ignored = _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
+        return target, dataclasses.replace(opts, may_ignore=ignored)
+    poison = classes + 1 if ignore == classes else classes
+    if wrapped_bits:
+        target = xp.where(target < 0, poison, target)
+    if not comparable:
+        target = xp.where(target == info.min, poison, target)
+        opts = dataclasses.replace(opts, ignore_index=info.min)
+    return target, opts
 
 
 def _mean(total: Array, count: Array | int, xp: Any) -> Array:
@@ -128,13 +155,14 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
-    return xp.astype(total, out_dtype)
+    return xp.asarray(xp.astype(total, out_dtype))  # asarray: NumPy's 0-d sums are scalars
 
 
 def _options(ignore_index: int, label_smoothing: Any, z_loss: Any, softcap: Any) -> tuple[_math.Options, float]:
     smoothing = _checks.number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
     z = _checks.number(z_loss, "z_loss", low=0.0)
     cap = None if softcap is None else _checks.number(softcap, "softcap", low=0.0, open_low=True)
+    cap = None if cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
     return _math.Options(ignore_index, smoothing, cap), z
 
 
@@ -245,9 +273,7 @@ def nll_loss(
     "mean" divides by :math:`\sum w_{y_i}` over counted positions (0 when that is 0).
     """
     opts = _math.Options(ignore_index)
-    call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs")
-    if not call.is_index:
-        raise TypeError(f"multixent: nll_loss takes class indices (an integer target); got {target.dtype}")
+    call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs", "nll_loss")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
     targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)

@@ -71,24 +71,42 @@ def compute_dtype(dtype: Any, xp: Namespace) -> Any:
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
-def _finite_max(x: Array, axis: int, xp: Namespace) -> Array:
-    """Row maximum (keepdims), replaced by 0 where it is not finite."""
-    m = xp.max(x, axis=axis, keepdims=True)
-    return xp.where(xp.isfinite(m), m, 0.0)
+def _shift_and_log1p(x: Array, axis: int, xp: Namespace) -> tuple[Array, Array]:
+    """``(m, L)`` (keepdims) with ``logsumexp(x) = m + L``, as SciPy's ``logsumexp``.
+
+    ``m`` is the row max where finite (else 0) and, there, ``L = log1p(Σ_{i≠k} exp(x_i - m))``
+    with ``k`` one maximal entry (the other maxima add 1 each): the dominant term is kept out
+    of the sum, so ``logsumexp([0, -40])`` is ``exp(-40)``, not 0. Where the max is ±inf
+    or NaN, ``L`` is that max (the naive formula's value).
+    """
+    top = xp.max(x, axis=axis, keepdims=True)
+    finite = xp.isfinite(top)
+    m = xp.where(finite, top, 0.0)
+    is_top = x == top
+    rest = xp.sum(xp.where(is_top, 0.0, xp.exp(x - m)), axis=axis, keepdims=True)
+    ties = xp.sum(xp.astype(is_top, x.dtype), axis=axis, keepdims=True) - 1.0
+    return m, xp.where(finite, xp.log1p(ties + rest), top)
 
 
 def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace) -> Array:
-    """``log Σ exp(x)`` along ``axis``, shifted by the finite maximum."""
-    m = _finite_max(x, axis, xp)
-    out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+    """``log Σ exp(x)`` along ``axis`` (see :func:`_shift_and_log1p`); ``-inf`` for an empty axis."""
+    if x.shape[axis] == 0:
+        shape = tuple(1 if i == axis else n for i, n in enumerate(x.shape))
+        out = xp.full(shape, -math.inf, dtype=x.dtype, device=device(x))
+    else:
+        z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
+        m, log1p_rest = _shift_and_log1p(z, axis, xp)
+        out = xp.astype(m + log1p_rest, x.dtype, copy=False)
     return out if keepdims else xp.squeeze(out, axis=axis)
 
 
 def log_softmax(x: Array, /, *, axis: int, xp: Namespace) -> Array:
-    """``x - logsumexp(x)`` along ``axis``."""
-    m = _finite_max(x, axis, xp)
-    s = x - m
-    return s - xp.log(xp.sum(xp.exp(s), axis=axis, keepdims=True))
+    """``x - logsumexp(x)`` along ``axis``, as ``(x - m) - L`` (see :func:`_shift_and_log1p`)."""
+    if x.shape[axis] == 0:
+        return xp.asarray(x, copy=True)
+    z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
+    m, log1p_rest = _shift_and_log1p(z, axis, xp)
+    return xp.astype((z - m) - log1p_rest, x.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------
