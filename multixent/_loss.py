@@ -14,7 +14,7 @@ from typing import Any
 from array_api_compat import device
 
 from . import _checks, _math
-from ._adapters import adapter_for
+from ._adapters import adapter_for, generic
 
 Array = Any
 
@@ -155,7 +155,7 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
-    return xp.asarray(xp.astype(total, out_dtype))  # asarray: NumPy's 0-d sums are scalars
+    return generic.as_array(xp.astype(total, out_dtype))
 
 
 def _options(ignore_index: int, label_smoothing: Any, z_loss: Any, softcap: Any) -> tuple[_math.Options, float]:

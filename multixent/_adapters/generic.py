@@ -17,6 +17,11 @@ def quiet() -> Any:
     return numpy.errstate(all="ignore")
 
 
+def as_array(a: Any) -> Any:
+    """NumPy's scalars (what its reductions return) as 0-d arrays; anything else as it is."""
+    return numpy.asarray(a) if isinstance(a, numpy.generic) else a
+
+
 def concrete(a: Any) -> Any:
     return None if array_api_compat.is_lazy_array(a) else a
 
