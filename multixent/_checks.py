@@ -22,7 +22,7 @@ REDUCTIONS = ("none", "sum", "mean")
 def array(a: Any, name: str) -> None:
     """TypeError unless ``a`` is a plain (dense, unmasked) array of an array library."""
     if isinstance(a, numpy.ma.MaskedArray):
-        raise TypeError(f"multixent: {name} is a numpy.ma.MaskedArray, not supported; pass .filled(...) or a plain array")
+        raise TypeError(f"multixent: {name}: numpy.ma.MaskedArray not supported; pass .filled(...) or a plain array")
     if isinstance(a, numpy.matrix):
         raise TypeError(f"multixent: {name} is a numpy.matrix, not supported; pass numpy.asarray({name})")
     if "sparse" in str(getattr(a, "layout", "")):
