@@ -26,7 +26,9 @@ def array(a: Any, name: str) -> None:
     if isinstance(a, numpy.matrix):
         raise TypeError(f"multixent: {name} is a numpy.matrix, not supported; pass numpy.asarray({name})")
     if "sparse" in str(getattr(a, "layout", "")):
-        raise TypeError(f"multixent: {name} is a sparse tensor ({a.layout}), not supported; pass a dense one (.to_dense())")
+        raise TypeError(
+            f"multixent: {name} is a sparse tensor ({a.layout}), not supported; pass a dense one (.to_dense())"
+        )
     if not array_api_compat.is_array_api_obj(a):
         raise TypeError(
             f"multixent: {name} must be an array (NumPy, torch, JAX or any array-API library); got {type(a).__name__}"
@@ -39,7 +41,7 @@ def namespace(*arrays: Array | None, names: tuple[str, ...] = ()) -> Namespace:
     ``names`` name the arguments in order; those named are checked with :func:`array`
     (None allowed only for ``weight`` and ``bias``).
     """
-    for a, name in zip(arrays, names):
+    for a, name in zip(arrays, names, strict=False):
         if a is not None or name not in ("weight", "bias"):
             array(a, name)
     given = [a for a in arrays if a is not None]
@@ -60,7 +62,7 @@ def is_floating(dtype: Any, xp: Namespace) -> bool:
     try:
         return bool(xp.isdtype(dtype, "real floating"))
     except TypeError:  # NumPy's isdtype refuses the ml_dtypes types (bfloat16, float8_*)
-        return numpy.dtype(dtype).name == "bfloat16"
+        return bool(numpy.dtype(dtype).name == "bfloat16")
 
 
 def floating(x: Array, name: str, xp: Namespace) -> None:
@@ -165,9 +167,10 @@ def readable(a: Array) -> bool:
 def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 0, comparable: bool = True) -> bool:
     """Whether concrete class indices hold ``ignore``; IndexError naming the first outside [0, C) that is not.
 
-    ``comparable=False``: ``ignore`` lies outside the index dtype and matches nothing. ``wrapped_bits``: the target was unsigned of that many bits and
-    was cast to the signed type of the same width, so a negative value ``v`` is really ``v + 2**bits``
-    (out of range, never ignored); the message names the true value.
+    ``comparable=False``: ``ignore`` lies outside the index dtype and matches nothing.
+    ``wrapped_bits``: the target was unsigned of that many bits, cast to the signed type of
+    that width, so a negative value ``v`` is really ``v + 2**bits`` (out of range, never
+    ignored); the message names the true value.
     """
     xp = array_api_compat.array_namespace(target)
     flat = xp.reshape(target, (-1,))

@@ -95,7 +95,9 @@ def _prepare(
     return _Call(xp, rows, target, weight, counted, batch_shape, axis, is_index, reduction, opts, adapter)
 
 
-def _index_target(target: Array, classes: int, opts: _math.Options, adapter: Any, xp: Any) -> tuple[Array, _math.Options]:
+def _index_target(
+    target: Array, classes: int, opts: _math.Options, adapter: Any, xp: Any
+) -> tuple[Array, _math.Options]:
     """Class indices in the default index dtype (what gathers take), checked now when concrete.
 
     Unsigned indices as wide as that dtype wrap to negatives in the cast: concrete ones are

@@ -41,7 +41,7 @@ def _target(backend, values, name):
 def _row_losses(x, values):
     """float64 reference per row; NaN where the index is out of range and not -100."""
     out = []
-    for row, v in zip(x, values):
+    for row, v in zip(x, values, strict=True):
         if v == -100:
             out.append(0.0)
         elif 0 <= v < C:
@@ -208,7 +208,7 @@ def test_softcap_inf_is_no_cap(backend):
 @pytest.mark.parametrize("shape, axis", [((0,), -1), ((2, 0), -1), ((0, 3), 0), ((2, 0, 3), 1)])
 def test_empty_axis(backend, shape, axis):
     x = backend.asarray(np.zeros(shape))
-    expected_shape = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    expected_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     for f in (lambda a: a, backend.jit):
         lse = backend.to_numpy(f(lambda a: multixent.logsumexp(a, axis=axis))(x))
         assert lse.shape == expected_shape and np.all(lse == -np.inf)
@@ -301,4 +301,5 @@ def test_logsumexp_within_one_ulp(backend, dtype):
             ulp = backend.eps(dtype) * 2.0 ** np.floor(np.log2(max(abs(float(exact)), 2.0**-14)))
         assert abs(got - float(exact)) <= ulp, (dtype, row, got, exact)
         ls = backend.to_numpy(multixent.log_softmax(x)).astype(np.float64)
-        np.testing.assert_allclose(ls, backend.to_numpy(x).astype(np.float64) - float(exact), atol=4 * backend.eps(dtype) * (1 + np.abs(ls)).max(), rtol=0)
+        tol = 4 * backend.eps(dtype) * (1 + np.abs(ls)).max()
+        np.testing.assert_allclose(ls, backend.to_numpy(x).astype(np.float64) - float(exact), atol=tol, rtol=0)
