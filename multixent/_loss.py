@@ -83,15 +83,22 @@ def _prepare(
         opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, classes, ignore_index))
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
-    rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
+    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
     counted = None
     if not is_index:
-        target = xp.reshape(xp.moveaxis(target, axis, -1), (-1, classes))
+        target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, classes))
     elif opts.may_ignore:
         counted = target != ignore_index
     if weight is not None:
         weight = xp.astype(weight, dtype)
     return _Call(xp, rows, target, weight, counted, batch_shape, axis, is_index, reduction, opts, adapter)
+
+
+def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
+    """``moveaxis`` as ``permute_dims`` (torch.func.vmap has a batching rule for the latter only)."""
+    order = list(range(a.ndim))
+    order.insert(destination % a.ndim, order.pop(source % a.ndim))
+    return a if order == sorted(order) else xp.permute_dims(a, tuple(order))
 
 
 def _mean(total: Array, count: Array | int, xp: Any) -> Array:
@@ -224,7 +231,7 @@ def cross_entropy_and_grad(
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
-    grad = xp.moveaxis(xp.reshape(grad, moved), -1, call.axis)
+    grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
     return loss, grad
 
 
