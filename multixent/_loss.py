@@ -96,9 +96,11 @@ def _prepare(
 
 def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
     """``moveaxis`` as ``permute_dims`` (torch.func.vmap has a batching rule for the latter only)."""
-    order = list(range(a.ndim))
-    order.insert(destination % a.ndim, order.pop(source % a.ndim))
-    return a if order == sorted(order) else xp.permute_dims(a, tuple(order))
+    n = a.ndim
+    source, destination = source % n, destination % n
+    rest = [i for i in range(n) if i != source]
+    order = tuple(source if p == destination else rest[p if p < destination else p - 1] for p in range(n))
+    return a if order == tuple(range(n)) else xp.permute_dims(a, order)
 
 
 def _mean(total: Array, count: Array | int, xp: Any) -> Array:

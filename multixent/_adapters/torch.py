@@ -45,7 +45,9 @@ def _wrapped(a: Any) -> bool:
 
 
 def _transformed(*arrays: Any) -> bool:
-    """Under a transform: no ``out=``, no setitem into views, no in-place update of a batched tensor."""
+    """Under a transform (not compiling): no ``out=``, no setitem into views, no in-place update of a batched tensor."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._are_functorch_transforms_active() or any(_wrapped(a) for a in arrays)
 
 
@@ -107,6 +109,10 @@ class _RowLosses(torch.autograd.Function):
             w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, opts, xp=ctx.xp, block_rows=block_rows)
         return x_bar, t_bar, w_bar, None, None
 
+
+class _RowLossesJvp(_RowLosses):
+    """:class:`_RowLosses` with forward mode (eager only: dynamo refuses a Function with a ``jvp``)."""
+
     @staticmethod
     def jvp(ctx: Any, x_dot: Any, target_dot: Any, weight_dot: Any, *_: Any) -> Any:
         x, target, weight = ctx.saved_tensors
@@ -118,7 +124,8 @@ class _RowLosses(torch.autograd.Function):
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
-    ce, lse, _, _ = _RowLosses.apply(x, target, weight, opts, xp)
+    function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
+    ce, lse, _, _ = function.apply(x, target, weight, opts, xp)
     return ce, lse
 
 
