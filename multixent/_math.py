@@ -451,7 +451,8 @@ def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options
 
 def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace) -> Array:
     """``∂ce/∂w`` of each row of a block, ``(n, C)``: ``a_c (lse_s - s_c)`` with ``a`` the
-    unweighted target distribution (``(1-ε)[c=y] + ε/C``, or ``t'``); 0 where ``a_c`` is 0.
+    unweighted target distribution (``(1-ε)[c=y] + ε/C``, or ``t'``); 0 where ``a_c`` is 0
+    and the logit is not finite (an ignored row's NaN, a -inf logit).
 
     ``blk`` comes from :func:`_forward_block` without ``out`` (``blk.s`` kept).
     """
@@ -460,14 +461,15 @@ def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace) -> A
     if isinstance(blk.targets, _ClassTargets):
         cls = blk.targets
         classes = xp.arange(num_classes, dtype=cls.index.dtype, device=device(blk.s))
-        a = xp.where(classes == cls.index[:, None], 1.0 - eps + eps / num_classes, eps / num_classes)
+        a = (1.0 - eps) * xp.astype(classes == cls.index[:, None], blk.s.dtype) + eps / num_classes
         if cls.counted is not None:
             a = xp.where(cls.counted[:, None], a, 0.0)
         if cls.poisoned is not None:
             a = xp.where(cls.poisoned[:, None], math.nan, a)
     else:
         a = _smoothed(xp.astype(target, blk.s.dtype), num_classes, opts, None)
-    return xp.where(a == 0, 0.0, a * (blk.lse_s[:, None] - blk.s))
+    nlp = blk.lse_s[:, None] - blk.s  # -log softmax
+    return a * xp.where((a == 0) & ~xp.isfinite(nlp), 0.0, nlp)
 
 
 def row_losses_weight_vjp(
