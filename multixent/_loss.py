@@ -84,10 +84,10 @@ def _prepare(
         target, opts = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
-    rows = xp.reshape(xp.moveaxis(x, axis, -1), (-1, classes))
+    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
     counted = None
     if not is_index:
-        target = xp.reshape(xp.moveaxis(target, axis, -1), (-1, classes))
+        target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, classes))
     elif opts.may_ignore:
         counted = target != opts.ignore_index
     if weight is not None:
@@ -121,6 +121,15 @@ def _index_target(
         target = xp.where(target == info.min, poison, target)
         opts = dataclasses.replace(opts, ignore_index=info.min)
     return target, opts
+
+
+def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
+    """``moveaxis`` as ``permute_dims`` (torch.func.vmap has a batching rule for the latter only)."""
+    n = a.ndim
+    source, destination = source % n, destination % n
+    rest = [i for i in range(n) if i != source]
+    order = tuple(source if p == destination else rest[p if p < destination else p - 1] for p in range(n))
+    return a if order == tuple(range(n)) else xp.permute_dims(a, order)
 
 
 def _mean(total: Array, count: Array | int, xp: Any) -> Array:
@@ -254,7 +263,7 @@ def cross_entropy_and_grad(
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
-    grad = xp.moveaxis(xp.reshape(grad, moved), -1, call.axis)
+    grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
     return loss, grad
 
 

@@ -16,7 +16,11 @@ Their gradient has the closed form used by :func:`row_losses_vjp`::
     ∂ce/∂z = softmax(z) · Σ_c a_c - a,   ∂lse/∂z = softmax(z)
 
 with ``a`` the weighted target distribution above (``a_c = (1-ε) w_y [c=y] +
-ε/C w_c`` or ``t'_c w_c``), times ``1 - tanh²(x/s)`` under ``softcap=s``.
+ε/C w_c`` or ``t'_c w_c``), times ``1 - tanh²(x/s)`` under ``softcap=s``; and
+with respect to the class weights (:func:`row_losses_weight_vjp`)::
+
+    class index y:      ∂ce/∂w_c = (1-ε) [c=y] (lse_s - s_y) + ε/C (lse_s - s_c)
+    probabilities t:    ∂ce/∂w_c = t'_c (lse_s - s_c)
 """
 
 from __future__ import annotations
@@ -343,6 +347,12 @@ def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
 
 
+def _rows(a: Array, start: int, stop: int) -> Array:
+    """Rows ``[start, stop)`` of ``a``; ``a`` itself when that is all of them (torch's
+    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias)."""
+    return a if start == 0 and stop == a.shape[0] else a[start:stop, ...]
+
+
 def block_rows_for(num_classes: int) -> int:
     """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
     return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
@@ -437,7 +447,7 @@ def row_losses(
     outs: list[tuple[Array, ...]] = []
     for a, b in blocks:
         out = x[a:b, ...] if in_x else None if buffer is None else buffer[: b - a, ...]
-        blk = _forward_block(x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=False, out=out)
+        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, dtype, xp, for_grad=False, out=out)
         result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
         if keep_stats:
             stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
@@ -455,6 +465,53 @@ def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options
     log_p = blk.s - blk.lse_s[:, None]
     scale = -(1.0 - opts.label_smoothing) * ce_bar[:, None]
     return scale * log_p if weight is None else scale * weight * log_p
+
+
+def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace) -> Array:
+    """``∂ce/∂w`` of each row of a block, ``(n, C)``: ``a_c (lse_s - s_c)`` with ``a`` the
+    unweighted target distribution (``(1-ε)[c=y] + ε/C``, or ``t'``); 0 where ``a_c`` is 0
+    and the logit is not finite (an ignored row's NaN, a -inf logit).
+
+    ``blk`` comes from :func:`_forward_block` without ``out`` (``blk.s`` kept).
+    """
+    num_classes = blk.s.shape[-1]
+    eps = opts.label_smoothing
+    if isinstance(blk.targets, _ClassTargets):
+        cls = blk.targets
+        classes = xp.arange(num_classes, dtype=cls.index.dtype, device=device(blk.s))
+        a = (1.0 - eps) * xp.astype(classes == cls.index[:, None], blk.s.dtype) + eps / num_classes
+        if cls.counted is not None:
+            a = xp.where(cls.counted[:, None], a, 0.0)
+        if cls.poisoned is not None:
+            a = xp.where(cls.poisoned[:, None], math.nan, a)
+    else:
+        a = _smoothed(xp.astype(target, blk.s.dtype), num_classes, opts, None)
+    nlp = blk.lse_s[:, None] - blk.s  # -log softmax
+    return a * xp.where((a == 0) & ~xp.isfinite(nlp), 0.0, nlp)
+
+
+def row_losses_weight_vjp(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    ce_bar: Array,
+    opts: Options,
+    *,
+    xp: Namespace,
+    block_rows: int | None = None,
+) -> Array:
+    """``w̄_c = Σ_rows ce_bar · ∂ce/∂w_c`` (:func:`_weight_coefs`), in the compute dtype.
+
+    Recomputes the forward, block by block, with differentiable operations.
+    """
+    dtype = compute_dtype(x.dtype, xp)
+    w_bar: Array = None
+    for a, b in _blocks(x.shape[0], block_rows):
+        t_blk = _rows(target, a, b)
+        blk = _forward_block(_rows(x, a, b), t_blk, weight, opts, dtype, xp, for_grad=True)
+        part = xp.sum(xp.astype(_rows(ce_bar, a, b), dtype)[:, None] * _weight_coefs(blk, t_blk, opts, xp), axis=0)
+        w_bar = part if w_bar is None else w_bar + part
+    return w_bar
 
 
 def row_losses_vjp(
@@ -487,7 +544,7 @@ def row_losses_vjp(
     t_bar: Array = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
     g: Array = None
     for a, b in blocks:
-        x_blk, t_blk = x[a:b, ...], target[a:b, ...]
+        x_blk, t_blk, ce_bar_blk = _rows(x, a, b), _rows(target, a, b), _rows(ce_bar, a, b)
         tg = None
         if stats is None or target_grad:
             # the target's gradient needs s, which an in-place exp would overwrite
@@ -495,7 +552,7 @@ def row_losses_vjp(
             blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True, out=scratch)
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
-                tg = xp.astype(_target_grad(blk, ce_bar[a:b, ...], weight, opts), target.dtype)
+                tg = xp.astype(_target_grad(blk, ce_bar_blk, weight, opts), target.dtype)
         else:
             cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
             counted = None if cls is None or opts.in_place else cls.counted
@@ -505,9 +562,7 @@ def row_losses_vjp(
             e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
             e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
-        g = _grad_block(
-            e, e_scale, th, targets, weight, ce_bar[a:b, ...], lse_bar[a:b, ...], opts, xp, x_bar.dest(a, b)
-        )
+        g = _grad_block(e, e_scale, th, targets, weight, ce_bar_blk, _rows(lse_bar, a, b), opts, xp, x_bar.dest(a, b))
         g = x_bar.put(a, b, g)
         if single:
             return g, tg
@@ -541,7 +596,7 @@ def row_losses_and_grad(
     g: Array = None
     for a, b in blocks:
         blk = _forward_block(
-            x[a:b, ...], target[a:b, ...], weight, opts, dtype, xp, for_grad=True, out=x_bar.scratch(a, b)
+            _rows(x, a, b), _rows(target, a, b), weight, opts, dtype, xp, for_grad=True, out=x_bar.scratch(a, b)
         )
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse
@@ -560,23 +615,29 @@ def row_losses_jvp(
     x: Array,
     target: Array,
     weight: Array | None,
-    x_dot: Array,
+    x_dot: Array | None,
     target_dot: Array | None,
     opts: Options,
     *,
     xp: Namespace,
+    weight_dot: Array | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """``(ce, lse, ce_dot, lse_dot)``: the forward and its tangent, in one block.
 
-    ``ce_dot = Σ_c ∂ce/∂x_c · ẋ_c (+ Σ_c ∂ce/∂t_c · ṫ_c)`` from the closed-form
-    gradient, sharing ``exp(s)`` with the forward.
+    ``ce_dot = Σ_c ∂ce/∂x_c · ẋ_c (+ Σ_c ∂ce/∂t_c · ṫ_c + Σ_c ∂ce/∂w_c · ẇ_c)`` from the
+    closed-form gradients, sharing ``exp(s)`` with the forward; a tangent that is None is 0.
     """
     blk = _forward_block(x, target, weight, opts, compute_dtype(x.dtype, xp), xp, for_grad=True)
-    p = blk.e / xp.exp(blk.lse_s)[:, None]
     ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
-    g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
-    g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
-    ce_dot = xp.sum(g_ce * x_dot, axis=-1)
+    ce_dot, lse_dot = zeros, zeros
+    if x_dot is not None:
+        p = blk.e / xp.exp(blk.lse_s)[:, None]
+        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
+        g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
+        ce_dot = xp.sum(g_ce * x_dot, axis=-1)
+        lse_dot = xp.sum(g_lse * x_dot, axis=-1)
     if target_dot is not None:
         ce_dot = ce_dot + xp.sum(_target_grad(blk, ones, weight, opts) * target_dot, axis=-1)
-    return blk.ce, blk.lse, ce_dot, xp.sum(g_lse * x_dot, axis=-1)
+    if weight_dot is not None:
+        ce_dot = ce_dot + xp.sum(_weight_coefs(blk, target, opts, xp) * weight_dot, axis=-1)
+    return blk.ce, blk.lse, ce_dot, lse_dot

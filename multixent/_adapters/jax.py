@@ -1,7 +1,8 @@
 """JAX adapter: the generic forward with a ``custom_jvp`` built from the closed-form gradient.
 
 A JVP rule (not a VJP) keeps forward mode, ``jax.hessian`` and ``vmap``
-working; JAX transposes it for reverse mode. The rule (``_math.row_losses_jvp``)
+working; JAX transposes it for reverse mode. The rule (``_math.row_losses_jvp``,
+with the class weights' tangent too: their true derivative)
 computes the forward and the tangent in one block sharing ``exp(z - m)``, so
 under ``jit`` XLA computes the exponential once and writes the gradient into its
 buffer (1.0x the logits' bytes). ``linear_cross_entropy`` uses a ``custom_vjp``
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from array_api_compat import array_namespace
+from jax.custom_derivatives import SymbolicZero
 
 from .. import _math
 
@@ -41,15 +43,19 @@ def _row_losses(x: Any, target: Any, weight: Any, opts: _math.Options) -> tuple[
     return _math.row_losses(x, target, weight, opts, xp=array_namespace(x))
 
 
-@_row_losses.defjvp
 def _row_losses_jvp(opts: _math.Options, primals: Any, tangents: Any) -> Any:
     x, target, weight = primals
-    x_dot, target_dot, _ = tangents  # no derivative with respect to the class weights (as torch)
-    probs_target = jnp.issubdtype(target.dtype, jnp.floating)
+    # symbolic zeros (inputs not differentiated, integer targets) cost nothing
+    x_dot, target_dot, weight_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+    if not jnp.issubdtype(target.dtype, jnp.floating):
+        target_dot = None
     ce, lse, ce_dot, lse_dot = _math.row_losses_jvp(
-        x, target, weight, x_dot, target_dot if probs_target else None, opts, xp=array_namespace(x)
+        x, target, weight, x_dot, target_dot, opts, xp=array_namespace(x), weight_dot=weight_dot
     )
     return (ce, lse), (ce_dot, lse_dot)
+
+
+_row_losses.defjvp(_row_losses_jvp, symbolic_zeros=True)
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:

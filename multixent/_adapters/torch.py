@@ -8,6 +8,13 @@ being differentiated (``create_graph=True``) it recomputes everything with
 differentiable operations in one block, so double backward works. Under
 ``torch.compile`` everything is one block (the compiler fuses it) and the
 eager index check is skipped (out-of-range indices give NaN).
+
+The Function has torch.func's form (``setup_context``, a ``jvp``, a generated
+vmap rule): under a torch.func transform (``grad``, ``vmap``, ``jacrev``,
+``jacfwd``, ``hessian``, ``jvp``; also ``is_grads_batched``) the math runs as
+under autograd recording: one block, no ``out=``, no in-place update of a view.
+Class weights that require grad get their true gradient
+(:func:`multixent._math.row_losses_weight_vjp`).
 """
 
 from __future__ import annotations
@@ -25,40 +32,64 @@ quiet = contextlib.nullcontext
 
 
 def concrete(a: Any) -> Any:
-    return None if torch.compiler.is_compiling() else a
+    """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor."""
+    return None if torch.compiler.is_compiling() or _wrapped(a) else a
+
+
+def _wrapped(a: Any) -> bool:
+    """A tensor of a torch.func transform, or of the legacy vmap behind ``is_grads_batched``."""
+    functorch = torch._C._functorch
+    return isinstance(a, torch.Tensor) and (
+        functorch.is_functorch_wrapped_tensor(a) or functorch.is_legacy_batchedtensor(a)
+    )
+
+
+def _transformed(*arrays: Any) -> bool:
+    """Under a transform (not compiling): no ``out=``, no setitem into views, no in-place update of a batched tensor."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or any(_wrapped(a) for a in arrays)
 
 
 def blocking(x: torch.Tensor, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
-    """Eager: blocks of rows computed in place; compiled: one block (the compiler fuses it).
+    """Eager: blocks of rows computed in place; compiled or transformed: one block, out of place.
 
     ``inputs`` are the call's other arrays: out= refuses any that autograd
     records (cross_entropy_and_grad under grad mode), and then nothing is in place.
     """
-    if torch.compiler.is_compiling():
-        return None, opts
+    if torch.compiler.is_compiling() or _transformed(x, *inputs):
+        return None, dataclasses.replace(opts, in_place=False)
     recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
     in_place = not recorded
     return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
 
 
 class _RowLosses(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, xp: Any) -> Any:
-        block_rows, eager_opts = blocking(x, opts)
-        ce, lse, shift, lse_shifted = _math.row_losses(
-            x, target, weight, eager_opts, xp=xp, block_rows=block_rows, keep_stats=True
-        )
-        ctx.save_for_backward(x, target, weight, shift, lse_shifted)
-        ctx.opts, ctx.xp = opts, xp
-        return ce, lse
+    """``(ce, lse)`` per row, and the per-row stats ``(m, lse_s)`` the backward takes (not differentiable)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor) -> Any:
+    def forward(x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, xp: Any) -> Any:
+        block_rows, eager_opts = blocking(x, opts, target, weight)
+        return _math.row_losses(x, target, weight, eager_opts, xp=xp, block_rows=block_rows, keep_stats=True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x, target, weight, opts, xp = inputs
+        _, _, shift, lse_shifted = output
+        ctx.mark_non_differentiable(shift, lse_shifted)
+        ctx.save_for_backward(x, target, weight, shift, lse_shifted)
+        ctx.save_for_forward(x, target, weight)
+        ctx.opts, ctx.xp = opts, xp
+
+    @staticmethod
+    def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
         x, target, weight, shift, lse_shifted = ctx.saved_tensors
-        # create_graph=True: recompute lse and stay out of place, in one block
-        differentiable = torch.is_grad_enabled()
+        # create_graph=True or a transform: recompute lse and stay out of place, in one block
+        differentiable = torch.is_grad_enabled() or _transformed(x, ce_bar, lse_bar)
         if differentiable:
-            block_rows, opts = None, dataclasses.replace(ctx.opts, stop_gradient=torch.Tensor.detach)
+            block_rows, opts = None, dataclasses.replace(ctx.opts, stop_gradient=torch.Tensor.detach, in_place=False)
         else:
             block_rows, opts = blocking(x, ctx.opts)
         x_bar, t_bar = _math.row_losses_vjp(
@@ -73,11 +104,29 @@ class _RowLosses(torch.autograd.Function):
             block_rows=block_rows,
             target_grad=ctx.needs_input_grad[1],
         )
-        return x_bar, t_bar, None, None, None
+        w_bar = None
+        if ctx.needs_input_grad[2]:
+            w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, opts, xp=ctx.xp, block_rows=block_rows)
+        return x_bar, t_bar, w_bar, None, None
+
+
+class _RowLossesJvp(_RowLosses):
+    """:class:`_RowLosses` with forward mode (eager only: dynamo refuses a Function with a ``jvp``)."""
+
+    @staticmethod
+    def jvp(ctx: Any, x_dot: Any, target_dot: Any, weight_dot: Any, *_: Any) -> Any:
+        x, target, weight = ctx.saved_tensors
+        opts = dataclasses.replace(ctx.opts, stop_gradient=torch.Tensor.detach)
+        _, _, ce_dot, lse_dot = _math.row_losses_jvp(
+            x, target, weight, x_dot, target_dot, opts, xp=ctx.xp, weight_dot=weight_dot
+        )
+        return ce_dot, lse_dot, None, None
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
-    return _RowLosses.apply(x, target, weight, opts, xp)
+    function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
+    ce, lse, _, _ = function.apply(x, target, weight, opts, xp)
+    return ce, lse
 
 
 # --------------------------------------------------------------------------
