@@ -28,6 +28,7 @@ in-place ``acc += a @ b``; a compiled loop over the chunks) and
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -219,8 +220,8 @@ def loss_and_grads(
     *,
     xp: Namespace,
     hooks: Hooks = PLAIN,
-) -> tuple[Array, tuple[Array, Array, Array | None]]:
-    """:func:`scalar_loss` and its gradients ``(h̄, W̄, b̄)`` in one pass over the chunks.
+) -> tuple[tuple[Array, Array], tuple[Array, Array, Array | None]]:
+    """Per-row ``(ce, lse)`` and the gradients ``(h̄, W̄, b̄)`` of :func:`scalar_loss` in one pass over the chunks.
 
     ``lse_scale`` is ``2·z_loss·(z-loss denominator)⁻¹``, or None without z-loss.
     Each chunk's ``ḡ`` comes from :func:`multixent._math.row_losses_and_grad`.
@@ -247,7 +248,45 @@ def loss_and_grads(
         return carry, (ce, lse, h_bar)
 
     carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target), spec.chunk, xp)
-    return scalar_loss(ce, lse, ce_scale, lse_scale, xp), _cast_grads(h_bar, carry, h, w, b, xp)
+    return (ce, lse), _cast_grads(h_bar, carry, h, w, b, xp)
+
+
+def weight_vjp(
+    h: Array,
+    w: Array,
+    b: Array | None,
+    target: Array,
+    ce_bar: Array,
+    spec: Spec,
+    *,
+    xp: Namespace,
+    hooks: Hooks = PLAIN,
+) -> Array:
+    """``w̄_c = Σ_rows ce_bar·∂ce/∂w_c`` for the class weights ``w``, recomputing each chunk's logits.
+
+    With ``z`` the (softcapped) logits of a counted row and ``y`` its class::
+
+        ∂ce/∂w_c = (1-ε) [c=y] (lse - z_y) + ε/C (lse - z_c)
+
+    (ce is linear in ``w``, so this does not depend on ``w``). The "mean"
+    denominator ``Σ w_y`` is the caller's (its ``ce_scale``).
+    """
+    dtype = _dtype(h, w, b, xp)
+    wc = xp.astype(w, dtype, copy=False)
+    num_classes, eps = w.shape[0], spec.opts.label_smoothing
+    classes = xp.arange(num_classes, dtype=target.dtype, device=device(h))
+
+    def body(acc: Array, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
+        h_c, t_c, ce_bar_c = xs
+        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp)
+        z, _ = _math._prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
+        nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp) - z  # lse - z_c
+        d_w = (eps / num_classes) * nll + xp.where(classes == cls.index[:, None], (1 - eps) * nll, 0.0)
+        return acc + cls.mask(ce_bar_c, xp) @ d_w, ()
+
+    zero = xp.zeros((num_classes,), dtype=dtype, device=device(h))
+    acc, _ = hooks.loop(body, zero, (h, target, xp.astype(ce_bar, dtype, copy=False)), spec.chunk, xp)
+    return acc
 
 
 # --------------------------------------------------------------------------
@@ -373,7 +412,7 @@ def linear_cross_entropy(
 
     dtype = _dtype(hidden, classifier, bias, xp)
     out_dtype = xp.result_type(hidden.dtype, classifier.dtype)
-    h = xp.reshape(hidden, (-1, dim))
+    h = xp.reshape(hidden, (math.prod(hidden.shape[:-1]), dim))  # not -1: D may be 0
     t = xp.reshape(target, (-1,))
     if weight is not None:
         weight = xp.astype(weight, dtype)
