@@ -411,7 +411,7 @@ def linear_cross_entropy(
         opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, num_classes, ignore_index))
 
     dtype = _dtype(hidden, classifier, bias, xp)
-    out_dtype = xp.result_type(hidden.dtype, classifier.dtype)
+    out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
     h = xp.reshape(hidden, (math.prod(hidden.shape[:-1]), dim))  # not -1: D may be 0
     t = xp.reshape(target, (-1,))
     if weight is not None:

@@ -170,3 +170,8 @@ def linear_scalar(
     from .. import _linear
 
     return _linear_scalar(h, w, b, target, weight, ce_scale, lse_scale, _linear.Spec(opts, chunk))
+
+
+def linear_out_dtype(dtype: Any, hidden: Any) -> Any:
+    """The loss's dtype: the inputs'."""
+    return dtype

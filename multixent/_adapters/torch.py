@@ -193,7 +193,9 @@ def _op_opts(opts: _math.Options, chunk: int) -> tuple[Any, ...]:
 
 class _LinearScalar(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any) -> Any:
+    def forward(
+        ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any
+    ) -> Any:
         from .. import _linear
 
         need = ctx.needs_input_grad
@@ -209,22 +211,22 @@ class _LinearScalar(torch.autograd.Function):
             torch.sum(lse * lse) / 2 if need[6] else None,
         )
         ctx.opts = opts
-        return _linear.scalar_loss(ce, lse, ce_s, lse_s, array_namespace(ce))
+        return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         # The saved gradients are scaled in place (eager): a second backward
         # through a retained graph then fails torch's saved-tensor version check.
+        *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
         compiling = torch.compiler.is_compiling()
-        if not compiling:
+        if not compiling and any(s is not None for s in grads):
             if getattr(ctx, "scaled", False):
                 raise RuntimeError(
                     "multixent: linear_cross_entropy's backward runs once per forward (it scales the gradients "
                     "computed in the forward in place); compute the loss again to differentiate it again"
                 )
             ctx.scaled = True
-        *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
         scaled = [
             None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype)) for s in grads
         ]
@@ -232,7 +234,7 @@ class _LinearScalar(torch.autograd.Function):
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
         extra = [None if s is None else g * s for s in (ce_sum, lse_sq)]
-        return (*scaled, None, weight_bar, *extra, None)
+        return (*scaled, None, weight_bar, *extra, None, None)
 
 
 class _LinearRows(torch.autograd.Function):
@@ -268,6 +270,13 @@ def _autocast(h: Any, w: Any, b: Any) -> tuple[Any, Any, Any]:
     return tuple(a if a is None or a.dtype == torch.float64 else a.to(dtype) for a in (h, w, b))  # type: ignore[return-value]
 
 
+def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
+    """The loss's dtype: the inputs', at least float32 under autocast (as ``F.cross_entropy`` there)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
 def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
     h, w, b = _autocast(h, w, b)
     return _LinearRows.apply(h, w, b, target, weight, _op_opts(opts, chunk))  # type: ignore[no-untyped-call]
@@ -286,4 +295,4 @@ def linear_scalar(
     xp: Any,
 ) -> Any:
     h, w, b = _autocast(h, w, b)
-    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, _op_opts(opts, chunk))  # type: ignore[no-untyped-call]
+    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, _op_opts(opts, chunk), xp)  # type: ignore[no-untyped-call]
