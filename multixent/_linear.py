@@ -20,6 +20,9 @@ Two ways to differentiate, chosen by the reduction:
   per row, so the forward keeps only the per-row ``lse`` and the backward
   recomputes each chunk's logits (4 matrix products).
 
+The class weights' gradient (:func:`weight_vjp`) recomputes each chunk's
+logits: ``w̄_c = Σ_rows ce_bar·((1-ε)[c=y](lse - z_y) + ε/C (lse - z_c))``.
+
 Nothing here names a framework; an adapter may pass :class:`Hooks` (an
 in-place ``acc += a @ b``; a compiled loop over the chunks) and
 ``Spec.block_rows`` (cache blocking inside a chunk).
@@ -365,8 +368,9 @@ def linear_cross_entropy(
     ``jax.jit``, against 3.0× and 2.1× for the naive path). A larger chunk
     means fewer passes over ``classifier`` and its gradient and larger matrix
     products, a smaller one less memory. With JAX the chunks run in one
-    ``lax.scan`` (the remainder after it); elsewhere in a Python loop
-    (unrolled by ``torch.compile``).
+    ``lax.scan`` (the remainder after it); with torch inside custom ops
+    (``torch.library``), which ``torch.compile`` keeps opaque: it compiles
+    in the time of one chunk whatever their number; elsewhere in a Python loop.
 
     Gradients: for "mean" and "sum" they are computed during the forward
     (the upstream gradient is one scalar, so the backward only scales them:
@@ -380,8 +384,21 @@ def linear_cross_entropy(
 
     float16/bfloat16 inputs are computed in float32 (the classifier is upcast
     once; the logits, softmax and gradient accumulation are float32); the
-    gradients come back in each input's dtype. NumPy and other libraries
-    without autodiff return the value.
+    gradients come back in each input's dtype. Under ``torch.autocast``,
+    ``hidden``, ``classifier`` and ``bias`` are first cast to the autocast
+    dtype, as ``F.linear`` casts them (float64 stays), then computed as such
+    inputs; the loss is at least float32, as ``F.cross_entropy``'s there.
+
+    ``weight`` (the class weights) is differentiated too, with the true
+    derivative: per counted row with (softcapped) logits ``z`` and class ``y``,
+    ``∂ce/∂w_c = (1-ε)[c=y](lse - z_y) + ε/C (lse - z_c)``, and "mean" adds
+    the dependence of its denominator ``Σ w_y`` (torch's ``F.cross_entropy``
+    refuses this gradient). It costs one more pass over the chunks, made
+    only when ``weight`` requires grad on torch (JAX's backward always
+    computes it when ``weight`` is given; under ``jit`` XLA drops it unless used).
+
+    ``hidden`` of size 0 in ``D`` gives logits equal to ``bias`` (or 0: ``log V``
+    per row). NumPy and other libraries without autodiff return the value.
 
     Example::
 

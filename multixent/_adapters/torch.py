@@ -227,9 +227,7 @@ class _LinearScalar(torch.autograd.Function):
                     "computed in the forward in place); compute the loss again to differentiate it again"
                 )
             ctx.scaled = True
-        scaled = [
-            None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype)) for s in grads
-        ]
+        scaled = [None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype)) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
