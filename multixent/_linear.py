@@ -20,6 +20,9 @@ Two ways to differentiate, chosen by the reduction:
   per row, so the forward keeps only the per-row ``lse`` and the backward
   recomputes each chunk's logits (4 matrix products).
 
+The class weights' gradient (:func:`weight_vjp`) recomputes each chunk's
+logits: ``w̄_c = Σ_rows ce_bar·((1-ε)[c=y](lse - z_y) + ε/C (lse - z_c))``.
+
 Nothing here names a framework; an adapter may pass :class:`Hooks` (an
 in-place ``acc += a @ b``; a compiled loop over the chunks) and
 ``Spec.block_rows`` (cache blocking inside a chunk).
@@ -28,6 +31,7 @@ in-place ``acc += a @ b``; a compiled loop over the chunks) and
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -219,8 +223,8 @@ def loss_and_grads(
     *,
     xp: Namespace,
     hooks: Hooks = PLAIN,
-) -> tuple[Array, tuple[Array, Array, Array | None]]:
-    """:func:`scalar_loss` and its gradients ``(h̄, W̄, b̄)`` in one pass over the chunks.
+) -> tuple[tuple[Array, Array], tuple[Array, Array, Array | None]]:
+    """Per-row ``(ce, lse)`` and the gradients ``(h̄, W̄, b̄)`` of :func:`scalar_loss` in one pass over the chunks.
 
     ``lse_scale`` is ``2·z_loss·(z-loss denominator)⁻¹``, or None without z-loss.
     Each chunk's ``ḡ`` comes from :func:`multixent._math.row_losses_and_grad`.
@@ -247,7 +251,45 @@ def loss_and_grads(
         return carry, (ce, lse, h_bar)
 
     carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target), spec.chunk, xp)
-    return scalar_loss(ce, lse, ce_scale, lse_scale, xp), _cast_grads(h_bar, carry, h, w, b, xp)
+    return (ce, lse), _cast_grads(h_bar, carry, h, w, b, xp)
+
+
+def weight_vjp(
+    h: Array,
+    w: Array,
+    b: Array | None,
+    target: Array,
+    ce_bar: Array,
+    spec: Spec,
+    *,
+    xp: Namespace,
+    hooks: Hooks = PLAIN,
+) -> Array:
+    """``w̄_c = Σ_rows ce_bar·∂ce/∂w_c`` for the class weights ``w``, recomputing each chunk's logits.
+
+    With ``z`` the (softcapped) logits of a counted row and ``y`` its class::
+
+        ∂ce/∂w_c = (1-ε) [c=y] (lse - z_y) + ε/C (lse - z_c)
+
+    (ce is linear in ``w``, so this does not depend on ``w``). The "mean"
+    denominator ``Σ w_y`` is the caller's (its ``ce_scale``).
+    """
+    dtype = _dtype(h, w, b, xp)
+    wc = xp.astype(w, dtype, copy=False)
+    num_classes, eps = w.shape[0], spec.opts.label_smoothing
+    classes = xp.arange(num_classes, dtype=target.dtype, device=device(h))
+
+    def body(acc: Array, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
+        h_c, t_c, ce_bar_c = xs
+        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp)
+        z, _ = _math._prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
+        nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp) - z  # lse - z_c
+        d_w = (eps / num_classes) * nll + xp.where(classes == cls.index[:, None], (1 - eps) * nll, 0.0)
+        return acc + cls.mask(ce_bar_c, xp) @ d_w, ()
+
+    zero = xp.zeros((num_classes,), dtype=dtype, device=device(h))
+    acc, _ = hooks.loop(body, zero, (h, target, xp.astype(ce_bar, dtype, copy=False)), spec.chunk, xp)
+    return acc
 
 
 # --------------------------------------------------------------------------
@@ -326,8 +368,9 @@ def linear_cross_entropy(
     ``jax.jit``, against 3.0× and 2.1× for the naive path). A larger chunk
     means fewer passes over ``classifier`` and its gradient and larger matrix
     products, a smaller one less memory. With JAX the chunks run in one
-    ``lax.scan`` (the remainder after it); elsewhere in a Python loop
-    (unrolled by ``torch.compile``).
+    ``lax.scan`` (the remainder after it); with torch inside custom ops
+    (``torch.library``), which ``torch.compile`` keeps opaque: it compiles
+    in the time of one chunk whatever their number; elsewhere in a Python loop.
 
     Gradients: for "mean" and "sum" they are computed during the forward
     (the upstream gradient is one scalar, so the backward only scales them:
@@ -341,8 +384,21 @@ def linear_cross_entropy(
 
     float16/bfloat16 inputs are computed in float32 (the classifier is upcast
     once; the logits, softmax and gradient accumulation are float32); the
-    gradients come back in each input's dtype. NumPy and other libraries
-    without autodiff return the value.
+    gradients come back in each input's dtype. Under ``torch.autocast``,
+    ``hidden``, ``classifier`` and ``bias`` are first cast to the autocast
+    dtype, as ``F.linear`` casts them (float64 stays), then computed as such
+    inputs; the loss is at least float32, as ``F.cross_entropy``'s there.
+
+    ``weight`` (the class weights) is differentiated too, with the true
+    derivative: per counted row with (softcapped) logits ``z`` and class ``y``,
+    ``∂ce/∂w_c = (1-ε)[c=y](lse - z_y) + ε/C (lse - z_c)``, and "mean" adds
+    the dependence of its denominator ``Σ w_y`` (torch's ``F.cross_entropy``
+    refuses this gradient). It costs one more pass over the chunks, made
+    only when ``weight`` requires grad on torch (JAX's backward always
+    computes it when ``weight`` is given; under ``jit`` XLA drops it unless used).
+
+    ``hidden`` of size 0 in ``D`` gives logits equal to ``bias`` (or 0: ``log V``
+    per row). NumPy and other libraries without autodiff return the value.
 
     Example::
 
@@ -372,8 +428,8 @@ def linear_cross_entropy(
         opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, num_classes, ignore_index))
 
     dtype = _dtype(hidden, classifier, bias, xp)
-    out_dtype = xp.result_type(hidden.dtype, classifier.dtype)
-    h = xp.reshape(hidden, (-1, dim))
+    out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
+    h = xp.reshape(hidden, (math.prod(hidden.shape[:-1]), dim))  # not -1: D may be 0
     t = xp.reshape(target, (-1,))
     if weight is not None:
         weight = xp.astype(weight, dtype)

@@ -10,6 +10,7 @@ comma-separated list; unset means all) and skip when the framework is missing.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -496,3 +497,355 @@ def test_jax_vmap(jax_x64) -> None:
     fused = jax.vmap(jax.grad(lambda h: multixent.linear_cross_entropy(h, w, y, chunk_size=4, z_loss=0.1)))
     naive = jax.vmap(jax.grad(lambda h: _jax_native(h @ w.T, y, z_loss=0.1)))
     np.testing.assert_allclose(jax.jit(fused)(hs), naive(hs), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Issue 9: autocast, bfloat16 parameters, class-weight gradients, D=0, torch.compile
+
+
+def _torch_manual(x, y, weight, reduction: str, label_smoothing: float = 0.0):
+    """Cross-entropy written out with differentiable torch ops (F.cross_entropy refuses weight gradients)."""
+    import torch
+
+    logp = torch.log_softmax(x, dim=-1)
+    counted = y != -100
+    yy = torch.where(counted, y, 0)
+    eps = label_smoothing
+    ce = -(1 - eps) * weight[yy] * logp.gather(1, yy[:, None])[:, 0] - eps / x.shape[-1] * (logp * weight).sum(-1)
+    ce = torch.where(counted, ce, 0.0)
+    if reduction == "none":
+        return ce
+    return ce.sum() if reduction == "sum" else ce.sum() / (weight[yy] * counted).sum()
+
+
+def _bf16_close(got, want, name: str = "value") -> None:
+    """Equal to bfloat16 rounding: 8 ulps of bfloat16 relative to the largest entry."""
+    import torch
+
+    eps = torch.finfo(torch.bfloat16).eps
+    scale = want.detach().double().abs().max().clamp(min=1.0)
+    torch.testing.assert_close(
+        got.detach().double(),
+        want.detach().double(),
+        rtol=8 * eps,
+        atol=8 * eps * scale.item(),
+        msg=lambda m: f"{name}: {m}",
+    )
+
+
+@torch_only
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_autocast(reduction: str, bias: bool) -> None:
+    """Under CPU bfloat16 autocast: float32 leaves, as F.cross_entropy(F.linear(h, W, b)) under the same autocast."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    data = _data(bias=bias)
+    y = torch.as_tensor(data["y_ignored"])
+    weight = torch.as_tensor(data["weight"], dtype=torch.float32)
+    leaves = {k: torch.as_tensor(data[k], dtype=torch.float32) for k in ("h", "w", "b") if data[k] is not None}
+    kw = {"weight": weight, "reduction": reduction, "label_smoothing": 0.1}
+
+    def run(fn):
+        ls = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(ls)
+        up = torch.linspace(0.5, 2.0, max(out.numel(), 1)).reshape(out.shape)
+        (out * up).sum().backward()
+        return out, {k: v.grad for k, v in ls.items()}
+
+    got, g_got = run(
+        lambda ls: multixent.linear_cross_entropy(ls["h"], ls["w"], y, bias=ls.get("b"), chunk_size=4, **kw)
+    )
+    want, g_want = run(lambda ls: F.cross_entropy(F.linear(ls["h"], ls["w"], ls.get("b")), y, **kw))
+    assert got.dtype == want.dtype == torch.float32
+    _bf16_close(got, want)
+    for k in g_want:
+        assert g_got[k].dtype == torch.float32
+        _bf16_close(g_got[k], g_want[k], f"grad of {k}")
+    # the float64 loss of the bfloat16-rounded inputs: the value is that to float32 precision
+    rounded = {k: v.bfloat16().double() for k, v in leaves.items()}
+    x = rounded["h"] @ rounded["w"].T + rounded.get("b", 0.0)
+    oracle = _torch_manual(x, y, weight.double(), reduction, 0.1)
+    torch.testing.assert_close(got.double(), oracle, rtol=1e-5, atol=1e-5)
+
+
+@torch_only
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_bfloat16_parameters_no_bias(reduction: str, autocast: bool) -> None:
+    """bfloat16 h and W (no bias), with and without autocast: as the naive path in bfloat16."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    data = _data(bias=False)
+    y = torch.as_tensor(data["y"])
+
+    def run(fn):
+        h, w = (torch.as_tensor(data[k], dtype=torch.bfloat16).requires_grad_() for k in ("h", "w"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(h, w)
+        out.float().sum().backward()
+        return out, (h.grad, w.grad)
+
+    got, g_got = run(lambda h, w: multixent.linear_cross_entropy(h, w, y, chunk_size=4, reduction=reduction))
+    want, g_want = run(lambda h, w: F.cross_entropy(F.linear(h, w), y, reduction=reduction))
+    assert got.dtype == want.dtype and all(g.dtype == torch.bfloat16 for g in g_got)
+    _bf16_close(got, want)
+    for a, b in zip(g_got, g_want, strict=True):
+        _bf16_close(a, b, "grad")
+
+
+WEIGHT_GRAD_CASES = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.3},
+    "ignore": {"ignore": True},
+    "all": {"ignore": True, "label_smoothing": 0.2, "bias": True},
+}
+
+
+@torch_only
+@pytest.mark.parametrize("others", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(WEIGHT_GRAD_CASES))
+def test_torch_weight_grad(option: str, reduction: str, others: bool) -> None:
+    """The class weights' true derivative (the "mean" denominator included), alone or with h, W, b."""
+    torch = pytest.importorskip("torch")
+    spec, data = WEIGHT_GRAD_CASES[option], _data()
+    y = torch.as_tensor(_target(spec, data))
+    eps = spec.get("label_smoothing", 0.0)
+    fixed = {k: torch.as_tensor(data[k]) for k in ("h", "w", "b", "weight")}
+    if not spec.get("bias"):
+        fixed["b"] = None
+
+    def run(fn):
+        leaves = {k: v.clone().requires_grad_(k == "weight" or others) for k, v in fixed.items() if v is not None}
+        out = fn(leaves)
+        up = torch.linspace(0.5, 2.0, max(out.numel(), 1), dtype=torch.float64).reshape(out.shape)
+        (out * up).sum().backward()
+        return out, {k: v.grad for k, v in leaves.items()}
+
+    def fused(ls):
+        return multixent.linear_cross_entropy(
+            ls["h"],
+            ls["w"],
+            y,
+            bias=ls.get("b"),
+            weight=ls["weight"],
+            chunk_size=4,
+            reduction=reduction,
+            label_smoothing=eps,
+        )
+
+    def naive(ls):
+        return _torch_manual(ls["h"] @ ls["w"].T + ls.get("b", 0.0), y, ls["weight"], reduction, eps)
+
+    got, g_got = run(fused)
+    want, g_want = run(naive)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert g_got.keys() == g_want.keys()
+    for k in g_want:
+        if g_want[k] is not None or g_got[k] is not None:
+            torch.testing.assert_close(g_got[k], g_want[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+    # and against float64 finite differences
+    w0 = fixed["weight"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda wt: multixent.linear_cross_entropy(
+            fixed["h"],
+            fixed["w"],
+            y,
+            bias=fixed["b"],
+            weight=wt,
+            chunk_size=4,
+            reduction=reduction,
+            label_smoothing=eps,
+        ),
+        (w0,),
+    )
+
+
+@torch_only
+def test_torch_weight_grad_issue_example() -> None:
+    """The example of issue 9 (logits x = h @ W.T with W = I); its 3-digit numbers were [0.190, -0.095, 0]."""
+    torch = pytest.importorskip("torch")
+    h = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    multixent.linear_cross_entropy(h, torch.eye(3, dtype=torch.float64), torch.tensor([0, 1]), weight=w).backward()
+    # by hand: loss = (w0·nll0 + w1·nll1) / (w0 + w1), so ∂/∂w0 = nll0/S - loss/S, ∂/∂w1 = nll1/S - loss/S
+    nll0, nll1 = math.log(math.e + math.e**2 + math.e**3) - 1.0, math.log(math.e + 2.0)
+    loss = (nll0 + 2.0 * nll1) / 3.0
+    want = torch.tensor([(nll0 - loss) / 3.0, (nll1 - loss) / 3.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(w.grad, want, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(w.grad, torch.tensor([0.190, -0.095, 0.0], dtype=torch.float64), rtol=0, atol=5e-4)
+
+
+@jax_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", list(WEIGHT_GRAD_CASES))
+def test_jax_weight_grad(jax_x64, option: str, reduction: str) -> None:
+    """jax.grad with respect to the class weights (and h): the naive jnp loss's, and finite differences."""
+    import jax
+    import jax.numpy as jnp
+    from jax.test_util import check_grads
+
+    spec, data = WEIGHT_GRAD_CASES[option], _data()
+    y = jnp.asarray(_target(spec, data))
+    eps = spec.get("label_smoothing", 0.0)
+    b = jnp.asarray(data["b"]) if spec.get("bias") else None
+    h, w, wt = jnp.asarray(data["h"]), jnp.asarray(data["w"]), jnp.asarray(data["weight"])
+    up = jnp.linspace(0.5, 2.0, N if reduction == "none" else 1)
+
+    def fused(h, wt):
+        out = multixent.linear_cross_entropy(
+            h, w, y, bias=b, weight=wt, chunk_size=4, reduction=reduction, label_smoothing=eps
+        )
+        return jnp.sum(out * up)
+
+    def naive(h, wt):
+        x = h @ w.T + (0.0 if b is None else b)
+        return jnp.sum(_jax_native(x, y, weight=wt, reduction=reduction, label_smoothing=eps) * up)
+
+    grad = jax.jit(jax.grad(fused, argnums=(0, 1)))
+    for a, r in zip(grad(h, wt), jax.grad(naive, argnums=(0, 1))(h, wt), strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
+    check_grads(jax.jit(lambda wt: fused(h, jnp.asarray(wt))), (wt,), order=1, modes=["rev"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@numpy_only
+def test_numpy_hidden_size_zero(reduction: str, bias: bool) -> None:
+    """D=0: the logits are the bias (or 0): log C per row without bias."""
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=V) if bias else None
+    y = rng.integers(0, V, 6)
+    got = multixent.linear_cross_entropy(
+        np.zeros((2, 3, 0)), np.zeros((V, 0)), y.reshape(2, 3), bias=b, reduction=reduction, chunk_size=4
+    )
+    bb = np.zeros(V) if b is None else b
+    rows = (logsumexp(bb) - bb[y]).reshape(2, 3)
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    if not bias:
+        np.testing.assert_allclose(rows, np.log(V), rtol=1e-12)
+
+
+@torch_only
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_hidden_size_zero(reduction: str, bias: bool) -> None:
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    y = torch.tensor([0, 3, 7, 12, 3, 3])
+    b0 = torch.linspace(-1.0, 2.0, V, dtype=torch.float64) if bias else None
+
+    def run(fn):
+        h = torch.zeros(6, 0, dtype=torch.float64, requires_grad=True)
+        w = torch.zeros(V, 0, dtype=torch.float64, requires_grad=True)
+        b = None if b0 is None else b0.clone().requires_grad_()
+        out = fn(h, w, b)
+        out.sum().backward()
+        return out, [t.grad for t in (h, w, b) if t is not None]
+
+    got, g_got = run(lambda h, w, b: multixent.linear_cross_entropy(h, w, y, bias=b, chunk_size=4, reduction=reduction))
+    want, g_want = run(lambda h, w, b: F.cross_entropy(F.linear(h, w, b), y, reduction=reduction))
+    torch.testing.assert_close(got, want)
+    for a, r in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, r)
+
+
+@jax_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_hidden_size_zero(jax_x64, reduction: str) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    y = jnp.asarray([0, 3, 7, 12, 3, 3])
+    b = jnp.linspace(-1.0, 2.0, V)
+    h, w = jnp.zeros((6, 0)), jnp.zeros((V, 0))
+
+    def fused(h, w, b):
+        return jnp.sum(multixent.linear_cross_entropy(h, w, y, bias=b, chunk_size=4, reduction=reduction))
+
+    def naive(h, w, b):
+        return jnp.sum(_jax_native(h @ w.T + b, y, reduction=reduction))
+
+    for got, want in zip(
+        jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(h, w, b),
+        jax.value_and_grad(naive, argnums=(0, 1, 2))(h, w, b),
+        strict=True,
+    ):
+        jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-15), got, want)
+    out = multixent.linear_cross_entropy(h, w, y, reduction=reduction)
+    np.testing.assert_allclose(out, np.log(V) * (6 if reduction == "sum" else 1), rtol=1e-12)
+
+
+@torch_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_graph_does_not_grow_with_chunks(reduction: str) -> None:
+    """The chunk loop runs inside custom ops: 1 and 32 chunks trace the same graphs; values and grads as eager."""
+    torch = pytest.importorskip("torch")
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    n, d, v = 32, 16, 100
+    gen = torch.Generator().manual_seed(0)
+    h0, w0, b0 = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen), torch.randn(v, generator=gen)
+    wt0 = torch.rand(v, generator=gen) + 0.5
+    y = torch.randint(0, v, (n,), generator=gen)
+
+    def loss(h, w, b, wt, chunk):
+        out = multixent.linear_cross_entropy(
+            h, w, y, bias=b, weight=wt, chunk_size=chunk, reduction=reduction, z_loss=0.1
+        )
+        return (out * torch.arange(1, out.numel() + 1).reshape(out.shape)).sum()
+
+    graphs: dict[int, list[str]] = {}
+    for chunk in (n, 1):
+        torch._dynamo.reset()
+        nodes: list[str] = []
+
+        def record(gm, example_inputs, nodes=nodes):
+            nodes.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            return make_boxed_func(gm.forward)
+
+        compiled = torch.compile(
+            lambda *a, chunk=chunk: loss(*a, chunk),
+            fullgraph=True,
+            backend=aot_autograd(fw_compiler=record, bw_compiler=record),
+        )
+        leaves = [t.clone().requires_grad_() for t in (h0, w0, b0, wt0)]
+        got = compiled(*leaves)
+        grads = torch.autograd.grad(got, leaves)
+        refs = [t.clone().requires_grad_() for t in (h0, w0, b0, wt0)]
+        want = loss(*refs, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, r in zip(grads, torch.autograd.grad(want, refs), strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        graphs[chunk] = nodes
+    assert graphs[n] == graphs[1]
+    assert sum("mm" in name for name in graphs[1]) == 0  # every matrix product is inside the ops
+    assert any("multixent" in name for name in graphs[1])
+
+
+@torch_only
+def test_torch_custom_ops_opcheck() -> None:
+    """The custom ops' schemas and fake (meta) implementations agree with the real ones."""
+    torch = pytest.importorskip("torch")
+    from multixent._adapters import torch as adapter
+
+    data = _data()
+    h, w, b, weight = (torch.as_tensor(data[k]) for k in ("h", "w", "b", "weight"))
+    y = torch.as_tensor(data["y_ignored"])
+    opts = (-100, 0.1, 3.0, True, 4)
+    ones = torch.ones(N, dtype=torch.float64)
+    cases = [
+        (adapter._rows_op, (h, w, b, y, weight, *opts)),
+        (adapter._rows_op, (h, w, None, y, None, *opts)),
+        (adapter._loss_and_grads_op, (h, w, b, y, weight, torch.tensor(0.5, dtype=torch.float64), None, *opts)),
+        (adapter._rows_vjp_op, (h, w, None, y, weight, ones, ones, *opts)),
+        (adapter._weight_vjp_op, (h, w, b, y, ones, *opts)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -64,3 +64,8 @@ def linear_scalar(
 
     ce, lse = linear_rows(h, w, b, target, weight, opts, chunk, xp)
     return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
+
+
+def linear_out_dtype(dtype: Any, hidden: Any) -> Any:
+    """The loss's dtype: the inputs'."""
+    return dtype

@@ -103,12 +103,27 @@ def _linear_scalar(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s
 def _linear_scalar_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
     from .. import _linear
 
-    return _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=array_namespace(h), hooks=_linear_hooks())
+    xp = array_namespace(h)
+    (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_linear_hooks())
+    loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
+    # the weight's and ce_scale's cotangents (under jit, XLA drops them when unused)
+    lse_sq = None if lse_s is None else jnp.sum(lse * lse) / 2
+    return loss, (grads, (h, w, b, t, ce_s, weight), jnp.sum(ce), lse_sq)
 
 
-def _linear_scalar_bwd(spec: Any, grads: Any, g: Any) -> Any:
+def _linear_scalar_bwd(spec: Any, res: Any, g: Any) -> Any:
+    grads, inputs, ce_sum, lse_sq = res
     scaled = tuple(None if s is None else (s * g).astype(s.dtype) for s in grads)
-    return (*scaled, None, None, None, None)
+    h, w, b, t, ce_s, weight = inputs
+    weight_bar = None if weight is None else _weight_vjp(h, w, b, t, jnp.broadcast_to(g * ce_s, t.shape), spec, weight)
+    return (*scaled, None, weight_bar, (g * ce_sum).astype(ce_s.dtype), None if lse_sq is None else g * lse_sq)
+
+
+def _weight_vjp(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, spec: Any, weight: Any) -> Any:
+    from .. import _linear
+
+    out = _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=array_namespace(h), hooks=_linear_hooks())
+    return out.astype(weight.dtype)
 
 
 _linear_scalar.defvjp(_linear_scalar_fwd, _linear_scalar_bwd)
@@ -133,7 +148,8 @@ def _linear_rows_bwd(spec: Any, res: Any, bars: Any) -> Any:
     ce_bar, lse_bar = bars
     xp = array_namespace(h)
     dh, dw, db = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=_linear_hooks())
-    return dh, dw, db, None, None
+    weight_bar = None if weight is None else _weight_vjp(h, w, b, t, ce_bar, spec, weight)
+    return dh, dw, db, None, weight_bar
 
 
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
@@ -160,3 +176,8 @@ def linear_scalar(
     from .. import _linear
 
     return _linear_scalar(h, w, b, target, weight, ce_scale, lse_scale, _linear.Spec(opts, chunk))
+
+
+def linear_out_dtype(dtype: Any, hidden: Any) -> Any:
+    """The loss's dtype: the inputs'."""
+    return dtype

@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from array_api_compat import array_namespace
 
 from .. import _math
 
@@ -130,87 +131,202 @@ def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -
 
 
 # --------------------------------------------------------------------------
-# linear_cross_entropy: "mean"/"sum" compute the gradients in the forward and
+# linear_cross_entropy. Each chunk loop runs inside a custom op (torch.library):
+# opaque to torch.compile, which then traces one call whatever the number of
+# chunks, and always run eagerly (blocks in place, autocast off). The autograd
+# Functions around them: "mean"/"sum" compute the gradients in the forward and
 # scale them in the backward; "none" recomputes each chunk in the backward.
 
-
-def _matmul_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` without an ``acc``-sized temporary (functional under compile)."""
-    if torch.compiler.is_compiling():
-        return torch.addmm(acc, a, b)
-    return acc.addmm_(a, b)
+_OPTS = "int ignore_index, float label_smoothing, float? softcap, bool may_ignore, int chunk"
 
 
-def _linear_hooks() -> Any:
+def _op(name: str, schema: str) -> Any:
+    return torch.library.custom_op(f"multixent::{name}", mutates_args=(), schema=schema)
+
+
+def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+    """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
     from .. import _linear
 
-    return _linear.Hooks(matmul_add=_matmul_add)
+    ignore_index, smoothing, softcap, may_ignore, chunk = opts
+    options = _math.Options(ignore_index, smoothing, softcap, may_ignore=may_ignore, in_place=True)
+    spec = _linear.Spec(options, chunk, _math.block_rows_for(w.shape[0]))
+    context = contextlib.ExitStack()
+    context.enter_context(torch.no_grad())
+    context.enter_context(torch.autocast(h.device.type, enabled=False))
+    return spec, array_namespace(h), _linear.Hooks(matmul_add=lambda acc, a, b: acc.addmm_(a, b)), context
 
 
-def _linear_spec(opts: _math.Options, chunk: int, w: torch.Tensor) -> Any:
+def _compute_dtype(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.dtype:
     from .. import _linear
 
-    # blocks of a chunk's (rows, V) logits, computed inside the Functions, where autograd records nothing
-    block_rows, opts = blocking(w.T.detach(), opts)
-    return _linear.Spec(opts, chunk, block_rows)
+    return _linear._dtype(h, w, b, array_namespace(h))  # type: ignore[no-any-return]
+
+
+def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, Any, Any]:
+    """``b̄`` is an empty tensor without bias (an op returns tensors, not None)."""
+    return grads[0], grads[1], h.new_empty(0) if grads[2] is None else grads[2]
+
+
+@_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
+def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
+    from .. import _linear
+
+    spec, xp, hooks, context = _eager(h, w, opts)
+    with context:
+        return _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=hooks)
+
+
+@_rows_op.register_fake
+def _rows_fake(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
+    dtype = _compute_dtype(h, w, b)
+    return h.new_empty(h.shape[0], dtype=dtype), h.new_empty(h.shape[0], dtype=dtype)
+
+
+@_op(
+    "linear_loss_and_grads",
+    f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, Tensor ce_scale, Tensor? lse_scale, {_OPTS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _loss_and_grads_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any) -> Any:
+    from .. import _linear
+
+    spec, xp, hooks, context = _eager(h, w, opts)
+    with context:
+        (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
+    return ce, lse, *_grads_or_empty(grads, h)
+
+
+@_loss_and_grads_op.register_fake
+def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any) -> Any:
+    ce, lse = _rows_fake(h, w, b, t, weight, *opts)
+    return ce, lse, torch.empty_like(h), torch.empty_like(w), h.new_empty(0) if b is None else torch.empty_like(b)
+
+
+@_op(
+    "linear_rows_vjp",
+    f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, Tensor ce_bar, Tensor lse_bar, {_OPTS}) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def _rows_vjp_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any) -> Any:
+    from .. import _linear
+
+    spec, xp, hooks, context = _eager(h, w, opts)
+    with context:
+        grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
+    return _grads_or_empty(grads, h)
+
+
+@_rows_vjp_op.register_fake
+def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any) -> Any:
+    return torch.empty_like(h), torch.empty_like(w), h.new_empty(0) if b is None else torch.empty_like(b)
+
+
+@_op("linear_weight_vjp", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor ce_bar, {_OPTS}) -> Tensor")
+def _weight_vjp_op(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
+    from .. import _linear
+
+    spec, xp, hooks, context = _eager(h, w, opts)
+    with context:
+        return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
+
+
+@_weight_vjp_op.register_fake
+def _(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
+    return w.new_empty(w.shape[0], dtype=_compute_dtype(h, w, b))
+
+
+def _op_opts(opts: _math.Options, chunk: int) -> tuple[Any, ...]:
+    return opts.ignore_index, float(opts.label_smoothing), opts.softcap, opts.may_ignore, chunk
 
 
 class _LinearScalar(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any, xp: Any
+        ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any
     ) -> Any:
         from .. import _linear
 
-        if not any(ctx.needs_input_grad[:3]):
-            ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp)
-            return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
-        loss, grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_linear_hooks())
-        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3], strict=True)))
-        return loss
+        need = ctx.needs_input_grad
+        grads: tuple[Any, ...] = (None, None, None)
+        if any(need[:3]):
+            ce, lse, *grads = _loss_and_grads_op(h, w, b, t, weight, ce_s, lse_s, *opts)
+        else:
+            ce, lse = _rows_op(h, w, b, t, weight, *opts)
+        ctx.save_for_backward(
+            *(g if n else None for g, n in zip(grads, need[:3], strict=True)),
+            *((h, w, b, t, ce_s) if need[4] else (None,) * 5),
+            torch.sum(ce) if need[5] else None,
+            torch.sum(lse * lse) / 2 if need[6] else None,
+        )
+        ctx.opts = opts
+        return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         # The saved gradients are scaled in place (eager): a second backward
         # through a retained graph then fails torch's saved-tensor version check.
+        *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
         compiling = torch.compiler.is_compiling()
-        if not compiling:
+        if not compiling and any(s is not None for s in grads):
             if getattr(ctx, "scaled", False):
                 raise RuntimeError(
                     "multixent: linear_cross_entropy's backward runs once per forward (it scales the gradients "
                     "computed in the forward in place); compute the loss again to differentiate it again"
                 )
             ctx.scaled = True
-        scaled = [
-            None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype))
-            for s in ctx.saved_tensors
-        ]
-        return (*scaled, None, None, None, None, None, None)
+        scaled = [None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype)) for s in grads]
+        weight_bar = None
+        if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
+            weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
+        extra = [None if s is None else g * s for s in (ce_sum, lse_sq)]
+        return (*scaled, None, weight_bar, *extra, None, None)
 
 
 class _LinearRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any, xp: Any) -> Any:
-        from .. import _linear
-
-        ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp)
+    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, opts: Any) -> Any:
+        ce, lse = _rows_op(h, w, b, t, weight, *opts)
         ctx.save_for_backward(h, w, b, t, weight)
-        ctx.spec, ctx.xp = spec, xp
+        ctx.opts = opts
         return ce, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor) -> Any:
-        from .. import _linear
-
         h, w, b, t, weight = ctx.saved_tensors
-        dh, dw, db = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, ctx.spec, xp=ctx.xp, hooks=_linear_hooks())
-        return dh, dw, db, None, None, None, None
+        need = ctx.needs_input_grad
+        dh = dw = db = weight_bar = None
+        if any(need[:3]):
+            dh, dw, db = _rows_vjp_op(h, w, b, t, weight, ce_bar, lse_bar, *ctx.opts)
+        if need[4]:
+            weight_bar = _weight_vjp_op(h, w, b, t, ce_bar, *ctx.opts)
+        return dh, dw, None if b is None else db, None, weight_bar, None
+
+
+def _autocast(h: Any, w: Any, b: Any) -> tuple[Any, Any, Any]:
+    """Under autocast, ``h``, ``W`` and ``b`` in the autocast dtype (float64 stays), as ``F.linear`` takes them.
+
+    The casts are recorded by autograd: the gradients come back in the inputs' dtypes.
+    """
+    device_type = h.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return h, w, b
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(a if a is None or a.dtype == torch.float64 else a.to(dtype) for a in (h, w, b))  # type: ignore[return-value]
+
+
+def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
+    """The loss's dtype: the inputs', at least float32 under autocast (as ``F.cross_entropy`` there)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.promote_types(dtype, torch.float32)
+    return dtype
 
 
 def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    return _LinearRows.apply(h, w, b, target, weight, _linear_spec(opts, chunk, w), xp)  # type: ignore[no-untyped-call]
+    h, w, b = _autocast(h, w, b)
+    return _LinearRows.apply(h, w, b, target, weight, _op_opts(opts, chunk))  # type: ignore[no-untyped-call]
 
 
 def linear_scalar(
@@ -225,5 +341,5 @@ def linear_scalar(
     chunk: int,
     xp: Any,
 ) -> Any:
-    spec = _linear_spec(opts, chunk, w)
-    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, spec, xp)  # type: ignore[no-untyped-call]
+    h, w, b = _autocast(h, w, b)
+    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, _op_opts(opts, chunk), xp)  # type: ignore[no-untyped-call]
