@@ -239,7 +239,7 @@ def test_linear_value_and_grad(mesh: str, dtype: str) -> None:
 def test_memory_linear(mesh: str) -> None:
     """No classifier- or logits-sized all-gather; temp+output ≤ 0.25x the local logits' bytes."""
     rows, vocab, dim = 2048, 1024, 16
-    plain, sharded = _linear_args(mesh, rows, vocab, dim, "float32")
+    _, sharded = _linear_args(mesh, rows, vocab, dim, "float32")
     nb, nc = _devices_on(mesh)
     hlo, extra = _compiled(_linear_fn(64), *sharded)
     big = [(s, n) for s, n in _all_gathers(hlo) if n > rows]
