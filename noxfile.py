@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "distributed", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 # The one place for the framework pins. torch must be exactly this CPU wheel on
@@ -38,6 +38,27 @@ def tests(session: nox.Session, backend: str) -> None:
         "no:cacheprovider",
         *session.posargs,
         env={"MULTIXENT_BACKENDS": backend},
+    )
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Scaling out: jax.jit with NamedSharding on 4 simulated CPU devices, and dask (with an
+    out-of-core dask.distributed run). XLA_FLAGS must be set before JAX starts: its own process."""
+    session.install(*TEST, *JAX, "dask[array]", "distributed")
+    session.install(".")
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_jax_sharding.py",
+        "tests/test_dask.py",
+        *session.posargs,
+        env={
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "MULTIXENT_DISTRIBUTED": "1",
+            "MULTIXENT_BACKENDS": "numpy",
+        },
     )
 
 

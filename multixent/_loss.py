@@ -288,7 +288,7 @@ def nll_loss(
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
     targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)
-    picked = xp.take_along_axis(call.rows, targets.index[:, None], axis=-1)[:, 0]
+    picked = _math.gather_rows(call.rows, targets.index, xp)
     with call.adapter.quiet():
         nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
         return _reduce(call, nll, nll, 0.0, log_probs.dtype)

@@ -147,6 +147,20 @@ def class_targets(target: Array, weight: Array | None, num_classes: int, opts: O
     return _ClassTargets(index, counted, poisoned, w_y)
 
 
+def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
+    """``x[i, index[i]]`` for each row ``i`` of 2-D ``x`` (``index`` in range).
+
+    The namespace's ``take_along_axis``; where it has none (dask), a one-hot
+    select summed along the row: elementwise and a row reduction, so it works
+    on lazy arrays chunked along either axis.
+    """
+    take = getattr(xp, "take_along_axis", None)
+    if take is not None:
+        return take(x, index[:, None], axis=-1)[:, 0]
+    classes = xp.arange(x.shape[-1], dtype=index.dtype, device=device(x))
+    return xp.sum(xp.where(classes == index[:, None], x, 0.0), axis=-1)
+
+
 def _smoothed(t: Array, num_classes: int, opts: Options, weight: Array | None) -> Array:
     """``((1-ε) t + ε/C) · w`` for probability targets."""
     eps = opts.label_smoothing
@@ -249,7 +263,7 @@ def _forward_block(
     if opts.stop_gradient is not None:
         m = opts.stop_gradient(m)
     if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
-        x_y = xp.take_along_axis(x, cls.index[:, None], axis=-1)
+        x_y = gather_rows(x, cls.index, xp)[:, None]
         s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
     s, exp_s = _exp_shifted(z, m, out, xp)
     eps = opts.label_smoothing

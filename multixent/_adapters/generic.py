@@ -27,9 +27,11 @@ def concrete(a: Any) -> Any:
 
 
 def blocking(x: Any, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
-    """Blocks of rows; computed in place for NumPy (``out=`` and integer-array setitem)."""
+    """Blocks of rows (one for lazy arrays, which dask chunks itself); in place for NumPy
+    (``out=`` and integer-array setitem)."""
     in_place = array_api_compat.is_numpy_array(x)
-    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
+    rows = None if array_api_compat.is_lazy_array(x) else _math.block_rows_for(x.shape[-1])
+    return rows, dataclasses.replace(opts, in_place=in_place)
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:

@@ -69,16 +69,22 @@ def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -
 
 
 def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
-    """The chunk loop as one ``lax.scan`` over the whole chunks, then the remainder."""
+    """The chunk loop as one ``lax.scan`` over the whole chunks, then the remainder.
+
+    Step ``i`` takes rows ``i, i + full, i + 2·full, …``: rows sharded over
+    devices (``NamedSharding``) stay sharded within every step, where
+    contiguous chunks would put whole steps on one device and XLA would
+    all-gather the hidden states and repeat every chunk on every device.
+    """
     rows = xs[0].shape[0]
     full = rows // chunk
     if full <= 1:
         from .. import _linear
 
         return _linear._loop(body, carry, xs, chunk, xp)
-    stacked = tuple(jnp.reshape(x[: full * chunk], (full, chunk, *x.shape[1:])) for x in xs)
+    stacked = tuple(jnp.swapaxes(jnp.reshape(x[: full * chunk], (chunk, full, *x.shape[1:])), 0, 1) for x in xs)
     carry, outs = jax.lax.scan(body, carry, stacked)
-    outs = tuple(jnp.reshape(o, (full * chunk, *o.shape[2:])) for o in outs)
+    outs = tuple(jnp.reshape(jnp.swapaxes(o, 0, 1), (full * chunk, *o.shape[2:])) for o in outs)
     if rows == full * chunk:
         return carry, outs
     carry, rest = body(carry, tuple(x[full * chunk :] for x in xs))
