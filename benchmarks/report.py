@@ -44,12 +44,14 @@ class Results:
         cols = data["result_columns"]
         self.bench: dict[str, dict[Params, dict[str, Any]]] = {}
         self.started: list[int] = []
+        self.failed: list[str] = []
         for name, row in data["results"].items():
             rec = dict(zip(cols, row, strict=False))
             if rec.get("started_at"):
                 self.started.append(rec["started_at"])
             values = rec.get("result")
             if values is None:
+                self.failed.append(name)
                 continue
             grid = list(itertools.product(*[[ast.literal_eval(p) for p in ps] for ps in rec["params"]]))
             out = {}
@@ -544,6 +546,11 @@ def header(res: Results) -> list[str]:
         f" Python {res.meta.get('python')}",
         f"- Code: multixent at `{res.meta['commit_hash'][:8]}`; benchmarks started {when} to {end}",
         f"- Raw results: `asv_results.json` (asv's `{res.path.name}`)",
+        *(
+            [f"- **Failed** (no result; see asv's output): {', '.join(f'`{n}`' for n in res.failed)}"]
+            if res.failed
+            else []
+        ),
         "",
     ]
 

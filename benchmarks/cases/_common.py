@@ -35,8 +35,8 @@ SHAPES = SHAPES_TINY if TINY else SHAPES_FULL
 ACCEPT = "256x1000" if TINY else "4096x32000"
 DTYPES = ("float32", "bfloat16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
-#: Peak RSS is measured only where the logits take at least this much (RSS noise dominates below).
-MEMORY_MIN_BYTES = 0 if TINY else 4 * 2**20
+#: Peak RSS is measured only where the bfloat16 logits take at least 4 MiB (RSS noise dominates below).
+MEMORY_SHAPES = SHAPES if TINY else tuple(s for s in SHAPES if int(s.split("x")[0]) * int(s.split("x")[1]) * 2 >= 2**22)
 #: torch.compile is measured at these points (fp32; compiling takes 5-20 s per graph).
 COMPILE_SHAPES = ("256x1000",) if TINY else ("4096x100", "4096x1000", "4096x8000", "4096x32000")
 

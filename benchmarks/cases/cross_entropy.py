@@ -22,13 +22,12 @@ from typing import Any
 from ._common import (
     COMPILE_SHAPES,
     DTYPES,
-    MEMORY_MIN_BYTES,
+    MEMORY_SHAPES,
     SHAPES,
     jax_inputs,
     logits_bytes,
     numpy_inputs,
     shape,
-    skip,
     torch_inputs,
     xla_extra_bytes,
 )
@@ -125,12 +124,10 @@ class TorchEager:
 class TorchEagerMemory:
     """torch eager peak RSS; extra = ``peakmem_<pass> - peakmem_baseline`` (``.grad`` included)."""
 
-    params = (list(SHAPES), list(DTYPES), ["multixent", "native"])
+    params = (list(MEMORY_SHAPES), list(DTYPES), ["multixent", "native"])
     param_names = ("shape", "dtype", "impl")
 
     def setup(self, s: str, dtype: str, impl: str) -> None:
-        if logits_bytes(s, dtype) < MEMORY_MIN_BYTES:
-            skip("logits too small for RSS")
         import torch
 
         self.no_grad = torch.no_grad
@@ -279,12 +276,10 @@ class NumPy:
 class NumPyMemory:
     """NumPy peak RSS; extra = ``peakmem_call - peakmem_baseline``."""
 
-    params = (list(SHAPES), NUMPY_IMPLS)
+    params = (list(MEMORY_SHAPES), NUMPY_IMPLS)
     param_names = ("shape", "impl")
 
     def setup(self, s: str, impl: str) -> None:
-        if logits_bytes(s) < MEMORY_MIN_BYTES:
-            skip("logits too small for RSS")
         self.f = numpy_fn(impl)
         n, c = shape(s)
         self.f(*numpy_inputs(_warmup_rows(n, c), c))
