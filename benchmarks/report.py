@@ -4,9 +4,8 @@
     python benchmarks/report.py --results FILE_OR_DIR --out DIR
 
 Every ratio is multixent / native from the same ``asv run`` (both are parameters, ``impl``, of the
-same benchmark). Times are asv's medians. Peak RSS is the least of asv's samples (one per fresh
-process; the noise is one-sided: reclaim on a shared machine only adds resident pages) and the
-extra memory is ``peakmem_<pass> - peakmem_baseline`` at the same parameters, divided by the
+same benchmark). Times are asv's medians. Peak RSS is asv's ``peakmem_*`` (one fresh process per
+figure) and the extra memory is ``peakmem_<pass> - peakmem_baseline`` at the same parameters, divided by the
 logits' bytes; JAX's memory is a ``track_*`` of ``memory_analysis()`` already in that unit.
 
 Writes ``results.md``, ``cross_entropy.png``, ``linear.png`` and ``asv_results.json`` (the raw
@@ -71,10 +70,8 @@ class Results:
         return None if r is None else float(r["value"])
 
     def peak(self, name: str, *params: Any) -> float | None:
-        r = self.bench.get(name, {}).get(tuple(params))
-        if r is None:
-            return None
-        return float(min(r["samples"])) if r["samples"] else float(r["value"])
+        """asv's ``peakmem_*`` in bytes (one fresh process: asv keeps one value per peakmem)."""
+        return self.get(name, *params)
 
     def extra(self, cls: str, method: str, *params: Any) -> float | None:
         """``peakmem_<method> - peakmem_baseline`` in bytes (both asv's peak RSS, same parameters)."""
@@ -460,7 +457,7 @@ def section_linear(res: Results) -> list[str]:
             lb = LINEAR_N * v * 4
             if fw == "torch eager":
                 t = [res.get("linear.TorchLinear.time_fwd_bwd", v, i) for i in ("fused", "naive")]
-                m = [ratio(res.extra("linear.TorchLinear", "fwd_bwd", v, i), lb) for i in ("fused", "naive")]
+                m = [ratio(res.extra("linear.TorchLinearMemory", "fwd_bwd", v, i), lb) for i in ("fused", "naive")]
             else:
                 t = [res.get("linear.JaxLinear.time_fwd_bwd", v, i) for i in ("fused", "naive")]
                 m = [res.get("linear.JaxLinearMemory.track_fwd_bwd", v, i) for i in ("fused", "naive")]
@@ -562,7 +559,10 @@ def write_plot_cross_entropy(res: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     dtypes = [
-        d for d in ("float32", "bfloat16") if any(p[1] == d for fw in FRAMEWORKS for p in _points(res, fw[1], fw[5]))
+        d
+        for d in ("float32", "bfloat16")
+        if any(p[1] == d for fw in FRAMEWORKS for p in _points(res, fw[1], fw[5]))
+        or (d == "float32" and NUMPY in res.bench)
     ]
     if not dtypes:
         return
@@ -621,7 +621,7 @@ def write_plot_linear(res: Results, path: Path) -> None:
 
     series = {
         "torch time (s)": ("linear.TorchLinear.time_fwd_bwd", None),
-        "torch memory ÷ logits": ("linear.TorchLinear", "extra"),
+        "torch memory ÷ logits": ("linear.TorchLinearMemory", "extra"),
         "jax.jit time (s)": ("linear.JaxLinear.time_fwd_bwd", None),
         "jax.jit memory ÷ logits": ("linear.JaxLinearMemory.track_fwd_bwd", None),
     }
@@ -629,7 +629,7 @@ def write_plot_linear(res: Results, path: Path) -> None:
         {
             k[0]
             for n in (
-                "linear.TorchLinear.peakmem_baseline",
+                "linear.TorchLinearMemory.peakmem_baseline",
                 "linear.JaxLinearMemory.track_fwd_bwd",
                 "linear.JaxLinear.time_fwd_bwd",
             )

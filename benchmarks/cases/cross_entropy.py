@@ -10,7 +10,7 @@ same benchmark, in the same ``asv run``, and ``report.py`` divides the two.
 * NumPy (fp32): SciPy's ``log_softmax`` + ``take_along_axis``; ``cross_entropy_and_grad`` against
   the gradient a NumPy user writes by hand, ``(softmax(x) - onehot(y)) / N`` (SciPy's ``softmax``).
 
-Memory of torch and NumPy is asv's ``peakmem_*`` (peak RSS of the benchmark's fresh process):
+Memory of torch and NumPy is asv's ``peakmem_*`` (peak RSS of one fresh process per figure):
 ``peakmem_baseline`` runs the same ``setup`` (imports, a small warm-up call, the inputs) and nothing
 else, and ``report.py`` takes ``peakmem_<pass> - peakmem_baseline`` as the extra memory.
 """
@@ -130,6 +130,7 @@ class TorchEagerMemory:
 
     params = (list(MEMORY_SHAPES), list(DTYPES), ["multixent", "native"])
     param_names = ("shape", "dtype", "impl")
+    processes = 1  # asv keeps one value per peakmem, the last process's
 
     def setup(self, s: str, dtype: str, impl: str) -> None:
         import torch
@@ -283,6 +284,7 @@ class NumPyMemory:
 
     params = (list(MEMORY_SHAPES), NUMPY_IMPLS)
     param_names = ("shape", "impl")
+    processes = 1  # asv keeps one value per peakmem, the last process's
 
     def setup(self, s: str, impl: str) -> None:
         self.f = numpy_fn(impl)

@@ -74,9 +74,7 @@ class _Slow:
     warmup_time = 0.0
 
 
-class TorchLinear(_Slow):
-    """torch eager forward+backward time and peak RSS."""
-
+class _TorchLinearSetup(_Slow):
     def setup(self, v: int, impl: str) -> None:
         if impl == "naive" and v > LINEAR_NAIVE_MAX_V:
             skip("naive path not run: its logits alone take 4 GiB")
@@ -84,9 +82,19 @@ class TorchLinear(_Slow):
         self.f(*torch_inputs(64, LINEAR_D, min(v, 8192))).backward()  # initialisation, not counted
         self.h, self.w, self.y = torch_inputs(LINEAR_N, LINEAR_D, v)
 
+
+class TorchLinear(_TorchLinearSetup):
+    """torch eager forward+backward time."""
+
     def time_fwd_bwd(self, v: int, impl: str) -> None:
         self.h.grad = self.w.grad = None
         self.f(self.h, self.w, self.y).backward()
+
+
+class TorchLinearMemory(_TorchLinearSetup):
+    """torch eager peak RSS; extra = ``peakmem_fwd_bwd - peakmem_baseline`` (gradients included)."""
+
+    processes = 1  # asv keeps one value per peakmem, the last process's
 
     def peakmem_baseline(self, v: int, impl: str) -> None:
         pass

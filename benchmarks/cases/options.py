@@ -74,6 +74,7 @@ class TorchOptionsMemory:
 
     params = (OPTIONS, ["multixent", "native"])
     param_names = ("option", "impl")
+    processes = 1  # asv keeps one value per peakmem, the last process's
 
     def setup(self, option: str, impl: str) -> None:
         n, c = shape(ACCEPT)
