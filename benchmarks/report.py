@@ -443,6 +443,7 @@ def section_linear(res: Results) -> list[str]:
             k[0]
             for name in (
                 "linear.TorchLinear.time_fwd_bwd",
+                "linear.TorchLinearMemory.peakmem_baseline",
                 "linear.JaxLinear.time_fwd_bwd",
                 "linear.JaxLinearMemory.track_fwd_bwd",
             )
