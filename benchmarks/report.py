@@ -99,6 +99,8 @@ def find_results(path: Path) -> Path:
 def fmt_t(s: float | None) -> str:
     if s is None:
         return "—"
+    if s < 0:
+        return "-" + fmt_t(-s)
     for unit, k in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if s >= k:
             return f"{s / k:.3g} {unit}"
