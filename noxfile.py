@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests", "distributed", "lint"]
@@ -73,8 +75,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks (cross_entropy, then linear_cross_entropy): write benchmarks/results/ (not in the default run)."""
-    session.install(TORCH, *JAX, "scipy", "matplotlib")
+    """The benchmark through asv, then benchmarks/report.py: writes benchmarks/results/ (not in the default run).
+
+    Arguments go to `asv run`: `nox -s bench -- --bench 'linear'` runs the linear cases only,
+    `-- --quick` one call per case. MULTIXENT_BENCH_GRID=tiny swaps every size for a small one and
+    MULTIXENT_BENCH_OUT=DIR writes the report elsewhere (a check of the pipeline, not a measurement).
+    asv's raw results stay in benchmarks/.asv/results (report.py reads the newest).
+    """
+    session.install(TORCH, *JAX, "scipy", "matplotlib", "asv")
     session.install(".")
-    session.run("python", "benchmarks/bench.py", *session.posargs)
-    session.run("python", "benchmarks/bench_linear.py", *session.posargs)
+    out = os.environ.get("MULTIXENT_BENCH_OUT", "results")
+    session.chdir("benchmarks")
+    session.run("asv", "machine", "--yes")
+    # --python=same: this environment, no per-commit builds; the results are saved under HEAD's hash.
+    asv_run = ["asv", "run", "--python=same", "--set-commit-hash=HEAD", "--record-samples", "--show-stderr"]
+    session.run(*asv_run, *session.posargs, success_codes=[0, 2])
+    session.run("python", "report.py", "--out", out)

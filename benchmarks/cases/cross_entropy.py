@@ -1,0 +1,299 @@
+"""multixent.cross_entropy (class-index targets, mean reduction) against each framework's native loss.
+
+Every class is parameterised by ``impl``: multixent and the native loss run as parameters of the
+same benchmark, in the same ``asv run``, and ``report.py`` divides the two.
+
+* torch eager: ``F.cross_entropy``; forward under ``torch.no_grad()`` and forward+backward;
+* torch.compile: both compiled (``dynamic=False``) and warmed up in ``setup``;
+* ``jax.jit``: ``optax.softmax_cross_entropy_with_integer_labels(x, y).mean()``, forward and
+  ``jax.value_and_grad``; memory from XLA's ``memory_analysis()`` (``track_*``);
+* NumPy (fp32): SciPy's ``log_softmax`` + ``take_along_axis``; ``cross_entropy_and_grad`` against
+  the gradient a NumPy user writes by hand, ``(softmax(x) - onehot(y)) / N`` (SciPy's ``softmax``).
+
+Memory of torch and NumPy is asv's ``peakmem_*`` (peak RSS of one fresh process per figure):
+``peakmem_baseline`` runs the same ``setup`` (imports, a small warm-up call, the inputs) and nothing
+else, and ``report.py`` takes ``peakmem_<pass> - peakmem_baseline`` as the extra memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._common import (
+    COMPILE_SHAPES,
+    DTYPES,
+    MEMORY_SHAPES,
+    SHAPES,
+    jax_inputs,
+    logits_bytes,
+    numpy_inputs,
+    shape,
+    torch_inputs,
+    xla_extra_bytes,
+)
+
+# --------------------------------------------------------------------------------------------
+# The losses compared
+
+
+def torch_loss(impl: str) -> Any:
+    if impl == "multixent":
+        import multixent
+
+        return multixent.cross_entropy
+    import torch.nn.functional as F
+
+    return F.cross_entropy
+
+
+def jax_loss(impl: str) -> Any:
+    if impl == "multixent":
+        import multixent
+
+        return lambda x, y: multixent.cross_entropy(x, y)
+    import optax
+
+    return lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def scipy_cross_entropy(x: Any, y: Any) -> Any:
+    """The native NumPy forward: ``-mean(take_along_axis(log_softmax(x), y))``."""
+    import numpy as np
+    from scipy.special import log_softmax
+
+    return -np.take_along_axis(log_softmax(x, axis=-1), y[:, None], axis=-1).mean()
+
+
+def numpy_loss_and_grad(x: Any, y: Any) -> Any:
+    """The gradient a NumPy user writes: ``(softmax(x) - onehot(y)) / N``, with the loss from it."""
+    import numpy as np
+    from scipy.special import softmax
+
+    n = x.shape[0]
+    p = softmax(x, axis=-1)
+    rows = np.arange(n)
+    loss = -np.log(p[rows, y]).mean()
+    p[rows, y] -= 1.0
+    p /= n
+    return loss, p
+
+
+def numpy_fn(impl: str) -> Any:
+    import scipy.special  # noqa: F401  (imported here, in setup, not in the first timed call)
+
+    import multixent
+
+    return {
+        "multixent": multixent.cross_entropy,
+        "scipy": scipy_cross_entropy,
+        "multixent_and_grad": multixent.cross_entropy_and_grad,
+        "numpy_grad": numpy_loss_and_grad,
+    }[impl]
+
+
+def _warmup_rows(n: int, c: int) -> int:
+    """Rows of the small warm-up call in a memory setup: ~2**18 elements, at most n/16 rows."""
+    return max(1, min(n // 16, 2**18 // c))
+
+
+# --------------------------------------------------------------------------------------------
+# torch eager
+
+
+class TorchEager:
+    """torch eager time: forward (``no_grad``) and forward+backward (``.grad`` reset each call)."""
+
+    params = (list(SHAPES), list(DTYPES), ["multixent", "native"])
+    param_names = ("shape", "dtype", "impl")
+
+    def setup(self, s: str, dtype: str, impl: str) -> None:
+        import torch
+
+        self.no_grad = torch.no_grad
+        self.f = torch_loss(impl)
+        self.x, self.y = torch_inputs(*shape(s), dtype)
+        self.xr = self.x.clone().requires_grad_(True)
+        self.time_fwd(s, dtype, impl)  # lazy imports and first-call work, not timed
+        self.time_fwd_bwd(s, dtype, impl)
+
+    def time_fwd(self, s: str, dtype: str, impl: str) -> None:
+        with self.no_grad():
+            self.f(self.x, self.y)
+
+    def time_fwd_bwd(self, s: str, dtype: str, impl: str) -> None:
+        self.xr.grad = None
+        self.f(self.xr, self.y).backward()
+
+
+class TorchEagerMemory:
+    """torch eager peak RSS; extra = ``peakmem_<pass> - peakmem_baseline`` (``.grad`` included)."""
+
+    params = (list(MEMORY_SHAPES), list(DTYPES), ["multixent", "native"])
+    param_names = ("shape", "dtype", "impl")
+    processes = 1  # asv keeps one value per peakmem, the last process's
+
+    def setup(self, s: str, dtype: str, impl: str) -> None:
+        import torch
+
+        self.no_grad = torch.no_grad
+        self.f = torch_loss(impl)
+        n, c = shape(s)
+        w, wy = torch_inputs(_warmup_rows(n, c), c, dtype)  # library initialisation, not counted
+        w.requires_grad_(True)
+        self.f(w, wy).backward()
+        del w, wy
+        self.x, self.y = torch_inputs(n, c, dtype)
+        self.x.requires_grad_(True)
+
+    def peakmem_baseline(self, s: str, dtype: str, impl: str) -> None:
+        pass
+
+    def peakmem_fwd(self, s: str, dtype: str, impl: str) -> None:
+        with self.no_grad():
+            self.f(self.x, self.y)
+
+    def peakmem_fwd_bwd(self, s: str, dtype: str, impl: str) -> None:
+        self.f(self.x, self.y).backward()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+
+
+class _TorchCompile:
+    passes = "fwd"
+    params = (list(COMPILE_SHAPES), ["multixent", "native"])
+    param_names = ("shape", "impl")
+    timeout = 900
+
+    def setup(self, s: str, impl: str) -> None:
+        import warnings
+
+        import torch
+
+        warnings.filterwarnings("ignore", module=r"torch\._dynamo.*")
+        self.no_grad = torch.no_grad
+        self.x, self.y = torch_inputs(*shape(s))
+        self.f = torch.compile(torch_loss(impl), dynamic=False)
+        if self.passes == "fwd_bwd":
+            self.x.requires_grad_(True)
+        self.time_call(s, impl)  # compile and warm up
+
+    def time_call(self, s: str, impl: str) -> None:
+        if self.passes == "fwd":
+            with self.no_grad():
+                self.f(self.x, self.y)
+        else:
+            self.x.grad = None
+            self.f(self.x, self.y).backward()
+
+
+class TorchCompileFwd(_TorchCompile):
+    """torch.compile forward, both compiled in ``setup``."""
+
+    passes = "fwd"
+
+
+class TorchCompileFwdBwd(_TorchCompile):
+    """torch.compile forward+backward, both compiled in ``setup``."""
+
+    passes = "fwd_bwd"
+
+
+# --------------------------------------------------------------------------------------------
+# jax.jit
+
+
+class _JaxJit:
+    passes = "fwd"
+    params = (list(SHAPES), list(DTYPES), ["multixent", "optax"])
+    param_names = ("shape", "dtype", "impl")
+    timeout = 900
+
+    def setup(self, s: str, dtype: str, impl: str) -> None:
+        import jax
+
+        self.block = jax.block_until_ready
+        self.x, self.y = jax_inputs(*shape(s), dtype)
+        f = jax_loss(impl)
+        self.f = jax.jit(f if self.passes == "fwd" else jax.value_and_grad(f))
+        self.time_call(s, dtype, impl)  # compile
+
+    def time_call(self, s: str, dtype: str, impl: str) -> None:
+        self.block(self.f(self.x, self.y))
+
+
+class JaxJitFwd(_JaxJit):
+    """``jax.jit`` forward."""
+
+    passes = "fwd"
+
+
+class JaxJitValueAndGrad(_JaxJit):
+    """``jax.jit(jax.value_and_grad(loss))``."""
+
+    passes = "fwd_bwd"
+
+
+class JaxJitMemory:
+    """``jax.jit`` temp + output bytes (``memory_analysis()``) ÷ the logits' bytes."""
+
+    params = (list(SHAPES), list(DTYPES), ["multixent", "optax"])
+    param_names = ("shape", "dtype", "impl")
+    unit = "x logits bytes"
+    processes = 1  # deterministic: XLA's static analysis
+    timeout = 900
+
+    def setup(self, s: str, dtype: str, impl: str) -> None:
+        self.x, self.y = jax_inputs(*shape(s), dtype)
+        self.f = jax_loss(impl)
+        self.logits = logits_bytes(s, dtype)
+
+    def track_fwd(self, s: str, dtype: str, impl: str) -> float:
+        return xla_extra_bytes(self.f, self.x, self.y) / self.logits
+
+    def track_fwd_bwd(self, s: str, dtype: str, impl: str) -> float:
+        import jax
+
+        return xla_extra_bytes(jax.value_and_grad(self.f), self.x, self.y) / self.logits
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy (float32)
+
+NUMPY_IMPLS = ["multixent", "scipy", "multixent_and_grad", "numpy_grad"]
+
+
+class NumPy:
+    """NumPy time: the forward against SciPy's, ``cross_entropy_and_grad`` against the hand-written gradient."""
+
+    params = (list(SHAPES), NUMPY_IMPLS)
+    param_names = ("shape", "impl")
+
+    def setup(self, s: str, impl: str) -> None:
+        self.f = numpy_fn(impl)
+        self.x, self.y = numpy_inputs(*shape(s))
+        self.time_call(s, impl)  # lazy imports and first-call work, not timed
+
+    def time_call(self, s: str, impl: str) -> None:
+        self.f(self.x, self.y)
+
+
+class NumPyMemory:
+    """NumPy peak RSS; extra = ``peakmem_call - peakmem_baseline``."""
+
+    params = (list(MEMORY_SHAPES), NUMPY_IMPLS)
+    param_names = ("shape", "impl")
+    processes = 1  # asv keeps one value per peakmem, the last process's
+
+    def setup(self, s: str, impl: str) -> None:
+        self.f = numpy_fn(impl)
+        n, c = shape(s)
+        self.f(*numpy_inputs(_warmup_rows(n, c), c))
+        self.x, self.y = numpy_inputs(n, c)
+
+    def peakmem_baseline(self, s: str, impl: str) -> None:
+        pass
+
+    def peakmem_call(self, s: str, impl: str) -> None:
+        self.f(self.x, self.y)
