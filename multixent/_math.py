@@ -488,19 +488,21 @@ def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace) -> A
 
     ``blk`` comes from :func:`_forward_block` without ``out`` (``blk.s`` kept).
     """
-    num_classes = blk.s.shape[-1]
+    s = blk.s
+    assert s is not None
+    num_classes = s.shape[-1]
     eps = opts.label_smoothing
     if isinstance(blk.targets, _ClassTargets):
         cls = blk.targets
-        classes = xp.arange(num_classes, dtype=cls.index.dtype, device=device(blk.s))
-        a = (1.0 - eps) * xp.astype(classes == cls.index[:, None], blk.s.dtype) + eps / num_classes
+        classes = xp.arange(num_classes, dtype=cls.index.dtype, device=device(s))
+        a = (1.0 - eps) * xp.astype(classes == cls.index[:, None], s.dtype) + eps / num_classes
         if cls.counted is not None:
             a = xp.where(cls.counted[:, None], a, 0.0)
         if cls.poisoned is not None:
             a = xp.where(cls.poisoned[:, None], math.nan, a)
     else:
-        a = _smoothed(xp.astype(target, blk.s.dtype), num_classes, opts, None)
-    nlp = blk.lse_s[:, None] - blk.s  # -log softmax
+        a = _smoothed(xp.astype(target, s.dtype), num_classes, opts, None)
+    nlp = blk.lse_s[:, None] - s  # -log softmax
     return a * xp.where((a == 0) & ~xp.isfinite(nlp), 0.0, nlp)
 
 

@@ -126,7 +126,7 @@ class _RowLossesJvp(_RowLosses):
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
     function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
-    ce, lse, _, _ = function.apply(x, target, weight, opts, xp)
+    ce, lse, _, _ = function.apply(x, target, weight, opts, xp)  # type: ignore[no-untyped-call]
     return ce, lse
 
 
