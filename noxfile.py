@@ -17,12 +17,15 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
 JAX = ["jax", "optax"]
 TEST = ["pytest", "hypothesis", "scipy", "pytest-xdist"]
+# Keras 3 is a test dependency of the torch and jax sessions only (tests/test_keras.py fits a
+# model on that Keras backend).
+KERAS = "keras"
 
 BACKEND_DEPS = {
     "numpy": [],
     "array-api-strict": ["array-api-strict"],
-    "torch": [TORCH],
-    "jax": JAX,
+    "torch": [TORCH, KERAS],
+    "jax": [*JAX, KERAS],
 }
 
 
@@ -40,6 +43,36 @@ def tests(session: nox.Session, backend: str) -> None:
         "no:cacheprovider",
         *session.posargs,
         env={"MULTIXENT_BACKENDS": backend},
+    )
+
+
+def _floors() -> list[str]:
+    """``name==floor`` for each ``name>=floor`` of pyproject's dependencies and jax extra."""
+    import tomllib
+
+    with open("pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["jax"]]
+    return [d.replace(">=", "==") for d in declared]
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The suite on every backend with the lowest declared versions (torch stays at TORCH, the only one here).
+
+    pip resolves the test tools (optax, scipy, array-api-strict, ...) to versions compatible with those pins.
+    """
+    session.install(*_floors(), *TEST, TORCH, "optax", "array-api-strict")
+    session.install("--no-deps", ".")
+    session.run("pip", "list", silent=False)
+    session.run(
+        "pytest",
+        "-n",
+        "2",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"MULTIXENT_BACKENDS": "numpy,array-api-strict,torch,jax"},
     )
 
 

@@ -1,0 +1,80 @@
+"""``multixent.keras.CrossEntropy``: :func:`multixent.cross_entropy` as a Keras 3 loss.
+
+This module imports keras (``import multixent`` does not). It works on the Keras backends
+whose tensors multixent takes: JAX and torch (and NumPy)::
+
+    from multixent.keras import CrossEntropy
+    model.compile(optimizer="adam", loss=CrossEntropy())              # integer labels, as
+    #                                                      SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer="adam", loss=CrossEntropy(sparse=False))  # one-hot / probabilities, as
+    #                                                      CategoricalCrossentropy(from_logits=True)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from ._loss import cross_entropy
+
+__all__ = ["CrossEntropy"]
+
+
+@keras.saving.register_keras_serializable(package="multixent")
+class CrossEntropy(keras.losses.Loss):
+    """Cross-entropy of logits ``y_pred`` against ``y_true``, in Keras's ``(y_true, y_pred)`` order.
+
+    ``y_pred`` are logits (Keras's ``from_logits=True``), classes on ``axis`` (default last).
+    ``sparse=True``: ``y_true`` holds class indices (Keras passes them as floats; they are
+    cast back to integers), of ``y_pred``'s shape without the class axis or with a class axis
+    of size 1 (Keras's ``(N, 1)`` labels). ``sparse=False``: ``y_true`` holds one-hot rows or
+    class probabilities, of ``y_pred``'s shape. ``label_smoothing``, ``z_loss`` and ``softcap``
+    are :func:`multixent.cross_entropy`'s. ``sample_weight`` and ``reduction`` (Keras's:
+    ``"sum_over_batch_size"``, ``"sum"``, ``"mean"``, ``"mean_with_sample_weight"``, ``None``)
+    are applied by Keras to the per-example losses.
+    """
+
+    def __init__(
+        self,
+        sparse: bool = True,
+        *,
+        axis: int = -1,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        reduction: str | None = "sum_over_batch_size",
+        name: str = "multixent_cross_entropy",
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.sparse = sparse
+        self.axis = axis
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        if self.sparse:
+            if len(y_true.shape) == len(y_pred.shape):  # (N, 1) labels: drop the size-1 class axis
+                y_true = keras.ops.squeeze(y_true, axis=self.axis)
+            y_true = keras.ops.cast(y_true, "int32")
+        return cross_entropy(
+            y_pred,
+            y_true,
+            axis=self.axis,
+            reduction="none",
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "sparse": self.sparse,
+            "axis": self.axis,
+            "label_smoothing": self.label_smoothing,
+            "z_loss": self.z_loss,
+            "softcap": self.softcap,
+        }

@@ -1,0 +1,60 @@
+"""The README's ```python blocks run as written, each in a fresh process.
+
+A block runs when every framework it imports is installed and selected (``MULTIXENT_BACKENDS``):
+torch and transformers need the torch backend, jax and optax the JAX one, keras either (its
+``KERAS_BACKEND`` is then jax if selected, else torch), and a block importing none of them runs
+with the NumPy backend. A block whose first line is ``# not run`` (signatures, not code) is skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SELECTED
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+FENCED = re.finditer(r"^```python\n(.*?)^```", README, re.M | re.S)
+BLOCKS = [(README.count("\n", 0, m.start()) + 2, m.group(1)) for m in FENCED]  # (first line of code, code)
+#: the backends (any one suffices) that a block importing this module needs
+NEEDS = {"torch": ("torch",), "transformers": ("torch",), "jax": ("jax",), "optax": ("jax",), "keras": ("jax", "torch")}
+
+
+def _imports(code: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
+def test_readme_block_runs(line, code, tmp_path):
+    if code.startswith("# not run"):
+        pytest.skip("marked '# not run'")
+    imports = _imports(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    frameworks = sorted(imports & NEEDS.keys()) or ["numpy"]
+    for module in frameworks:
+        backends = NEEDS.get(module, ("numpy",))
+        if not set(backends) & set(SELECTED):
+            pytest.skip(f"{module}: none of the backends {backends} selected (MULTIXENT_BACKENDS)")
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} not installed")
+    if "keras" in imports:
+        env["KERAS_BACKEND"] = "jax" if "jax" in SELECTED and importlib.util.find_spec("jax") else "torch"
+        if importlib.util.find_spec(env["KERAS_BACKEND"]) is None:
+            pytest.skip(f"keras backend {env['KERAS_BACKEND']} not installed")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"README.md block at line {line}:\n{result.stderr}"
