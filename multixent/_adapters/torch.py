@@ -267,15 +267,15 @@ class _LinearScalar(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         # The saved gradients are scaled in place (eager): a second backward
         # through a retained graph then fails torch's saved-tensor version check.
-        *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
         compiling = torch.compiler.is_compiling()
-        if not compiling and any(s is not None for s in grads):
+        if not compiling and any(ctx.needs_input_grad[:3]):
             if getattr(ctx, "scaled", False):
                 raise RuntimeError(
                     "multixent: linear_cross_entropy's backward runs once per forward (it scales the gradients "
                     "computed in the forward in place); compute the loss again to differentiate it again"
                 )
             ctx.scaled = True
+        *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
         scaled = [None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype)) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
