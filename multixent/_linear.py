@@ -377,8 +377,11 @@ def linear_cross_entropy(
     three matrix products, as the naive path); the forward therefore holds
     ``h̄`` and ``W̄`` until the backward. For "none" the backward recomputes each
     chunk's logits from the saved per-row log-sum-exp (four matrix products).
-    The torch backward runs once per forward (a second ``backward`` through a
-    retained graph raises) and is not itself differentiable; JAX defines
+    The torch backward is not itself differentiable (``create_graph``); a
+    second ``backward`` through a retained graph works.
+    Under torch.func transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
+    ``hessian``) the logits are computed at once, without chunks, through the
+    cross-entropy's own Function. JAX defines
     reverse mode (``custom_vjp``: ``grad``, ``vjp``, ``jit``, ``vmap``), not
     forward mode.
 

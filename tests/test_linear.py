@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -318,14 +319,58 @@ def test_torch_partial_requires_grad_and_no_grad() -> None:
 
 
 @torch_only
-def test_torch_second_backward_raises() -> None:
+def test_torch_second_backward() -> None:
+    """A retained graph gives the same gradient again, for upstream 1 (loss.backward()) and others."""
     torch = pytest.importorskip("torch")
     data = _data()
     h = torch.as_tensor(data["h"]).requires_grad_()
     loss = multixent.linear_cross_entropy(h, torch.as_tensor(data["w"]), torch.as_tensor(data["y"]))
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="once per forward"):
-        loss.backward()
+    first = h.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first)
+    loss = multixent.linear_cross_entropy(h, torch.as_tensor(data["w"]), torch.as_tensor(data["y"]))
+    h.grad = None
+    (0.5 * loss).backward(retain_graph=True)
+    (0.5 * loss).backward()
+    torch.testing.assert_close(h.grad, first)
+
+
+@torch_only
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "hessian", "vmap_grad", "gradcheck"])
+def test_torch_func_transforms(transform: str) -> None:
+    """torch.func over linear_cross_entropy (the unchunked path under a transform) equals the
+    same transform of F.cross_entropy(h @ W.T + b)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 4, dtype=torch.float64, generator=gen), torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    b = torch.randn(7, dtype=torch.float64, generator=gen)
+    y = torch.tensor([0, 1, 2, 3, -100, 6])
+    opts = {"label_smoothing": 0.1}
+
+    def ours(h: Any, w: Any) -> Any:
+        return multixent.linear_cross_entropy(h, w, y, bias=b, **opts)
+
+    def native(h: Any, w: Any) -> Any:
+        return F.cross_entropy(h @ w.T + b, y, **opts)
+
+    if transform == "gradcheck":
+        args = (h.clone().requires_grad_(), w.clone().requires_grad_())
+        assert torch.autograd.gradcheck(ours, args, check_batched_grad=True)
+        return
+    if transform == "vmap_grad":  # per-sample gradients
+        y1 = torch.tensor([0, 1, 2, 3, 4, 6])
+
+        def per(f: Any) -> Any:
+            return torch.func.vmap(torch.func.grad(lambda hh, yy: f(hh[None], yy[None])))(h, y1)
+
+        got = per(lambda hh, yy: multixent.linear_cross_entropy(hh, w, yy, bias=b))
+        torch.testing.assert_close(got, per(lambda hh, yy: F.cross_entropy(hh @ w.T + b, yy)))
+        return
+    tr = getattr(torch.func, transform)
+    got, want = tr(ours, argnums=(0, 1))(h, w), tr(native, argnums=(0, 1))(h, w)
+    torch.testing.assert_close(got, want)
 
 
 @torch_only

@@ -265,18 +265,12 @@ class _LinearScalar(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        # The saved gradients are scaled in place (eager): a second backward
-        # through a retained graph then fails torch's saved-tensor version check.
-        compiling = torch.compiler.is_compiling()
-        if not compiling and any(ctx.needs_input_grad[:3]):
-            if getattr(ctx, "scaled", False):
-                raise RuntimeError(
-                    "multixent: linear_cross_entropy's backward runs once per forward (it scales the gradients "
-                    "computed in the forward in place); compute the loss again to differentiate it again"
-                )
-            ctx.scaled = True
+        # The saved gradients are returned as they are for the usual upstream 1 (loss.backward()),
+        # without a copy; other upstreams scale them out of place (the gradients' size, not the
+        # logits'), so a retained graph can be differentiated again (gradcheck does).
         *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
-        scaled = [None if s is None else (s * g).to(s.dtype) if compiling else s.mul_(g.to(s.dtype)) for s in grads]
+        unit = not (torch.compiler.is_compiling() or _wrapped(g)) and bool(g == 1)
+        scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
@@ -324,8 +318,21 @@ def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _unchunked_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> Any:
+    """Under a torch.func transform: the logits ``h @ W.T + b`` at once, through :class:`_RowLosses`.
+
+    The custom ops that run the chunks have no batching rules; this path has torch.func's
+    transforms (and holds the full logits).
+    """
+    dtype = _compute_dtype(h, w, b)
+    z = h.to(dtype) @ w.to(dtype).T
+    return row_losses(z if b is None else z + b.to(dtype), target, weight, opts, xp)
+
+
 def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
     h, w, b = _autocast(h, w, b)
+    if _transformed(h, w, b, target, weight):
+        return _unchunked_rows(h, w, b, target, weight, opts, xp)
     return _LinearRows.apply(h, w, b, target, weight, _op_opts(opts, chunk))  # type: ignore[no-untyped-call]
 
 
@@ -342,4 +349,9 @@ def linear_scalar(
     xp: Any,
 ) -> Any:
     h, w, b = _autocast(h, w, b)
+    if _transformed(h, w, b, target, weight):
+        from .. import _linear
+
+        ce, lse = _unchunked_rows(h, w, b, target, weight, opts, xp)
+        return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
     return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, _op_opts(opts, chunk), xp)  # type: ignore[no-untyped-call]
