@@ -111,7 +111,8 @@ def bench(session: nox.Session) -> None:
     """The benchmark through asv, then benchmarks/report.py: writes benchmarks/results/ (not in the default run).
 
     Arguments go to `asv run`: `nox -s bench -- --bench 'linear'` runs the linear cases only,
-    `-- --quick` one call per case. MULTIXENT_BENCH_GRID=tiny swaps every size for a small one and
+    `-- --quick` one call per case. MULTIXENT_BENCH_GRID=accept measures the acceptance points only;
+    MULTIXENT_BENCH_GRID=tiny swaps every size for a small one and
     MULTIXENT_BENCH_OUT=DIR writes the report elsewhere (a check of the pipeline, not a measurement).
     asv's raw results stay in benchmarks/.asv/results (report.py reads the newest).
     """

@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-TINY = os.environ.get("MULTIXENT_BENCH_GRID", "full") == "tiny"
+GRID = os.environ.get("MULTIXENT_BENCH_GRID", "full")
+TINY = GRID == "tiny"
+#: ``MULTIXENT_BENCH_GRID=accept``: the acceptance points only (the fixed per-call cost at 64x10,
+#: a small and the large point; linear at V=32768), about 20 minutes instead of the full grid's hours.
+ACCEPT_ONLY = GRID == "accept"
 
 #: (N, C) points of the cross-entropy grid; 64x10 is the fixed per-call cost, 2048x50257 GPT-2's vocabulary.
 SHAPES_FULL = (
@@ -30,7 +34,8 @@ SHAPES_FULL = (
     "2048x50257",
 )
 SHAPES_TINY = ("64x10", "256x1000")
-SHAPES = SHAPES_TINY if TINY else SHAPES_FULL
+SHAPES_ACCEPT = ("64x10", "512x100", "4096x32000")
+SHAPES = SHAPES_TINY if TINY else SHAPES_ACCEPT if ACCEPT_ONLY else SHAPES_FULL
 #: The acceptance point (issue 3; issue 12's per-option memory): N=4096, C=32000, float32.
 ACCEPT = "256x1000" if TINY else "4096x32000"
 DTYPES = ("float32", "bfloat16")
@@ -38,11 +43,13 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2}
 #: Peak RSS is measured only where the bfloat16 logits take at least 4 MiB (RSS noise dominates below).
 MEMORY_SHAPES = SHAPES if TINY else tuple(s for s in SHAPES if int(s.split("x")[0]) * int(s.split("x")[1]) * 2 >= 2**22)
 #: torch.compile is measured at these points (fp32; compiling takes 5-20 s per graph).
-COMPILE_SHAPES = ("256x1000",) if TINY else ("4096x100", "4096x1000", "4096x8000", "4096x32000")
+COMPILE_SHAPES = (
+    ("256x1000",) if TINY else ("4096x32000",) if ACCEPT_ONLY else ("4096x100", "4096x1000", "4096x8000", "4096x32000")
+)
 
 #: linear_cross_entropy: N rows, D features, V classes (fp32); V=131072's naive path is not run.
 LINEAR_N, LINEAR_D = (512, 64) if TINY else (8192, 512)
-LINEAR_V = (2048,) if TINY else (8192, 32768, 131072)
+LINEAR_V = (2048,) if TINY else (32768,) if ACCEPT_ONLY else (8192, 32768, 131072)
 LINEAR_ACCEPT_V = 2048 if TINY else 32768
 LINEAR_NAIVE_MAX_V = 32768
 
