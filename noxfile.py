@@ -16,13 +16,13 @@ nox.options.reuse_existing_virtualenvs = True
 # our machines: any other version (or an unpinned torch) pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
 JAX = ["jax", "optax"]
-TEST = ["pytest", "hypothesis", "scipy", "pytest-xdist"]
+TEST = ["pytest", "hypothesis", "scipy", "pytest-xdist", "mpmath", "ml_dtypes"]
 # Keras 3 is a test dependency of the torch and jax sessions only (tests/test_keras.py fits a
 # model on that Keras backend).
 KERAS = "keras"
 
 BACKEND_DEPS = {
-    "numpy": [],
+    "numpy": ["dask[array]"],  # dask arrays are NumPy-backed: their tests and README block run here
     "array-api-strict": ["array-api-strict"],
     "torch": [TORCH, KERAS],
     "jax": [*JAX, KERAS],

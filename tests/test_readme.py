@@ -24,7 +24,14 @@ README = (ROOT / "README.md").read_text()
 FENCED = re.finditer(r"^```python\n(.*?)^```", README, re.M | re.S)
 BLOCKS = [(README.count("\n", 0, m.start()) + 2, m.group(1)) for m in FENCED]  # (first line of code, code)
 #: the backends (any one suffices) that a block importing this module needs
-NEEDS = {"torch": ("torch",), "transformers": ("torch",), "jax": ("jax",), "optax": ("jax",), "keras": ("jax", "torch")}
+NEEDS = {
+    "torch": ("torch",),
+    "transformers": ("torch",),
+    "jax": ("jax",),
+    "optax": ("jax",),
+    "keras": ("jax", "torch"),
+    "dask": ("numpy",),
+}
 
 
 def _imports(code: str) -> set[str]:
