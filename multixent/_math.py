@@ -2,7 +2,7 @@
 
 Every function takes the namespace ``xp`` and never names a framework. The
 cross-entropy works on 2-D ``(rows, C)`` logits with the class axis last and
-returns per-row terms; reductions live in :mod:`multixent._loss`.
+returns per-row terms; reductions live in :mod:`multixent._api`.
 
 Per row, with ``s = z - m`` the logits shifted by their (finite) maximum,
 ``lse_s = log Σ_c exp(s_c)``, smoothing ``ε`` and class weights ``w``::

@@ -8,7 +8,7 @@ from typing import Any
 import array_api_compat
 import numpy
 
-from .. import _math
+from .. import _linear, _math
 
 
 def quiet() -> Any:
@@ -44,8 +44,6 @@ def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -
 
 
 def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    from .. import _linear
-
     block_rows, opts = blocking(w.T, opts)  # blocks of a chunk's logits, (rows, V) as w.T
     return _linear.rows(h, w, b, target, weight, _linear.Spec(opts, chunk, block_rows), xp=xp)
 
@@ -62,8 +60,6 @@ def linear_scalar(
     chunk: int,
     xp: Any,
 ) -> Any:
-    from .. import _linear
-
     ce, lse = linear_rows(h, w, b, target, weight, opts, chunk, xp)
     return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
 

@@ -22,7 +22,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from jax.custom_derivatives import SymbolicZero
 
-from .. import _math
+from .. import _linear, _math
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -79,8 +79,6 @@ def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
     rows = xs[0].shape[0]
     full = rows // chunk
     if full <= 1:
-        from .. import _linear
-
         return _linear._loop(body, carry, xs, chunk, xp)
     stacked = tuple(jnp.swapaxes(jnp.reshape(x[: full * chunk], (chunk, full, *x.shape[1:])), 0, 1) for x in xs)
     carry, outs = jax.lax.scan(body, carry, stacked)
@@ -92,23 +90,17 @@ def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
 
 
 def _linear_hooks() -> Any:
-    from .. import _linear
-
     return _linear.Hooks(loop=_scan_chunks)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _linear_scalar(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
-    from .. import _linear
-
     xp = array_namespace(h)
     ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=_linear_hooks())
     return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
 
 def _linear_scalar_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
-    from .. import _linear
-
     xp = array_namespace(h)
     (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_linear_hooks())
     loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
@@ -126,8 +118,6 @@ def _linear_scalar_bwd(spec: Any, res: Any, g: Any) -> Any:
 
 
 def _weight_vjp(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, spec: Any, weight: Any) -> Any:
-    from .. import _linear
-
     out = _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=array_namespace(h), hooks=_linear_hooks())
     return out.astype(weight.dtype)
 
@@ -137,8 +127,6 @@ _linear_scalar.defvjp(_linear_scalar_fwd, _linear_scalar_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _linear_rows(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> Any:
-    from .. import _linear
-
     return _linear.rows(h, w, b, t, weight, spec, xp=array_namespace(h), hooks=_linear_hooks())
 
 
@@ -148,8 +136,6 @@ def _linear_rows_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> 
 
 
 def _linear_rows_bwd(spec: Any, res: Any, bars: Any) -> Any:
-    from .. import _linear
-
     h, w, b, t, weight = res
     ce_bar, lse_bar = bars
     xp = array_namespace(h)
@@ -162,8 +148,6 @@ _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
 def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    from .. import _linear
-
     return _linear_rows(h, w, b, target, weight, _linear.Spec(opts, chunk))
 
 
@@ -179,8 +163,6 @@ def linear_scalar(
     chunk: int,
     xp: Any,
 ) -> Any:
-    from .. import _linear
-
     return _linear_scalar(h, w, b, target, weight, ce_scale, lse_scale, _linear.Spec(opts, chunk))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from array_api_compat import array_namespace
 
-from .. import _math
+from .. import _linear, _math
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -146,8 +146,6 @@ def _op(name: str, schema: str) -> Any:
 
 def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
     """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
-    from .. import _linear
-
     ignore_index, smoothing, softcap, may_ignore, chunk = opts
     options = _math.Options(ignore_index, smoothing, softcap, may_ignore=may_ignore, in_place=True)
     spec = _linear.Spec(options, chunk, _math.block_rows_for(w.shape[0]))
@@ -158,9 +156,7 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.dtype:
-    from .. import _linear
-
-    return _linear._dtype(h, w, b, array_namespace(h))  # type: ignore[no-any-return]
+    return _linear.compute_dtype(h, w, b, array_namespace(h))  # type: ignore[no-any-return]
 
 
 def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, Any, Any]:
@@ -170,8 +166,6 @@ def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, 
 
 @_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
 def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         return _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=hooks)
@@ -189,8 +183,6 @@ def _rows_fake(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _loss_and_grads_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
@@ -209,8 +201,6 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts:
     "-> (Tensor, Tensor, Tensor)",
 )
 def _rows_vjp_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
@@ -224,8 +214,6 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *o
 
 @_op("linear_weight_vjp", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor ce_bar, {_OPTS}) -> Tensor")
 def _weight_vjp_op(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
@@ -245,8 +233,6 @@ class _LinearScalar(torch.autograd.Function):
     def forward(
         ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any
     ) -> Any:
-        from .. import _linear
-
         need = ctx.needs_input_grad
         grads: tuple[Any, ...] = (None, None, None)
         if any(need[:3]):
@@ -350,8 +336,6 @@ def linear_scalar(
 ) -> Any:
     h, w, b = _autocast(h, w, b)
     if _transformed(h, w, b, target, weight):
-        from .. import _linear
-
         ce, lse = _unchunked_rows(h, w, b, target, weight, opts, xp)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
     return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, _op_opts(opts, chunk), xp)  # type: ignore[no-untyped-call]
