@@ -14,7 +14,7 @@ from typing import Any
 from array_api_compat import device
 
 from . import _checks, _linear, _math
-from ._adapters import adapter_for, generic
+from ._adapters import Adapter, adapter_for, generic
 
 Array = Any
 
@@ -51,12 +51,13 @@ class _Call:
     target: Array  # (R,) class indices or (R, C) probabilities
     weight: Array | None  # (C,) in the compute dtype
     counted: Array | None  # (R,) bool for class indices that may be ignore_index
+    may_ignore: bool  # False: the class indices were checked, none is ignore_index
     batch_shape: tuple[int, ...]
     axis: int
     is_index: bool
     reduction: str
     opts: _math.Options
-    adapter: Any
+    adapter: Adapter
 
 
 def _prepare(
@@ -80,25 +81,29 @@ def _prepare(
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
+    may_ignore = is_index
     if is_index:
-        target, opts = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
+        target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
     rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
     counted = None
     if not is_index:
         target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, classes))
-    elif opts.may_ignore:
+    elif may_ignore:
         counted = target != opts.ignore_index
     if weight is not None:
         weight = xp.astype(weight, dtype)
-    return _Call(xp, rows, target, weight, counted, batch_shape, axis, is_index, reduction, opts, adapter)
+    return _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
 
 
 def _index_target(
-    target: Array, classes: int, opts: _math.Options, adapter: Any, xp: Any
-) -> tuple[Array, _math.Options]:
+    target: Array, classes: int, opts: _math.Options, adapter: Adapter, xp: Any
+) -> tuple[Array, _math.Options, bool]:
     """Class indices in the default index dtype (what gathers take), checked now when concrete.
+
+    Returns the indices, the options, and whether an index may be ``ignore_index`` (False
+    when they were checked and none is).
 
     Unsigned indices as wide as that dtype wrap to negatives in the cast: concrete ones are
     reported with their true value; traced ones become ``poison`` (out of range: NaN). An
@@ -113,14 +118,14 @@ def _index_target(
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
         ignored = _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
-        return target, dataclasses.replace(opts, may_ignore=ignored)
+        return target, opts, ignored
     poison = classes + 1 if ignore == classes else classes
     if wrapped_bits:
         target = xp.where(target < 0, poison, target)
     if not comparable:
         target = xp.where(target == info.min, poison, target)
-        opts = dataclasses.replace(opts, ignore_index=info.min)
-    return target, opts
+        opts = dataclasses.replace(opts, ignore_index=info.min)  # traced only: the sentinel
+    return target, opts, True
 
 
 def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
@@ -148,7 +153,9 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
         n = xp.sum(xp.astype(call.counted, dtype))
     if call.weight is None or not call.is_index:
         return n, n
-    targets = _math.class_targets(call.target, call.weight, call.weight.shape[0], call.opts, xp)
+    targets = _math.class_targets(
+        call.target, call.weight, call.weight.shape[0], call.opts, xp, may_ignore=call.may_ignore
+    )
     return xp.sum(targets.mask(targets.weight_at_target, xp)), n
 
 
@@ -208,7 +215,7 @@ def cross_entropy(
     opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
     call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
     with call.adapter.quiet():
-        ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.xp)
+        ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp)
         return _reduce(call, ce, lse, z, logits.dtype)
 
 
@@ -244,14 +251,14 @@ def cross_entropy_and_grad(
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
     one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-    block_rows, opts = call.adapter.blocking(call.rows, call.opts, call.target, call.weight)
+    plan = call.adapter.plan(call.rows, call.target, call.weight, may_ignore=call.may_ignore)
     ce_scale, z_scale = one, one
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)
         ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
-            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, opts, xp=xp, block_rows=block_rows
+            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts, plan, xp=xp
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
@@ -279,7 +286,9 @@ def nll_loss(
     call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs", "nll_loss")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
-    targets = _math.class_targets(call.target, call.weight, call.rows.shape[-1], call.opts, xp)
+    targets = _math.class_targets(
+        call.target, call.weight, call.rows.shape[-1], call.opts, xp, may_ignore=call.may_ignore
+    )
     picked = _math.gather_rows(call.rows, targets.index, xp)
     with call.adapter.quiet():
         nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
@@ -379,8 +388,7 @@ def linear_cross_entropy(
     _checks.weight(weight, num_classes, xp)
     adapter = adapter_for(hidden)
     values = adapter.concrete(target)
-    if values is not None:
-        opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, num_classes, ignore_index))
+    may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
 
     dtype = _linear.compute_dtype(hidden, classifier, bias, xp)
     out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
@@ -391,12 +399,14 @@ def linear_cross_entropy(
     n_rows = h.shape[0]
     chunk = _linear.default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
     # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
-    counted = t != ignore_index if opts.may_ignore else None
-    call = _Call(xp, h, t, weight, counted, tuple(hidden.shape[:-1]), -1, True, reduction, opts, adapter)
+    counted = t != ignore_index if may_ignore else None
+    batch_shape = tuple(hidden.shape[:-1])
+    call = _Call(xp, h, t, weight, counted, may_ignore, batch_shape, -1, True, reduction, opts, adapter)
+    linear = _linear.LinearCall(h, classifier, bias, t, weight, opts, may_ignore, chunk, xp)
 
     with adapter.quiet():
         if reduction == "none":
-            ce, lse = adapter.linear_rows(h, classifier, bias, t, weight, opts, chunk, xp)
+            ce, lse = adapter.linear_rows(linear)
             return _reduce(call, ce, lse, z, out_dtype)
         one = xp.asarray(1.0, dtype=dtype, device=device(h))
         ce_scale, z_scale = one, one
@@ -404,5 +414,5 @@ def linear_cross_entropy(
             ce_count, z_count = _denominators(call, dtype)
             ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
         lse_scale = (2.0 * z) * z_scale if z else None
-        loss = adapter.linear_scalar(h, classifier, bias, t, weight, ce_scale, lse_scale, opts, chunk, xp)
+        loss = adapter.linear_scalar(linear, ce_scale, lse_scale)
         return xp.astype(loss, out_dtype, copy=False)

@@ -54,11 +54,26 @@ CHUNK_ELEMENTS = 2**23
 
 @dataclass(frozen=True)
 class Spec:
-    """The static (hashable) part of one call: options and chunking."""
+    """The static (hashable) part of one call: the user's options, the plan of each chunk, the chunking."""
 
     opts: _math.Options
+    plan: _math.Plan  # its block_rows: rows per cache block inside a chunk (None: the whole chunk)
     chunk: int  # rows per chunk
-    block_rows: int | None = None  # rows per cache block inside a chunk (None: the whole chunk)
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One validated ``linear_cross_entropy`` call, its arrays flattened to rows: what an adapter receives."""
+
+    h: Array  # (N, D) hidden states
+    w: Array  # (V, D) classifier
+    b: Array | None  # (V,) bias
+    target: Array  # (N,) class indices
+    weight: Array | None  # (V,) class weights in the compute dtype
+    opts: _math.Options
+    may_ignore: bool  # False: the indices were checked, none is ignore_index
+    chunk: int  # rows per chunk
+    xp: Namespace
 
 
 def default_chunk(rows: int, num_classes: int) -> int:
@@ -73,7 +88,9 @@ def _add(acc: Array, a: Array, b: Array) -> Array:
 Body = Callable[[Any, tuple[Array, ...]], tuple[Any, tuple[Array, ...]]]
 
 
-def _loop(body: Body, carry: Any, xs: tuple[Array, ...], chunk: int, xp: Namespace) -> tuple[Any, tuple[Array, ...]]:
+def chunk_loop(
+    body: Body, carry: Any, xs: tuple[Array, ...], chunk: int, xp: Namespace
+) -> tuple[Any, tuple[Array, ...]]:
     """Apply ``body`` to consecutive ``chunk``-row slices of ``xs``, threading ``carry``.
 
     Returns the final carry and the chunks' outputs concatenated along rows.
@@ -94,10 +111,10 @@ class Hooks:
 
     #: ``acc + a @ b``, possibly updating ``acc`` in place.
     matmul_add: Callable[[Array, Array, Array], Array] = _add
-    #: ``loop(body, carry, xs, chunk, xp)`` as :func:`_loop`. JAX passes a
+    #: ``loop(body, carry, xs, chunk, xp)`` as :func:`chunk_loop`. JAX passes a
     #: ``lax.scan``: an unrolled Python loop lets XLA schedule every chunk's
     #: logits at once (all the memory the chunking saves) and compiles slowly.
-    loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = _loop
+    loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = chunk_loop
 
 
 PLAIN = Hooks()
@@ -160,7 +177,7 @@ def rows(
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
-        return carry, _math.row_losses(z, t_c, weight, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True)
+        return carry, _math.row_losses(z, t_c, weight, spec.opts, spec.plan, xp=xp, overwrite=True)
 
     _, (ce, lse) = hooks.loop(body, None, (h, target), spec.chunk, xp)
     return ce, lse
@@ -190,7 +207,7 @@ def rows_vjp(
         h_c, t_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         g, _ = _math.row_losses_vjp(
-            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True
+            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, spec.plan, xp=xp, overwrite=True
         )
         del z
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
@@ -240,8 +257,8 @@ def loss_and_grads(
             ce_scale,
             0.0 if lse_scale is None else lse_scale,
             spec.opts,
+            spec.plan,
             xp=xp,
-            block_rows=spec.block_rows,
             overwrite=True,
         )
         del z
@@ -279,7 +296,7 @@ def weight_vjp(
 
     def body(acc: Array, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c = xs
-        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp)
+        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp, may_ignore=spec.plan.may_ignore)
         z, _ = _math._prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
         nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp) - z  # lse - z_c
         d_w = (eps / num_classes) * nll + xp.where(classes == cls.index[:, None], (1 - eps) * nll, 0.0)

@@ -49,15 +49,19 @@ BLOCK_ELEMENTS = 2**22
 
 @dataclass(frozen=True)
 class Options:
-    """The static (hashable) options of one cross-entropy call."""
+    """What the user asked: the validated, hashable options of one call (built once, in ``_checks``)."""
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
     softcap: float | None = None
-    #: False when the caller has seen the class indices (concrete values): none
-    #: is ignore_index and all are in range. Saves a pass over the logits that
-    #: zeroes the ignored rows, and the per-row masks.
-    may_ignore: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is executed: chosen by the adapter (its ``plan``), never by the user."""
+
+    #: Rows per block (None: one block). Eager backends block for the cache (:data:`BLOCK_ELEMENTS`).
+    block_rows: int | None = None
     #: True when arrays may be written in place and the namespace's functions
     #: take ``out=`` (NumPy, eager torch; never while autodiff records): each
     #: block's ``exp(z - m)`` is written into a reused buffer or straight into
@@ -65,6 +69,10 @@ class Options:
     #: one scatter instead of a one-hot ``where`` over the block (which XLA fuses).
     #: Fewer, larger operations: no block-sized temporaries, fewer passes.
     in_place: bool = False
+    #: False when the caller has seen the class indices (concrete values): none
+    #: is ignore_index and all are in range. Saves a pass over the logits that
+    #: zeroes the ignored rows, and the per-row masks.
+    may_ignore: bool = True
     #: The framework's stop-gradient (None without autodiff), applied to the
     #: shift by the row max, whose derivative cancels exactly.
     stop_gradient: Callable[[Array], Array] | None = None
@@ -136,8 +144,11 @@ class _ClassTargets:
         return values if self.poisoned is None else xp.where(self.poisoned, math.nan, values)
 
 
-def class_targets(target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace) -> _ClassTargets:
-    if opts.may_ignore:
+def class_targets(
+    target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace, *, may_ignore: bool = True
+) -> _ClassTargets:
+    """The rows' classes and weights; ``may_ignore=False``: the indices were checked (none ignored)."""
+    if may_ignore:
         counted = target != opts.ignore_index
         in_range = (target >= 0) & (target < num_classes)
         index, poisoned = xp.where(counted & in_range, target, 0), counted & ~in_range
@@ -238,6 +249,7 @@ def _forward_block(
     target: Array,
     weight: Array | None,
     opts: Options,
+    plan: Plan,
     dtype: Any,
     xp: Namespace,
     *,
@@ -253,15 +265,15 @@ def _forward_block(
     reductions and would materialise it.
     """
     num_classes = x.shape[-1]
-    cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
-    counted = None if cls is None or not for_grad or opts.in_place else cls.counted
+    cls = class_targets(target, weight, num_classes, opts, xp, may_ignore=plan.may_ignore) if target.ndim == 1 else None
+    counted = None if cls is None or not for_grad or plan.in_place else cls.counted
     z, th = _logits_for(x, out, counted, opts, dtype, xp)
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     m = xp.where(xp.isfinite(m), m, 0.0)
-    if opts.stop_gradient is not None:
-        m = opts.stop_gradient(m)
+    if plan.stop_gradient is not None:
+        m = plan.stop_gradient(m)
     if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
         x_y = gather_rows(x, cls.index, xp)[:, None]
         s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
@@ -314,16 +326,16 @@ def _grad_block(
     ce_bar: Array,
     lse_bar: Array,
     opts: Options,
+    in_place: bool,
     xp: Namespace,
     out: Array | None = None,
 ) -> Array:
     """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row).
 
-    In place (``opts.in_place``) the result is written into ``out``, or over ``e``.
+    In place (``in_place``) the result is written into ``out``, or over ``e``.
     """
     num_classes = e.shape[-1]
     eps = opts.label_smoothing
-    in_place = opts.in_place
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
@@ -375,7 +387,7 @@ def block_rows_for(num_classes: int) -> int:
 class _Output:
     """The ``(rows, C)`` gradient, written block by block.
 
-    In place (``opts.in_place``), each block's ``exp(s)`` is computed straight
+    In place (``in_place``), each block's ``exp(s)`` is computed straight
     in the block's slice of the result, or with ``scratch`` in one reused
     cache-sized buffer whose product with the row coefficients then writes the
     slice (one block more memory; faster on NumPy, where the forward's sum
@@ -389,14 +401,14 @@ class _Output:
         like: Array,
         dtype: Any,
         blocks: list[tuple[int, int]],
-        opts: Options,
+        in_place: bool,
         xp: Namespace,
         *,
         scratch: bool,
         overwrite: bool = False,
     ):
-        self.xp, self.dtype, self.in_place = xp, like.dtype, opts.in_place
-        self.direct = opts.in_place and dtype == like.dtype
+        self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
+        self.direct = in_place and dtype == like.dtype
         overwrite = overwrite and self.direct
         self.array: Array = None
         if overwrite:
@@ -404,7 +416,7 @@ class _Output:
         elif self.direct or len(blocks) > 1:
             self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
         self.buffer: Array = None
-        if opts.in_place and not overwrite and (scratch or not self.direct):
+        if in_place and not overwrite and (scratch or not self.direct):
             rows = max(b - a for a, b in blocks)
             self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
 
@@ -436,9 +448,9 @@ def row_losses(
     target: Array,
     weight: Array | None,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
     keep_stats: bool = False,
     overwrite: bool = False,
 ) -> tuple[Array, ...]:
@@ -453,15 +465,17 @@ def row_losses(
     temporary of the caller's, which may be overwritten.
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = _blocks(x.shape[0], block_rows)
-    in_x = opts.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
+    blocks = _blocks(x.shape[0], plan.block_rows)
+    in_x = plan.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
     buffer: Array = None
-    if opts.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
+    if plan.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
     outs: list[tuple[Array, ...]] = []
     for a, b in blocks:
         out = x[a:b, ...] if in_x else None if buffer is None else buffer[: b - a, ...]
-        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, dtype, xp, for_grad=False, out=out)
+        blk = _forward_block(
+            _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
+        )
         result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
         if keep_stats:
             stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
@@ -512,9 +526,9 @@ def row_losses_weight_vjp(
     weight: Array | None,
     ce_bar: Array,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
 ) -> Array:
     """``w̄_c = Σ_rows ce_bar · ∂ce/∂w_c`` (:func:`_weight_coefs`), in the compute dtype.
 
@@ -522,9 +536,9 @@ def row_losses_weight_vjp(
     """
     dtype = compute_dtype(x.dtype, xp)
     w_bar: Array = None
-    for a, b in _blocks(x.shape[0], block_rows):
+    for a, b in _blocks(x.shape[0], plan.block_rows):
         t_blk = _rows(target, a, b)
-        blk = _forward_block(_rows(x, a, b), t_blk, weight, opts, dtype, xp, for_grad=True)
+        blk = _forward_block(_rows(x, a, b), t_blk, weight, opts, plan, dtype, xp, for_grad=True)
         part = xp.sum(xp.astype(_rows(ce_bar, a, b), dtype)[:, None] * _weight_coefs(blk, t_blk, opts, xp), axis=0)
         w_bar = part if w_bar is None else w_bar + part
     return w_bar
@@ -538,9 +552,9 @@ def row_losses_vjp(
     ce_bar: Array,
     lse_bar: Array,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
     target_grad: bool = False,
     overwrite: bool = False,
 ) -> tuple[Array, Array | None]:
@@ -554,8 +568,8 @@ def row_losses_vjp(
     """
     dtype = compute_dtype(x.dtype, xp)
     rows, num_classes = x.shape
-    blocks = _blocks(rows, block_rows)
-    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=False, overwrite=overwrite)
+    blocks = _blocks(rows, plan.block_rows)
+    x_bar = _Output(x, dtype, blocks, plan.in_place, xp, scratch=False, overwrite=overwrite)
     single = len(blocks) == 1
     t_bar: Array = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
     g: Array = None
@@ -565,20 +579,27 @@ def row_losses_vjp(
         if stats is None or target_grad:
             # the target's gradient needs s, which an in-place exp would overwrite
             scratch = None if target_grad else x_bar.scratch(a, b)
-            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True, out=scratch)
+            blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch)
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar_blk, weight, opts), target.dtype)
         else:
-            cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
-            counted = None if cls is None or opts.in_place else cls.counted
+            cls = (
+                class_targets(t_blk, weight, num_classes, opts, xp, may_ignore=plan.may_ignore)
+                if t_blk.ndim == 1
+                else None
+            )
+            counted = None if cls is None or plan.in_place else cls.counted
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
             e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
             e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
-        g = _grad_block(e, e_scale, th, targets, weight, ce_bar_blk, _rows(lse_bar, a, b), opts, xp, x_bar.dest(a, b))
+        lse_bar_blk = _rows(lse_bar, a, b)
+        g = _grad_block(
+            e, e_scale, th, targets, weight, ce_bar_blk, lse_bar_blk, opts, plan.in_place, xp, x_bar.dest(a, b)
+        )
         g = x_bar.put(a, b, g)
         if single:
             return g, tg
@@ -594,9 +615,9 @@ def row_losses_and_grad(
     ce_scale: Array | float,
     lse_scale: Array | float,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
     overwrite: bool = False,
 ) -> tuple[Array, Array, Array]:
     """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``.
@@ -606,18 +627,18 @@ def row_losses_and_grad(
     ``x`` is a temporary of the caller's, and in place becomes ``x̄``.
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = _blocks(x.shape[0], block_rows)
-    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=True, overwrite=overwrite)
+    blocks = _blocks(x.shape[0], plan.block_rows)
+    x_bar = _Output(x, dtype, blocks, plan.in_place, xp, scratch=True, overwrite=overwrite)
     ces, lses = [], []
     g: Array = None
     for a, b in blocks:
-        blk = _forward_block(
-            _rows(x, a, b), _rows(target, a, b), weight, opts, dtype, xp, for_grad=True, out=x_bar.scratch(a, b)
-        )
+        out = x_bar.scratch(a, b)
+        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=True, out=out)
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse
+        e_scale = xp.exp(-blk.lse_s)
         g = _grad_block(
-            blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, xp, x_bar.dest(a, b)
+            blk.e, e_scale, blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, plan.in_place, xp, x_bar.dest(a, b)
         )
         g = x_bar.put(a, b, g)
         ces.append(blk.ce)
@@ -634,6 +655,7 @@ def row_losses_jvp(
     x_dot: Array | None,
     target_dot: Array | None,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
     weight_dot: Array | None = None,
@@ -643,12 +665,12 @@ def row_losses_jvp(
     ``ce_dot = Σ_c ∂ce/∂x_c · ẋ_c (+ Σ_c ∂ce/∂t_c · ṫ_c + Σ_c ∂ce/∂w_c · ẇ_c)`` from the
     closed-form gradients, sharing ``exp(s)`` with the forward; a tangent that is None is 0.
     """
-    blk = _forward_block(x, target, weight, opts, compute_dtype(x.dtype, xp), xp, for_grad=True)
+    blk = _forward_block(x, target, weight, opts, plan, compute_dtype(x.dtype, xp), xp, for_grad=True)
     ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
     ce_dot, lse_dot = zeros, zeros
     if x_dot is not None:
         p = blk.e / xp.exp(blk.lse_s)[:, None]
-        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
+        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, False, xp)
         g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
         ce_dot = xp.sum(g_ce * x_dot, axis=-1)
         lse_dot = xp.sum(g_lse * x_dot, axis=-1)
