@@ -36,16 +36,6 @@ from array_api_compat import device
 Array = Any
 Namespace = Any
 
-#: Elements per block of rows processed at once by eager backends (16 MiB of
-#: float32). Each block is computed in place in few operations, in a buffer
-#: reused across blocks, and across calls too: glibc serves allocations below
-#: its 32 MiB mmap threshold from the heap, while larger ones are fresh pages
-#: every call (a 64 MiB buffer cost torch 13 ms of page faults per call). Few,
-#: large operations also matter to torch on a busy machine: each of its
-#: multithreaded operations synchronises its threads once, and with 2**20-element
-#: blocks a competing process made the forward 6x slower than F.cross_entropy.
-BLOCK_ELEMENTS = 2**22
-
 
 @dataclass(frozen=True)
 class Options:
@@ -201,6 +191,10 @@ def _row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
     return xp.sum(s, axis=-1) if weight is None else xp.sum(s * weight, axis=-1)
 
 
+# --------------------------------------------------------------------------
+# The cross-entropy rows: forward, closed-form gradient, tangents
+
+
 @dataclass
 class _Block:
     """Forward quantities of one block of rows, kept for its gradient."""
@@ -213,35 +207,6 @@ class _Block:
     e: Array  # (n, C) exp(s)
     tanh: Array | None  # tanh(x/softcap), or None
     targets: Any  # _ClassTargets, or the (n, C) smoothed weighted probabilities
-
-
-def _in_buffer(z: Array, out: Array | None) -> Array:
-    """``z`` narrower than ``out`` (bfloat16 logits) cast as it is copied into ``out``; else ``z``.
-
-    In place only (NumPy, torch): setitem casts, where array-api-extra's at()
-    would astype a copy first; torch's mixed-dtype subtraction is ten times
-    slower than a copy, and its bfloat16 max three times slower than float32's.
-    """
-    if out is None or z is out or z.dtype == out.dtype:
-        return z
-    out[...] = z
-    return out
-
-
-def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
-    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
-    if out is None:
-        s = z - m
-        return s, lambda: xp.exp(s)
-    s = xp.subtract(_in_buffer(z, out), m, out=out)
-    return s, lambda: xp.exp(s, out=s)
-
-
-def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
-    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
-    if out is not None and counted is None and opts.softcap is None:
-        return x, None
-    return _prepare_logits(x, counted, opts, dtype, xp)
 
 
 def _forward_block(
@@ -299,24 +264,6 @@ def _forward_block(
     return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, cls)
 
 
-def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
-    """``a · b``, written into ``out`` when given, else updating ``a`` when in place."""
-    if out is not None:
-        return xp.multiply(a, b, out=out)
-    if in_place:
-        a *= b
-        return a
-    return a * b
-
-
-def _minus(a: Array, b: Array, in_place: bool) -> Array:
-    """``a - b``, updating ``a`` when in place."""
-    if in_place:
-        a -= b
-        return a
-    return a - b
-
-
 def _grad_block(
     e: Array,
     e_scale: Array,
@@ -357,90 +304,6 @@ def _grad_block(
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
         g[~targets.counted, ...] = 0.0
     return g
-
-
-def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
-    """``g[i, index[i]] -= values[i]`` for every row ``i``."""
-    if in_place:  # setitem, as xpx.at(copy=False) would do after 30 us of Python per call
-        g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
-        return g
-    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
-    return xp.where(classes == index[:, None], g - values[:, None], g)
-
-
-def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
-    step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
-    return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
-
-
-def _rows(a: Array, start: int, stop: int) -> Array:
-    """Rows ``[start, stop)`` of ``a``; ``a`` itself when that is all of them (torch's
-    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias)."""
-    return a if start == 0 and stop == a.shape[0] else a[start:stop, ...]
-
-
-def block_rows_for(num_classes: int) -> int:
-    """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
-    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
-
-
-class _Output:
-    """The ``(rows, C)`` gradient, written block by block.
-
-    In place (``in_place``), each block's ``exp(s)`` is computed straight
-    in the block's slice of the result, or with ``scratch`` in one reused
-    cache-sized buffer whose product with the row coefficients then writes the
-    slice (one block more memory; faster on NumPy, where the forward's sum
-    runs between the two). A compute dtype wider than the result's always
-    takes the buffer and is cast in. With ``overwrite`` (the logits are a
-    temporary of the caller's) the gradient is computed over the logits.
-    """
-
-    def __init__(
-        self,
-        like: Array,
-        dtype: Any,
-        blocks: list[tuple[int, int]],
-        in_place: bool,
-        xp: Namespace,
-        *,
-        scratch: bool,
-        overwrite: bool = False,
-    ):
-        self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
-        self.direct = in_place and dtype == like.dtype
-        overwrite = overwrite and self.direct
-        self.array: Array = None
-        if overwrite:
-            self.array = like
-        elif self.direct or len(blocks) > 1:
-            self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
-        self.buffer: Array = None
-        if in_place and not overwrite and (scratch or not self.direct):
-            rows = max(b - a for a, b in blocks)
-            self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
-
-    def scratch(self, a: int, b: int) -> Array | None:
-        """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
-        if self.buffer is not None:
-            return self.buffer[: b - a, ...]
-        return self.array[a:b, ...] if self.direct else None
-
-    def dest(self, a: int, b: int) -> Array | None:
-        """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
-        return self.array[a:b, ...] if self.direct else None
-
-    def put(self, a: int, b: int, g: Array) -> Array:
-        """Store block ``[a, b)`` (already there when direct); returns the output so far."""
-        if self.direct:
-            return self.array
-        if self.array is None:
-            return self.xp.astype(g, self.dtype, copy=False)
-        if self.in_place:  # setitem casts (array-api-extra's at() would astype a copy first)
-            self.array[a:b, ...] = g
-            return self.array
-        self.array = xpx.at(self.array)[a:b, ...].set(self.xp.astype(g, self.dtype, copy=False))
-        return self.array
 
 
 def row_losses(
@@ -679,3 +542,154 @@ def row_losses_jvp(
     if weight_dot is not None:
         ce_dot = ce_dot + xp.sum(_weight_coefs(blk, target, opts, xp) * weight_dot, axis=-1)
     return blk.ce, blk.lse, ce_dot, lse_dot
+
+
+# --------------------------------------------------------------------------
+# Execution: blocks of rows and in-place updates (Plan.block_rows, Plan.in_place)
+#
+# The formulas above call these; they change where results are written, never
+# what is computed. They stay in this module (not a separate _eager layer)
+# because the row functions above interleave them with the formulas within a
+# block (exp(s) written into a buffer between the forward's sums and the
+# gradient's products): a split would need a second copy of each row function.
+
+#: Elements per block of rows processed at once by eager backends (16 MiB of
+#: float32). Each block is computed in place in few operations, in a buffer
+#: reused across blocks, and across calls too: glibc serves allocations below
+#: its 32 MiB mmap threshold from the heap, while larger ones are fresh pages
+#: every call (a 64 MiB buffer cost torch 13 ms of page faults per call). Few,
+#: large operations also matter to torch on a busy machine: each of its
+#: multithreaded operations synchronises its threads once, and with 2**20-element
+#: blocks a competing process made the forward 6x slower than F.cross_entropy.
+BLOCK_ELEMENTS = 2**22
+
+
+def _in_buffer(z: Array, out: Array | None) -> Array:
+    """``z`` narrower than ``out`` (bfloat16 logits) cast as it is copied into ``out``; else ``z``.
+
+    In place only (NumPy, torch): setitem casts, where array-api-extra's at()
+    would astype a copy first; torch's mixed-dtype subtraction is ten times
+    slower than a copy, and its bfloat16 max three times slower than float32's.
+    """
+    if out is None or z is out or z.dtype == out.dtype:
+        return z
+    out[...] = z
+    return out
+
+
+def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
+    if out is None:
+        s = z - m
+        return s, lambda: xp.exp(s)
+    s = xp.subtract(_in_buffer(z, out), m, out=out)
+    return s, lambda: xp.exp(s, out=s)
+
+
+def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
+    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
+    if out is not None and counted is None and opts.softcap is None:
+        return x, None
+    return _prepare_logits(x, counted, opts, dtype, xp)
+
+
+def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
+    """``a · b``, written into ``out`` when given, else updating ``a`` when in place."""
+    if out is not None:
+        return xp.multiply(a, b, out=out)
+    if in_place:
+        a *= b
+        return a
+    return a * b
+
+
+def _minus(a: Array, b: Array, in_place: bool) -> Array:
+    """``a - b``, updating ``a`` when in place."""
+    if in_place:
+        a -= b
+        return a
+    return a - b
+
+
+def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
+    """``g[i, index[i]] -= values[i]`` for every row ``i``."""
+    if in_place:  # setitem, as xpx.at(copy=False) would do after 30 us of Python per call
+        g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
+        return g
+    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
+    return xp.where(classes == index[:, None], g - values[:, None], g)
+
+
+def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
+    step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
+    return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
+
+
+def _rows(a: Array, start: int, stop: int) -> Array:
+    """Rows ``[start, stop)`` of ``a``; ``a`` itself when that is all of them (torch's
+    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias)."""
+    return a if start == 0 and stop == a.shape[0] else a[start:stop, ...]
+
+
+def block_rows_for(num_classes: int) -> int:
+    """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
+    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+
+
+class _Output:
+    """The ``(rows, C)`` gradient, written block by block.
+
+    In place (``in_place``), each block's ``exp(s)`` is computed straight
+    in the block's slice of the result, or with ``scratch`` in one reused
+    cache-sized buffer whose product with the row coefficients then writes the
+    slice (one block more memory; faster on NumPy, where the forward's sum
+    runs between the two). A compute dtype wider than the result's always
+    takes the buffer and is cast in. With ``overwrite`` (the logits are a
+    temporary of the caller's) the gradient is computed over the logits.
+    """
+
+    def __init__(
+        self,
+        like: Array,
+        dtype: Any,
+        blocks: list[tuple[int, int]],
+        in_place: bool,
+        xp: Namespace,
+        *,
+        scratch: bool,
+        overwrite: bool = False,
+    ):
+        self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
+        self.direct = in_place and dtype == like.dtype
+        overwrite = overwrite and self.direct
+        self.array: Array = None
+        if overwrite:
+            self.array = like
+        elif self.direct or len(blocks) > 1:
+            self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
+        self.buffer: Array = None
+        if in_place and not overwrite and (scratch or not self.direct):
+            rows = max(b - a for a, b in blocks)
+            self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
+
+    def scratch(self, a: int, b: int) -> Array | None:
+        """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
+        if self.buffer is not None:
+            return self.buffer[: b - a, ...]
+        return self.array[a:b, ...] if self.direct else None
+
+    def dest(self, a: int, b: int) -> Array | None:
+        """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
+        return self.array[a:b, ...] if self.direct else None
+
+    def put(self, a: int, b: int, g: Array) -> Array:
+        """Store block ``[a, b)`` (already there when direct); returns the output so far."""
+        if self.direct:
+            return self.array
+        if self.array is None:
+            return self.xp.astype(g, self.dtype, copy=False)
+        if self.in_place:  # setitem casts (array-api-extra's at() would astype a copy first)
+            self.array[a:b, ...] = g
+            return self.array
+        self.array = xpx.at(self.array)[a:b, ...].set(self.xp.astype(g, self.dtype, copy=False))
+        return self.array
