@@ -13,6 +13,8 @@ from typing import Any
 import array_api_compat
 import numpy
 
+from ._math import Options
+
 Array = Any
 Namespace = Any
 
@@ -189,3 +191,50 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
             f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
         )
     return True
+
+
+def linear_shapes(hidden: Array, classifier: Array, bias: Array | None, target: Array) -> tuple[int, int]:
+    """``(V, D)``; ValueError naming the shapes that do not fit."""
+    h_shape, w_shape = tuple(hidden.shape), tuple(classifier.shape)
+    if len(h_shape) < 1:
+        raise ValueError(f"multixent: hidden must have at least one dimension (..., D); got shape {h_shape}")
+    if len(w_shape) != 2:
+        raise ValueError(f"multixent: classifier must have shape (V, D); got shape {w_shape}")
+    num_classes, dim = w_shape
+    if h_shape[-1] != dim:
+        raise ValueError(
+            f"multixent: hidden of shape {h_shape} does not fit classifier of shape {w_shape}: "
+            f"hidden's last dimension ({h_shape[-1]}) must equal the classifier's second ({dim})"
+        )
+    if num_classes == 0:
+        raise ValueError(f"multixent: classifier of shape {w_shape} has zero classes")
+    if bias is not None and tuple(bias.shape) != (num_classes,):
+        raise ValueError(
+            f"multixent: bias of shape {tuple(bias.shape)} does not fit classifier of shape {w_shape}; "
+            f"expected ({num_classes},)"
+        )
+    if tuple(target.shape) != h_shape[:-1]:
+        raise ValueError(
+            f"multixent: target of shape {tuple(target.shape)} does not fit hidden of shape {h_shape}; "
+            f"expected {h_shape[:-1]} (hidden's shape without its last dimension)"
+        )
+    return num_classes, dim
+
+
+def chunk_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"multixent: chunk_size must be a positive int or None; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"multixent: chunk_size must be a positive int or None; got {value}")
+    return value
+
+
+def options(ignore_index: int, label_smoothing: Any, z_loss: Any, softcap: Any) -> tuple[Options, float]:
+    """The validated user options (hashable, built once per call) and the z-loss coefficient."""
+    smoothing = number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    z = number(z_loss, "z_loss", low=0.0)
+    cap = None if softcap is None else number(softcap, "softcap", low=0.0, open_low=True)
+    cap = None if cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
+    return Options(ignore_index, smoothing, cap), z

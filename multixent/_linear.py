@@ -30,15 +30,13 @@ in-place ``acc += a @ b``; a compiled loop over the chunks) and
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import device
 
-from . import _adapters, _checks, _loss, _math
+from . import _math
 
 Array = Any
 Namespace = Any
@@ -56,11 +54,26 @@ CHUNK_ELEMENTS = 2**23
 
 @dataclass(frozen=True)
 class Spec:
-    """The static (hashable) part of one call: options and chunking."""
+    """The static (hashable) part of one call: the user's options, the plan of each chunk, the chunking."""
 
     opts: _math.Options
+    plan: _math.Plan  # its block_rows: rows per cache block inside a chunk (None: the whole chunk)
     chunk: int  # rows per chunk
-    block_rows: int | None = None  # rows per cache block inside a chunk (None: the whole chunk)
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One validated ``linear_cross_entropy`` call, its arrays flattened to rows: what an adapter receives."""
+
+    h: Array  # (N, D) hidden states
+    w: Array  # (V, D) classifier
+    b: Array | None  # (V,) bias
+    target: Array  # (N,) class indices
+    weight: Array | None  # (V,) class weights in the compute dtype
+    opts: _math.Options
+    may_ignore: bool  # False: the indices were checked, none is ignore_index
+    chunk: int  # rows per chunk
+    xp: Namespace
 
 
 def default_chunk(rows: int, num_classes: int) -> int:
@@ -75,7 +88,9 @@ def _add(acc: Array, a: Array, b: Array) -> Array:
 Body = Callable[[Any, tuple[Array, ...]], tuple[Any, tuple[Array, ...]]]
 
 
-def _loop(body: Body, carry: Any, xs: tuple[Array, ...], chunk: int, xp: Namespace) -> tuple[Any, tuple[Array, ...]]:
+def chunk_loop(
+    body: Body, carry: Any, xs: tuple[Array, ...], chunk: int, xp: Namespace
+) -> tuple[Any, tuple[Array, ...]]:
     """Apply ``body`` to consecutive ``chunk``-row slices of ``xs``, threading ``carry``.
 
     Returns the final carry and the chunks' outputs concatenated along rows.
@@ -96,10 +111,10 @@ class Hooks:
 
     #: ``acc + a @ b``, possibly updating ``acc`` in place.
     matmul_add: Callable[[Array, Array, Array], Array] = _add
-    #: ``loop(body, carry, xs, chunk, xp)`` as :func:`_loop`. JAX passes a
+    #: ``loop(body, carry, xs, chunk, xp)`` as :func:`chunk_loop`. JAX passes a
     #: ``lax.scan``: an unrolled Python loop lets XLA schedule every chunk's
     #: logits at once (all the memory the chunking saves) and compiles slowly.
-    loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = _loop
+    loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = chunk_loop
 
 
 PLAIN = Hooks()
@@ -111,7 +126,7 @@ def _logits(h: Array, w: Array, b: Array | None, dtype: Any, xp: Namespace) -> A
     return z if b is None else z + b
 
 
-def _dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
+def compute_dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
     dtypes = (h.dtype, w.dtype) if b is None else (h.dtype, w.dtype, b.dtype)
     return _math.compute_dtype(xp.result_type(*dtypes), xp)
 
@@ -156,13 +171,13 @@ def rows(
     hooks: Hooks = PLAIN,
 ) -> tuple[Array, Array]:
     """Per-row ``(ce, lse)`` in the compute dtype, as :func:`multixent._math.row_losses` of ``h @ W.T + b``."""
-    dtype = _dtype(h, w, b, xp)
+    dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
-        return carry, _math.row_losses(z, t_c, weight, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True)
+        return carry, _math.row_losses(z, t_c, weight, spec.opts, spec.plan, xp=xp, overwrite=True)
 
     _, (ce, lse) = hooks.loop(body, None, (h, target), spec.chunk, xp)
     return ce, lse
@@ -185,14 +200,14 @@ def rows_vjp(
 
     The gradients come in the inputs' dtypes.
     """
-    dtype = _dtype(h, w, b, xp)
+    dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
         g, _ = _math.row_losses_vjp(
-            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, xp=xp, block_rows=spec.block_rows, overwrite=True
+            z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, spec.plan, xp=xp, overwrite=True
         )
         del z
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
@@ -229,7 +244,7 @@ def loss_and_grads(
     ``lse_scale`` is ``2·z_loss·(z-loss denominator)⁻¹``, or None without z-loss.
     Each chunk's ``ḡ`` comes from :func:`multixent._math.row_losses_and_grad`.
     """
-    dtype = _dtype(h, w, b, xp)
+    dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
@@ -242,8 +257,8 @@ def loss_and_grads(
             ce_scale,
             0.0 if lse_scale is None else lse_scale,
             spec.opts,
+            spec.plan,
             xp=xp,
-            block_rows=spec.block_rows,
             overwrite=True,
         )
         del z
@@ -274,14 +289,14 @@ def weight_vjp(
     (ce is linear in ``w``, so this does not depend on ``w``). The "mean"
     denominator ``Σ w_y`` is the caller's (its ``ce_scale``).
     """
-    dtype = _dtype(h, w, b, xp)
+    dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
     num_classes, eps = w.shape[0], spec.opts.label_smoothing
     classes = xp.arange(num_classes, dtype=target.dtype, device=device(h))
 
     def body(acc: Array, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c = xs
-        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp)
+        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp, may_ignore=spec.plan.may_ignore)
         z, _ = _math._prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
         nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp) - z  # lse - z_c
         d_w = (eps / num_classes) * nll + xp.where(classes == cls.index[:, None], (1 - eps) * nll, 0.0)
@@ -290,167 +305,3 @@ def weight_vjp(
     zero = xp.zeros((num_classes,), dtype=dtype, device=device(h))
     acc, _ = hooks.loop(body, zero, (h, target, xp.astype(ce_bar, dtype, copy=False)), spec.chunk, xp)
     return acc
-
-
-# --------------------------------------------------------------------------
-# The public function
-
-
-def _check_shapes(hidden: Array, classifier: Array, bias: Array | None, target: Array) -> tuple[int, int]:
-    """``(V, D)``; ValueError naming the shapes that do not fit."""
-    h_shape, w_shape = tuple(hidden.shape), tuple(classifier.shape)
-    if len(h_shape) < 1:
-        raise ValueError(f"multixent: hidden must have at least one dimension (..., D); got shape {h_shape}")
-    if len(w_shape) != 2:
-        raise ValueError(f"multixent: classifier must have shape (V, D); got shape {w_shape}")
-    num_classes, dim = w_shape
-    if h_shape[-1] != dim:
-        raise ValueError(
-            f"multixent: hidden of shape {h_shape} does not fit classifier of shape {w_shape}: "
-            f"hidden's last dimension ({h_shape[-1]}) must equal the classifier's second ({dim})"
-        )
-    if num_classes == 0:
-        raise ValueError(f"multixent: classifier of shape {w_shape} has zero classes")
-    if bias is not None and tuple(bias.shape) != (num_classes,):
-        raise ValueError(
-            f"multixent: bias of shape {tuple(bias.shape)} does not fit classifier of shape {w_shape}; "
-            f"expected ({num_classes},)"
-        )
-    if tuple(target.shape) != h_shape[:-1]:
-        raise ValueError(
-            f"multixent: target of shape {tuple(target.shape)} does not fit hidden of shape {h_shape}; "
-            f"expected {h_shape[:-1]} (hidden's shape without its last dimension)"
-        )
-    return num_classes, dim
-
-
-def _check_chunk_size(chunk_size: Any) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"multixent: chunk_size must be a positive int or None; got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"multixent: chunk_size must be a positive int or None; got {chunk_size}")
-    return chunk_size
-
-
-def linear_cross_entropy(
-    hidden: Array,
-    classifier: Array,
-    target: Array,
-    /,
-    *,
-    bias: Array | None = None,
-    chunk_size: int | None = None,
-    weight: Array | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-) -> Array:
-    r"""``cross_entropy(hidden @ classifier.T + bias, target, ...)`` without materialising the logits.
-
-    ``hidden`` is ``(..., D)``, ``classifier`` ``(V, D)`` (the layout of
-    ``torch.nn.Linear.weight``), ``bias`` ``(V,)`` or None, ``target`` the
-    class indices ``(...)``; the options are those of
-    :func:`multixent.cross_entropy`. The value, and the gradients with respect
-    to ``hidden``, ``classifier`` and ``bias`` (through torch autograd and JAX
-    autodiff), equal the naive path's.
-
-    The rows are processed ``chunk_size`` at a time, so only a chunk's logits
-    (``chunk_size × V``) exist at once. ``chunk_size=None`` takes
-    ``max(1, 2**23 // V)`` rows (at most all of them): a chunk's logits hold at
-    most ~8M elements (32 MiB in float32) whatever the batch, and the extra
-    memory is the gradients (``h̄``, ``W̄``, ``b̄``) plus about two such
-    chunk-sized arrays (measured at N=8192, D=512, V=32768, float32,
-    forward+backward: 0.17× the full logits' bytes on torch and under
-    ``jax.jit``, against 3.0× and 2.1× for the naive path). A larger chunk
-    means fewer passes over ``classifier`` and its gradient and larger matrix
-    products, a smaller one less memory. With JAX the chunks run in one
-    ``lax.scan`` (the remainder after it); with torch inside custom ops
-    (``torch.library``), which ``torch.compile`` keeps opaque: it compiles
-    in the time of one chunk whatever their number; elsewhere in a Python loop.
-
-    Gradients: for "mean" and "sum" they are computed during the forward
-    (the upstream gradient is one scalar, so the backward only scales them:
-    three matrix products, as the naive path); the forward therefore holds
-    ``h̄`` and ``W̄`` until the backward. For "none" the backward recomputes each
-    chunk's logits from the saved per-row log-sum-exp (four matrix products).
-    The torch backward is not itself differentiable (``create_graph``); a
-    second ``backward`` through a retained graph works.
-    Under torch.func transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
-    ``hessian``) the logits are computed at once, without chunks, through the
-    cross-entropy's own Function. JAX defines
-    reverse mode (``custom_vjp``: ``grad``, ``vjp``, ``jit``, ``vmap``), not
-    forward mode.
-
-    float16/bfloat16 inputs are computed in float32 (the classifier is upcast
-    once; the logits, softmax and gradient accumulation are float32); the
-    gradients come back in each input's dtype. Under ``torch.autocast``,
-    ``hidden``, ``classifier`` and ``bias`` are first cast to the autocast
-    dtype, as ``F.linear`` casts them (float64 stays), then computed as such
-    inputs; the loss is at least float32, as ``F.cross_entropy``'s there.
-
-    ``weight`` (the class weights) is differentiated too, with the true
-    derivative: per counted row with (softcapped) logits ``z`` and class ``y``,
-    ``∂ce/∂w_c = (1-ε)[c=y](lse - z_y) + ε/C (lse - z_c)``, and "mean" adds
-    the dependence of its denominator ``Σ w_y`` (torch's ``F.cross_entropy``
-    refuses this gradient). It costs one more pass over the chunks, made
-    only when ``weight`` requires grad on torch (JAX's backward always
-    computes it when ``weight`` is given; under ``jit`` XLA drops it unless used).
-
-    ``hidden`` of size 0 in ``D`` gives logits equal to ``bias`` (or 0: ``log V``
-    per row). NumPy and other libraries without autodiff return the value.
-
-    Example::
-
-        >>> import numpy as np, multixent
-        >>> h = np.array([[1.0, 0.0], [0.0, 2.0]]); W = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-        >>> y = np.array([0, 2])
-        >>> loss = multixent.linear_cross_entropy(h, W, y)
-        >>> bool(np.isclose(loss, multixent.cross_entropy(h @ W.T, y)))
-        True
-    """
-    opts, z = _loss._options(ignore_index, label_smoothing, z_loss, softcap)
-    xp = _checks.namespace(hidden, classifier, target, bias, weight)
-    _checks.floating(hidden, "hidden", xp)
-    _checks.floating(classifier, "classifier", xp)
-    if bias is not None:
-        _checks.floating(bias, "bias", xp)
-    if not _checks.index_target(target, xp):
-        raise TypeError(f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}")
-    num_classes, dim = _check_shapes(hidden, classifier, bias, target)
-    chunk_size = _check_chunk_size(chunk_size)
-    reduction = _checks.reduction(reduction)
-    _checks.ignore_index(ignore_index, True, -100)
-    _checks.weight(weight, num_classes, xp)
-    adapter = _adapters.adapter_for(hidden)
-    values = adapter.concrete(target)
-    if values is not None:
-        opts = dataclasses.replace(opts, may_ignore=_checks.class_indices(values, num_classes, ignore_index))
-
-    dtype = _dtype(hidden, classifier, bias, xp)
-    out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
-    h = xp.reshape(hidden, (math.prod(hidden.shape[:-1]), dim))  # not -1: D may be 0
-    t = xp.reshape(target, (-1,))
-    if weight is not None:
-        weight = xp.astype(weight, dtype)
-    n_rows = h.shape[0]
-    chunk = default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
-    # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
-    counted = t != ignore_index if opts.may_ignore else None
-    call = _loss._Call(xp, h, t, weight, counted, tuple(hidden.shape[:-1]), -1, True, reduction, opts, adapter)
-
-    with adapter.quiet():
-        if reduction == "none":
-            ce, lse = adapter.linear_rows(h, classifier, bias, t, weight, opts, chunk, xp)
-            return _loss._reduce(call, ce, lse, z, out_dtype)
-        one = xp.asarray(1.0, dtype=dtype, device=device(h))
-        ce_scale, z_scale = one, one
-        if reduction == "mean":
-            ce_count, z_count = _loss._denominators(call, dtype)
-            ce_scale, z_scale = _loss._mean(one, ce_count, xp), _loss._mean(one, z_count, xp)
-        lse_scale = (2.0 * z) * z_scale if z else None
-        loss = adapter.linear_scalar(h, classifier, bias, t, weight, ce_scale, lse_scale, opts, chunk, xp)
-        return xp.astype(loss, out_dtype, copy=False)

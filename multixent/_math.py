@@ -2,7 +2,7 @@
 
 Every function takes the namespace ``xp`` and never names a framework. The
 cross-entropy works on 2-D ``(rows, C)`` logits with the class axis last and
-returns per-row terms; reductions live in :mod:`multixent._loss`.
+returns per-row terms; reductions live in :mod:`multixent._api`.
 
 Per row, with ``s = z - m`` the logits shifted by their (finite) maximum,
 ``lse_s = log Σ_c exp(s_c)``, smoothing ``ε`` and class weights ``w``::
@@ -36,28 +36,22 @@ from array_api_compat import device
 Array = Any
 Namespace = Any
 
-#: Elements per block of rows processed at once by eager backends (16 MiB of
-#: float32). Each block is computed in place in few operations, in a buffer
-#: reused across blocks, and across calls too: glibc serves allocations below
-#: its 32 MiB mmap threshold from the heap, while larger ones are fresh pages
-#: every call (a 64 MiB buffer cost torch 13 ms of page faults per call). Few,
-#: large operations also matter to torch on a busy machine: each of its
-#: multithreaded operations synchronises its threads once, and with 2**20-element
-#: blocks a competing process made the forward 6x slower than F.cross_entropy.
-BLOCK_ELEMENTS = 2**22
-
 
 @dataclass(frozen=True)
 class Options:
-    """The static (hashable) options of one cross-entropy call."""
+    """What the user asked: the validated, hashable options of one call (built once, in ``_checks``)."""
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
     softcap: float | None = None
-    #: False when the caller has seen the class indices (concrete values): none
-    #: is ignore_index and all are in range. Saves a pass over the logits that
-    #: zeroes the ignored rows, and the per-row masks.
-    may_ignore: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is executed: chosen by the adapter (its ``plan``), never by the user."""
+
+    #: Rows per block (None: one block). Eager backends block for the cache (:data:`BLOCK_ELEMENTS`).
+    block_rows: int | None = None
     #: True when arrays may be written in place and the namespace's functions
     #: take ``out=`` (NumPy, eager torch; never while autodiff records): each
     #: block's ``exp(z - m)`` is written into a reused buffer or straight into
@@ -65,6 +59,10 @@ class Options:
     #: one scatter instead of a one-hot ``where`` over the block (which XLA fuses).
     #: Fewer, larger operations: no block-sized temporaries, fewer passes.
     in_place: bool = False
+    #: False when the caller has seen the class indices (concrete values): none
+    #: is ignore_index and all are in range. Saves a pass over the logits that
+    #: zeroes the ignored rows, and the per-row masks.
+    may_ignore: bool = True
     #: The framework's stop-gradient (None without autodiff), applied to the
     #: shift by the row max, whose derivative cancels exactly.
     stop_gradient: Callable[[Array], Array] | None = None
@@ -136,8 +134,11 @@ class _ClassTargets:
         return values if self.poisoned is None else xp.where(self.poisoned, math.nan, values)
 
 
-def class_targets(target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace) -> _ClassTargets:
-    if opts.may_ignore:
+def class_targets(
+    target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace, *, may_ignore: bool = True
+) -> _ClassTargets:
+    """The rows' classes and weights; ``may_ignore=False``: the indices were checked (none ignored)."""
+    if may_ignore:
         counted = target != opts.ignore_index
         in_range = (target >= 0) & (target < num_classes)
         index, poisoned = xp.where(counted & in_range, target, 0), counted & ~in_range
@@ -190,6 +191,10 @@ def _row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
     return xp.sum(s, axis=-1) if weight is None else xp.sum(s * weight, axis=-1)
 
 
+# --------------------------------------------------------------------------
+# The cross-entropy rows: forward, closed-form gradient, tangents
+
+
 @dataclass
 class _Block:
     """Forward quantities of one block of rows, kept for its gradient."""
@@ -204,40 +209,12 @@ class _Block:
     targets: Any  # _ClassTargets, or the (n, C) smoothed weighted probabilities
 
 
-def _in_buffer(z: Array, out: Array | None) -> Array:
-    """``z`` narrower than ``out`` (bfloat16 logits) cast as it is copied into ``out``; else ``z``.
-
-    In place only (NumPy, torch): setitem casts, where array-api-extra's at()
-    would astype a copy first; torch's mixed-dtype subtraction is ten times
-    slower than a copy, and its bfloat16 max three times slower than float32's.
-    """
-    if out is None or z is out or z.dtype == out.dtype:
-        return z
-    out[...] = z
-    return out
-
-
-def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
-    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
-    if out is None:
-        s = z - m
-        return s, lambda: xp.exp(s)
-    s = xp.subtract(_in_buffer(z, out), m, out=out)
-    return s, lambda: xp.exp(s, out=s)
-
-
-def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
-    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
-    if out is not None and counted is None and opts.softcap is None:
-        return x, None
-    return _prepare_logits(x, counted, opts, dtype, xp)
-
-
 def _forward_block(
     x: Array,
     target: Array,
     weight: Array | None,
     opts: Options,
+    plan: Plan,
     dtype: Any,
     xp: Namespace,
     *,
@@ -253,15 +230,15 @@ def _forward_block(
     reductions and would materialise it.
     """
     num_classes = x.shape[-1]
-    cls = class_targets(target, weight, num_classes, opts, xp) if target.ndim == 1 else None
-    counted = None if cls is None or not for_grad or opts.in_place else cls.counted
+    cls = class_targets(target, weight, num_classes, opts, xp, may_ignore=plan.may_ignore) if target.ndim == 1 else None
+    counted = None if cls is None or not for_grad or plan.in_place else cls.counted
     z, th = _logits_for(x, out, counted, opts, dtype, xp)
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     m = xp.where(xp.isfinite(m), m, 0.0)
-    if opts.stop_gradient is not None:
-        m = opts.stop_gradient(m)
+    if plan.stop_gradient is not None:
+        m = plan.stop_gradient(m)
     if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
         x_y = gather_rows(x, cls.index, xp)[:, None]
         s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
@@ -287,24 +264,6 @@ def _forward_block(
     return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, cls)
 
 
-def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
-    """``a · b``, written into ``out`` when given, else updating ``a`` when in place."""
-    if out is not None:
-        return xp.multiply(a, b, out=out)
-    if in_place:
-        a *= b
-        return a
-    return a * b
-
-
-def _minus(a: Array, b: Array, in_place: bool) -> Array:
-    """``a - b``, updating ``a`` when in place."""
-    if in_place:
-        a -= b
-        return a
-    return a - b
-
-
 def _grad_block(
     e: Array,
     e_scale: Array,
@@ -314,16 +273,16 @@ def _grad_block(
     ce_bar: Array,
     lse_bar: Array,
     opts: Options,
+    in_place: bool,
     xp: Namespace,
     out: Array | None = None,
 ) -> Array:
     """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row).
 
-    In place (``opts.in_place``) the result is written into ``out``, or over ``e``.
+    In place (``in_place``) the result is written into ``out``, or over ``e``.
     """
     num_classes = e.shape[-1]
     eps = opts.label_smoothing
-    in_place = opts.in_place
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
@@ -347,98 +306,14 @@ def _grad_block(
     return g
 
 
-def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
-    """``g[i, index[i]] -= values[i]`` for every row ``i``."""
-    if in_place:  # setitem, as xpx.at(copy=False) would do after 30 us of Python per call
-        g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
-        return g
-    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
-    return xp.where(classes == index[:, None], g - values[:, None], g)
-
-
-def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
-    step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
-    return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
-
-
-def _rows(a: Array, start: int, stop: int) -> Array:
-    """Rows ``[start, stop)`` of ``a``; ``a`` itself when that is all of them (torch's
-    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias)."""
-    return a if start == 0 and stop == a.shape[0] else a[start:stop, ...]
-
-
-def block_rows_for(num_classes: int) -> int:
-    """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
-    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
-
-
-class _Output:
-    """The ``(rows, C)`` gradient, written block by block.
-
-    In place (``opts.in_place``), each block's ``exp(s)`` is computed straight
-    in the block's slice of the result, or with ``scratch`` in one reused
-    cache-sized buffer whose product with the row coefficients then writes the
-    slice (one block more memory; faster on NumPy, where the forward's sum
-    runs between the two). A compute dtype wider than the result's always
-    takes the buffer and is cast in. With ``overwrite`` (the logits are a
-    temporary of the caller's) the gradient is computed over the logits.
-    """
-
-    def __init__(
-        self,
-        like: Array,
-        dtype: Any,
-        blocks: list[tuple[int, int]],
-        opts: Options,
-        xp: Namespace,
-        *,
-        scratch: bool,
-        overwrite: bool = False,
-    ):
-        self.xp, self.dtype, self.in_place = xp, like.dtype, opts.in_place
-        self.direct = opts.in_place and dtype == like.dtype
-        overwrite = overwrite and self.direct
-        self.array: Array = None
-        if overwrite:
-            self.array = like
-        elif self.direct or len(blocks) > 1:
-            self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
-        self.buffer: Array = None
-        if opts.in_place and not overwrite and (scratch or not self.direct):
-            rows = max(b - a for a, b in blocks)
-            self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
-
-    def scratch(self, a: int, b: int) -> Array | None:
-        """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
-        if self.buffer is not None:
-            return self.buffer[: b - a, ...]
-        return self.array[a:b, ...] if self.direct else None
-
-    def dest(self, a: int, b: int) -> Array | None:
-        """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
-        return self.array[a:b, ...] if self.direct else None
-
-    def put(self, a: int, b: int, g: Array) -> Array:
-        """Store block ``[a, b)`` (already there when direct); returns the output so far."""
-        if self.direct:
-            return self.array
-        if self.array is None:
-            return self.xp.astype(g, self.dtype, copy=False)
-        if self.in_place:  # setitem casts (array-api-extra's at() would astype a copy first)
-            self.array[a:b, ...] = g
-            return self.array
-        self.array = xpx.at(self.array)[a:b, ...].set(self.xp.astype(g, self.dtype, copy=False))
-        return self.array
-
-
 def row_losses(
     x: Array,
     target: Array,
     weight: Array | None,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
     keep_stats: bool = False,
     overwrite: bool = False,
 ) -> tuple[Array, ...]:
@@ -453,15 +328,17 @@ def row_losses(
     temporary of the caller's, which may be overwritten.
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = _blocks(x.shape[0], block_rows)
-    in_x = opts.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
+    blocks = _blocks(x.shape[0], plan.block_rows)
+    in_x = plan.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
     buffer: Array = None
-    if opts.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
+    if plan.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
     outs: list[tuple[Array, ...]] = []
     for a, b in blocks:
         out = x[a:b, ...] if in_x else None if buffer is None else buffer[: b - a, ...]
-        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, dtype, xp, for_grad=False, out=out)
+        blk = _forward_block(
+            _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
+        )
         result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
         if keep_stats:
             stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
@@ -512,9 +389,9 @@ def row_losses_weight_vjp(
     weight: Array | None,
     ce_bar: Array,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
 ) -> Array:
     """``w̄_c = Σ_rows ce_bar · ∂ce/∂w_c`` (:func:`_weight_coefs`), in the compute dtype.
 
@@ -522,9 +399,9 @@ def row_losses_weight_vjp(
     """
     dtype = compute_dtype(x.dtype, xp)
     w_bar: Array = None
-    for a, b in _blocks(x.shape[0], block_rows):
+    for a, b in _blocks(x.shape[0], plan.block_rows):
         t_blk = _rows(target, a, b)
-        blk = _forward_block(_rows(x, a, b), t_blk, weight, opts, dtype, xp, for_grad=True)
+        blk = _forward_block(_rows(x, a, b), t_blk, weight, opts, plan, dtype, xp, for_grad=True)
         part = xp.sum(xp.astype(_rows(ce_bar, a, b), dtype)[:, None] * _weight_coefs(blk, t_blk, opts, xp), axis=0)
         w_bar = part if w_bar is None else w_bar + part
     return w_bar
@@ -538,9 +415,9 @@ def row_losses_vjp(
     ce_bar: Array,
     lse_bar: Array,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
     target_grad: bool = False,
     overwrite: bool = False,
 ) -> tuple[Array, Array | None]:
@@ -554,8 +431,8 @@ def row_losses_vjp(
     """
     dtype = compute_dtype(x.dtype, xp)
     rows, num_classes = x.shape
-    blocks = _blocks(rows, block_rows)
-    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=False, overwrite=overwrite)
+    blocks = _blocks(rows, plan.block_rows)
+    x_bar = _Output(x, dtype, blocks, plan.in_place, xp, scratch=False, overwrite=overwrite)
     single = len(blocks) == 1
     t_bar: Array = None if single or not target_grad else xp.empty(target.shape, dtype=target.dtype, device=device(x))
     g: Array = None
@@ -565,20 +442,27 @@ def row_losses_vjp(
         if stats is None or target_grad:
             # the target's gradient needs s, which an in-place exp would overwrite
             scratch = None if target_grad else x_bar.scratch(a, b)
-            blk = _forward_block(x_blk, t_blk, weight, opts, dtype, xp, for_grad=True, out=scratch)
+            blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch)
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar_blk, weight, opts), target.dtype)
         else:
-            cls = class_targets(t_blk, weight, num_classes, opts, xp) if t_blk.ndim == 1 else None
-            counted = None if cls is None or opts.in_place else cls.counted
+            cls = (
+                class_targets(t_blk, weight, num_classes, opts, xp, may_ignore=plan.may_ignore)
+                if t_blk.ndim == 1
+                else None
+            )
+            counted = None if cls is None or plan.in_place else cls.counted
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
             e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
             e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
-        g = _grad_block(e, e_scale, th, targets, weight, ce_bar_blk, _rows(lse_bar, a, b), opts, xp, x_bar.dest(a, b))
+        lse_bar_blk = _rows(lse_bar, a, b)
+        g = _grad_block(
+            e, e_scale, th, targets, weight, ce_bar_blk, lse_bar_blk, opts, plan.in_place, xp, x_bar.dest(a, b)
+        )
         g = x_bar.put(a, b, g)
         if single:
             return g, tg
@@ -594,9 +478,9 @@ def row_losses_and_grad(
     ce_scale: Array | float,
     lse_scale: Array | float,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
-    block_rows: int | None = None,
     overwrite: bool = False,
 ) -> tuple[Array, Array, Array]:
     """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``.
@@ -606,18 +490,18 @@ def row_losses_and_grad(
     ``x`` is a temporary of the caller's, and in place becomes ``x̄``.
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = _blocks(x.shape[0], block_rows)
-    x_bar = _Output(x, dtype, blocks, opts, xp, scratch=True, overwrite=overwrite)
+    blocks = _blocks(x.shape[0], plan.block_rows)
+    x_bar = _Output(x, dtype, blocks, plan.in_place, xp, scratch=True, overwrite=overwrite)
     ces, lses = [], []
     g: Array = None
     for a, b in blocks:
-        blk = _forward_block(
-            _rows(x, a, b), _rows(target, a, b), weight, opts, dtype, xp, for_grad=True, out=x_bar.scratch(a, b)
-        )
+        out = x_bar.scratch(a, b)
+        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=True, out=out)
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse
+        e_scale = xp.exp(-blk.lse_s)
         g = _grad_block(
-            blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, xp, x_bar.dest(a, b)
+            blk.e, e_scale, blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, plan.in_place, xp, x_bar.dest(a, b)
         )
         g = x_bar.put(a, b, g)
         ces.append(blk.ce)
@@ -634,6 +518,7 @@ def row_losses_jvp(
     x_dot: Array | None,
     target_dot: Array | None,
     opts: Options,
+    plan: Plan,
     *,
     xp: Namespace,
     weight_dot: Array | None = None,
@@ -643,12 +528,12 @@ def row_losses_jvp(
     ``ce_dot = Σ_c ∂ce/∂x_c · ẋ_c (+ Σ_c ∂ce/∂t_c · ṫ_c + Σ_c ∂ce/∂w_c · ẇ_c)`` from the
     closed-form gradients, sharing ``exp(s)`` with the forward; a tangent that is None is 0.
     """
-    blk = _forward_block(x, target, weight, opts, compute_dtype(x.dtype, xp), xp, for_grad=True)
+    blk = _forward_block(x, target, weight, opts, plan, compute_dtype(x.dtype, xp), xp, for_grad=True)
     ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
     ce_dot, lse_dot = zeros, zeros
     if x_dot is not None:
         p = blk.e / xp.exp(blk.lse_s)[:, None]
-        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, xp)
+        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, False, xp)
         g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
         ce_dot = xp.sum(g_ce * x_dot, axis=-1)
         lse_dot = xp.sum(g_lse * x_dot, axis=-1)
@@ -657,3 +542,154 @@ def row_losses_jvp(
     if weight_dot is not None:
         ce_dot = ce_dot + xp.sum(_weight_coefs(blk, target, opts, xp) * weight_dot, axis=-1)
     return blk.ce, blk.lse, ce_dot, lse_dot
+
+
+# --------------------------------------------------------------------------
+# Execution: blocks of rows and in-place updates (Plan.block_rows, Plan.in_place)
+#
+# The formulas above call these; they change where results are written, never
+# what is computed. They stay in this module (not a separate _eager layer)
+# because the row functions above interleave them with the formulas within a
+# block (exp(s) written into a buffer between the forward's sums and the
+# gradient's products): a split would need a second copy of each row function.
+
+#: Elements per block of rows processed at once by eager backends (16 MiB of
+#: float32). Each block is computed in place in few operations, in a buffer
+#: reused across blocks, and across calls too: glibc serves allocations below
+#: its 32 MiB mmap threshold from the heap, while larger ones are fresh pages
+#: every call (a 64 MiB buffer cost torch 13 ms of page faults per call). Few,
+#: large operations also matter to torch on a busy machine: each of its
+#: multithreaded operations synchronises its threads once, and with 2**20-element
+#: blocks a competing process made the forward 6x slower than F.cross_entropy.
+BLOCK_ELEMENTS = 2**22
+
+
+def _in_buffer(z: Array, out: Array | None) -> Array:
+    """``z`` narrower than ``out`` (bfloat16 logits) cast as it is copied into ``out``; else ``z``.
+
+    In place only (NumPy, torch): setitem casts, where array-api-extra's at()
+    would astype a copy first; torch's mixed-dtype subtraction is ten times
+    slower than a copy, and its bfloat16 max three times slower than float32's.
+    """
+    if out is None or z is out or z.dtype == out.dtype:
+        return z
+    out[...] = z
+    return out
+
+
+def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
+    if out is None:
+        s = z - m
+        return s, lambda: xp.exp(s)
+    s = xp.subtract(_in_buffer(z, out), m, out=out)
+    return s, lambda: xp.exp(s, out=s)
+
+
+def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
+    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
+    if out is not None and counted is None and opts.softcap is None:
+        return x, None
+    return _prepare_logits(x, counted, opts, dtype, xp)
+
+
+def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
+    """``a · b``, written into ``out`` when given, else updating ``a`` when in place."""
+    if out is not None:
+        return xp.multiply(a, b, out=out)
+    if in_place:
+        a *= b
+        return a
+    return a * b
+
+
+def _minus(a: Array, b: Array, in_place: bool) -> Array:
+    """``a - b``, updating ``a`` when in place."""
+    if in_place:
+        a -= b
+        return a
+    return a - b
+
+
+def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
+    """``g[i, index[i]] -= values[i]`` for every row ``i``."""
+    if in_place:  # setitem, as xpx.at(copy=False) would do after 30 us of Python per call
+        g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
+        return g
+    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
+    return xp.where(classes == index[:, None], g - values[:, None], g)
+
+
+def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
+    step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
+    return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
+
+
+def _rows(a: Array, start: int, stop: int) -> Array:
+    """Rows ``[start, stop)`` of ``a``; ``a`` itself when that is all of them (torch's
+    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias)."""
+    return a if start == 0 and stop == a.shape[0] else a[start:stop, ...]
+
+
+def block_rows_for(num_classes: int) -> int:
+    """Rows per block for eager backends (see :data:`BLOCK_ELEMENTS`)."""
+    return max(1, BLOCK_ELEMENTS // max(num_classes, 1))
+
+
+class _Output:
+    """The ``(rows, C)`` gradient, written block by block.
+
+    In place (``in_place``), each block's ``exp(s)`` is computed straight
+    in the block's slice of the result, or with ``scratch`` in one reused
+    cache-sized buffer whose product with the row coefficients then writes the
+    slice (one block more memory; faster on NumPy, where the forward's sum
+    runs between the two). A compute dtype wider than the result's always
+    takes the buffer and is cast in. With ``overwrite`` (the logits are a
+    temporary of the caller's) the gradient is computed over the logits.
+    """
+
+    def __init__(
+        self,
+        like: Array,
+        dtype: Any,
+        blocks: list[tuple[int, int]],
+        in_place: bool,
+        xp: Namespace,
+        *,
+        scratch: bool,
+        overwrite: bool = False,
+    ):
+        self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
+        self.direct = in_place and dtype == like.dtype
+        overwrite = overwrite and self.direct
+        self.array: Array = None
+        if overwrite:
+            self.array = like
+        elif self.direct or len(blocks) > 1:
+            self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
+        self.buffer: Array = None
+        if in_place and not overwrite and (scratch or not self.direct):
+            rows = max(b - a for a, b in blocks)
+            self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
+
+    def scratch(self, a: int, b: int) -> Array | None:
+        """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
+        if self.buffer is not None:
+            return self.buffer[: b - a, ...]
+        return self.array[a:b, ...] if self.direct else None
+
+    def dest(self, a: int, b: int) -> Array | None:
+        """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
+        return self.array[a:b, ...] if self.direct else None
+
+    def put(self, a: int, b: int, g: Array) -> Array:
+        """Store block ``[a, b)`` (already there when direct); returns the output so far."""
+        if self.direct:
+            return self.array
+        if self.array is None:
+            return self.xp.astype(g, self.dtype, copy=False)
+        if self.in_place:  # setitem casts (array-api-extra's at() would astype a copy first)
+            self.array[a:b, ...] = g
+            return self.array
+        self.array = xpx.at(self.array)[a:b, ...].set(self.xp.astype(g, self.dtype, copy=False))
+        return self.array

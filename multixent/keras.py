@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from ._loss import cross_entropy
+from ._api import cross_entropy
 
 __all__ = ["CrossEntropy"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._loss import cross_entropy
+from ._api import cross_entropy
 
 __all__ = ["CrossEntropyLoss"]
 

@@ -1,26 +1,70 @@
-"""Pick the adapter for an array: the one place that tells frameworks apart.
+"""The adapter contract (:class:`Adapter`) and :func:`adapter_for`: the one place that tells frameworks apart.
 
-An adapter supplies ``row_losses(x, target, weight, opts, xp)`` (the per-row
-``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable through
-the framework's autodiff), ``blocking(x, opts, *inputs)`` (rows per block and the
-options for computing without autodiff), ``concrete(array)`` (the array,
-or a host copy of it, when its values can be read now; None while traced) and
-``quiet()`` (a context without floating-point warnings).
+An adapter is a module (``generic``, ``torch``, ``jax``) wrapping the math of
+:mod:`multixent._math` and :mod:`multixent._linear` in its framework's
+execution plan and autodiff; mypy checks each against :class:`Adapter`.
 Framework modules are imported only when such an array arrives:
 array-api-compat recognises torch and JAX arrays without importing them.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import array_api_compat
 
+from .. import _linear, _math
 from . import generic
 
 
-def adapter_for(x: Any) -> ModuleType:
+class Adapter(Protocol):
+    """What every adapter module supplies."""
+
+    def quiet(self) -> AbstractContextManager[Any]:
+        """A context without floating-point warnings."""
+        ...
+
+    def concrete(self, a: Any) -> Any:
+        """``a`` (or a host copy of it) when its values can be read now; None while traced."""
+        ...
+
+    def plan(self, x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -> _math.Plan:
+        """How the math runs on ``(rows, C)`` logits ``x``: blocks, in place, stop-gradient.
+
+        ``inputs`` are the call's other arrays; ``differentiable``: the math itself is differentiated.
+        """
+        ...
+
+    def row_losses(
+        self, x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any
+    ) -> tuple[Any, Any]:
+        """Per-row ``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable by the framework."""
+        ...
+
+    def linear_rows(self, call: _linear.LinearCall) -> tuple[Any, Any]:
+        """Per-row ``(ce, lse)`` of ``h @ W.T + b`` (:func:`multixent._linear.rows`), differentiable."""
+        ...
+
+    def linear_scalar(self, call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
+        """The "mean"/"sum" loss :func:`multixent._linear.scalar_loss`, differentiable."""
+        ...
+
+    def linear_out_dtype(self, dtype: Any, hidden: Any) -> Any:
+        """The dtype of ``linear_cross_entropy``'s loss for inputs of ``dtype``."""
+        ...
+
+
+if TYPE_CHECKING:  # mypy checks every adapter module against the contract
+    from . import jax as _jax_adapter
+    from . import torch as _torch_adapter
+
+    _GENERIC: Adapter = generic
+    _TORCH: Adapter = _torch_adapter
+    _JAX: Adapter = _jax_adapter
+
+
+def adapter_for(x: Any) -> Adapter:
     if array_api_compat.is_torch_array(x):
         from . import torch
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import array_api_compat
 import numpy
 
-from .. import _math
+from .. import _linear, _math
 
 
 def quiet() -> Any:
@@ -26,46 +25,30 @@ def concrete(a: Any) -> Any:
     return None if array_api_compat.is_lazy_array(a) else a
 
 
-def blocking(x: Any, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -> _math.Plan:
     """Blocks of rows (one for lazy arrays, which dask chunks itself); in place for NumPy
-    (``out=`` and integer-array setitem)."""
+    (``out=`` and integer-array setitem). No autodiff here: ``differentiable`` changes nothing."""
     in_place = array_api_compat.is_numpy_array(x)
     rows = None if array_api_compat.is_lazy_array(x) else _math.block_rows_for(x.shape[-1])
-    return rows, dataclasses.replace(opts, in_place=in_place)
+    return _math.Plan(block_rows=rows, in_place=in_place, may_ignore=may_ignore)
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
-    block_rows, opts = blocking(x, opts)
-    return _math.row_losses(x, target, weight, opts, xp=xp, block_rows=block_rows)
+def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
+    return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp)
 
 
 # --------------------------------------------------------------------------
 # linear_cross_entropy: values only (no autodiff here)
 
 
-def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    from .. import _linear
-
-    block_rows, opts = blocking(w.T, opts)  # blocks of a chunk's logits, (rows, V) as w.T
-    return _linear.rows(h, w, b, target, weight, _linear.Spec(opts, chunk, block_rows), xp=xp)
+def linear_rows(call: _linear.LinearCall) -> tuple[Any, Any]:
+    spec = _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore), call.chunk)  # blocks of (rows, V)
+    return _linear.rows(call.h, call.w, call.b, call.target, call.weight, spec, xp=call.xp)
 
 
-def linear_scalar(
-    h: Any,
-    w: Any,
-    b: Any,
-    target: Any,
-    weight: Any,
-    ce_scale: Any,
-    lse_scale: Any,
-    opts: _math.Options,
-    chunk: int,
-    xp: Any,
-) -> Any:
-    from .. import _linear
-
-    ce, lse = linear_rows(h, w, b, target, weight, opts, chunk, xp)
-    return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
+def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
+    ce, lse = linear_rows(call)
+    return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, call.xp)
 
 
 def linear_out_dtype(dtype: Any, hidden: Any) -> Any:

@@ -12,7 +12,6 @@ buffer (1.0x the logits' bytes). ``linear_cross_entropy`` uses a ``custom_vjp``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from functools import partial
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from jax.custom_derivatives import SymbolicZero
 
-from .. import _math
+from .. import _linear, _math
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -33,24 +32,24 @@ def concrete(a: Any) -> Any:
     return None if isinstance(a, jax.core.Tracer) else np.asarray(a)
 
 
-def blocking(x: Any, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
-    """One block: XLA fuses the whole computation."""
-    return None, opts
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -> _math.Plan:
+    """One block, out of place: XLA fuses the whole computation; the row max's shift is not differentiated."""
+    return _math.Plan(may_ignore=may_ignore, stop_gradient=jax.lax.stop_gradient if differentiable else None)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _row_losses(x: Any, target: Any, weight: Any, opts: _math.Options) -> tuple[Any, Any]:
-    return _math.row_losses(x, target, weight, opts, xp=array_namespace(x))
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, plan: _math.Plan) -> tuple[Any, Any]:
+    return _math.row_losses(x, target, weight, opts, plan, xp=array_namespace(x))
 
 
-def _row_losses_jvp(opts: _math.Options, primals: Any, tangents: Any) -> Any:
+def _row_losses_jvp(opts: _math.Options, plan: _math.Plan, primals: Any, tangents: Any) -> Any:
     x, target, weight = primals
     # symbolic zeros (inputs not differentiated, integer targets) cost nothing
     x_dot, target_dot, weight_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents)
     if not jnp.issubdtype(target.dtype, jnp.floating):
         target_dot = None
     ce, lse, ce_dot, lse_dot = _math.row_losses_jvp(
-        x, target, weight, x_dot, target_dot, opts, xp=array_namespace(x), weight_dot=weight_dot
+        x, target, weight, x_dot, target_dot, opts, plan, xp=array_namespace(x), weight_dot=weight_dot
     )
     return (ce, lse), (ce_dot, lse_dot)
 
@@ -58,8 +57,8 @@ def _row_losses_jvp(opts: _math.Options, primals: Any, tangents: Any) -> Any:
 _row_losses.defjvp(_row_losses_jvp, symbolic_zeros=True)
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
-    return _row_losses(x, target, weight, dataclasses.replace(opts, stop_gradient=jax.lax.stop_gradient))
+def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
+    return _row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore, differentiable=True))
 
 
 # --------------------------------------------------------------------------
@@ -79,9 +78,7 @@ def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
     rows = xs[0].shape[0]
     full = rows // chunk
     if full <= 1:
-        from .. import _linear
-
-        return _linear._loop(body, carry, xs, chunk, xp)
+        return _linear.chunk_loop(body, carry, xs, chunk, xp)
     stacked = tuple(jnp.swapaxes(jnp.reshape(x[: full * chunk], (chunk, full, *x.shape[1:])), 0, 1) for x in xs)
     carry, outs = jax.lax.scan(body, carry, stacked)
     outs = tuple(jnp.reshape(jnp.swapaxes(o, 0, 1), (full * chunk, *o.shape[2:])) for o in outs)
@@ -92,23 +89,17 @@ def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
 
 
 def _linear_hooks() -> Any:
-    from .. import _linear
-
     return _linear.Hooks(loop=_scan_chunks)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _linear_scalar(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
-    from .. import _linear
-
     xp = array_namespace(h)
     ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=_linear_hooks())
     return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
 
 def _linear_scalar_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
-    from .. import _linear
-
     xp = array_namespace(h)
     (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_linear_hooks())
     loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
@@ -126,8 +117,6 @@ def _linear_scalar_bwd(spec: Any, res: Any, g: Any) -> Any:
 
 
 def _weight_vjp(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, spec: Any, weight: Any) -> Any:
-    from .. import _linear
-
     out = _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=array_namespace(h), hooks=_linear_hooks())
     return out.astype(weight.dtype)
 
@@ -137,8 +126,6 @@ _linear_scalar.defvjp(_linear_scalar_fwd, _linear_scalar_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _linear_rows(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> Any:
-    from .. import _linear
-
     return _linear.rows(h, w, b, t, weight, spec, xp=array_namespace(h), hooks=_linear_hooks())
 
 
@@ -148,8 +135,6 @@ def _linear_rows_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> 
 
 
 def _linear_rows_bwd(spec: Any, res: Any, bars: Any) -> Any:
-    from .. import _linear
-
     h, w, b, t, weight = res
     ce_bar, lse_bar = bars
     xp = array_namespace(h)
@@ -161,27 +146,16 @@ def _linear_rows_bwd(spec: Any, res: Any, bars: Any) -> Any:
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
-def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    from .. import _linear
-
-    return _linear_rows(h, w, b, target, weight, _linear.Spec(opts, chunk))
+def _spec(call: _linear.LinearCall) -> _linear.Spec:
+    return _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore), call.chunk)
 
 
-def linear_scalar(
-    h: Any,
-    w: Any,
-    b: Any,
-    target: Any,
-    weight: Any,
-    ce_scale: Any,
-    lse_scale: Any,
-    opts: _math.Options,
-    chunk: int,
-    xp: Any,
-) -> Any:
-    from .. import _linear
+def linear_rows(call: _linear.LinearCall) -> tuple[Any, Any]:
+    return _linear_rows(call.h, call.w, call.b, call.target, call.weight, _spec(call))
 
-    return _linear_scalar(h, w, b, target, weight, ce_scale, lse_scale, _linear.Spec(opts, chunk))
+
+def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
+    return _linear_scalar(call.h, call.w, call.b, call.target, call.weight, ce_scale, lse_scale, _spec(call))
 
 
 def linear_out_dtype(dtype: Any, hidden: Any) -> Any:

@@ -20,13 +20,12 @@ Class weights that require grad get their true gradient
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any
 
 import torch
 from array_api_compat import array_namespace
 
-from .. import _math
+from .. import _linear, _math
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -52,17 +51,23 @@ def _transformed(*arrays: Any) -> bool:
     return torch._C._are_functorch_transforms_active() or any(_wrapped(a) for a in arrays)
 
 
-def blocking(x: torch.Tensor, opts: _math.Options, *inputs: Any) -> tuple[int | None, _math.Options]:
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False) -> _math.Plan:
     """Eager: blocks of rows computed in place; compiled or transformed: one block, out of place.
 
     ``inputs`` are the call's other arrays: out= refuses any that autograd
     records (cross_entropy_and_grad under grad mode), and then nothing is in place.
+    ``differentiable``: the math itself is recorded (a backward with ``create_graph``,
+    a transform, forward mode): one block, out of place, the row max's shift detached.
+    ``in_op``: inside a custom op (the linear chunks), always eager, blocks in place.
     """
+    if in_op:
+        return _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
+    if differentiable:
+        return _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
     if torch.compiler.is_compiling() or _transformed(x, *inputs):
-        return None, dataclasses.replace(opts, in_place=False)
+        return _math.Plan(may_ignore=may_ignore)
     recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
-    in_place = not recorded
-    return _math.block_rows_for(x.shape[-1]), dataclasses.replace(opts, in_place=in_place)
+    return _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=not recorded, may_ignore=may_ignore)
 
 
 class _RowLosses(torch.autograd.Function):
@@ -71,28 +76,25 @@ class _RowLosses(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, xp: Any) -> Any:
-        block_rows, eager_opts = blocking(x, opts, target, weight)
-        return _math.row_losses(x, target, weight, eager_opts, xp=xp, block_rows=block_rows, keep_stats=True)
+    def forward(x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, may_ignore: bool, xp: Any) -> Any:
+        how = plan(x, target, weight, may_ignore=may_ignore)
+        return _math.row_losses(x, target, weight, opts, how, xp=xp, keep_stats=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, target, weight, opts, xp = inputs
+        x, target, weight, opts, may_ignore, xp = inputs
         _, _, shift, lse_shifted = output
         ctx.mark_non_differentiable(shift, lse_shifted)
         ctx.save_for_backward(x, target, weight, shift, lse_shifted)
         ctx.save_for_forward(x, target, weight)
-        ctx.opts, ctx.xp = opts, xp
+        ctx.opts, ctx.may_ignore, ctx.xp = opts, may_ignore, xp
 
     @staticmethod
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
         x, target, weight, shift, lse_shifted = ctx.saved_tensors
         # create_graph=True or a transform: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled() or _transformed(x, ce_bar, lse_bar)
-        if differentiable:
-            block_rows, opts = None, dataclasses.replace(ctx.opts, stop_gradient=torch.Tensor.detach, in_place=False)
-        else:
-            block_rows, opts = blocking(x, ctx.opts)
+        how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable)
         x_bar, t_bar = _math.row_losses_vjp(
             x,
             target,
@@ -100,15 +102,15 @@ class _RowLosses(torch.autograd.Function):
             None if differentiable else (shift, lse_shifted),
             ce_bar,
             lse_bar,
-            opts,
+            ctx.opts,
+            how,
             xp=ctx.xp,
-            block_rows=block_rows,
             target_grad=ctx.needs_input_grad[1],
         )
         w_bar = None
         if ctx.needs_input_grad[2]:
-            w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, opts, xp=ctx.xp, block_rows=block_rows)
-        return x_bar, t_bar, w_bar, None, None
+            w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, ctx.opts, how, xp=ctx.xp)
+        return x_bar, t_bar, w_bar, None, None, None
 
 
 class _RowLossesJvp(_RowLosses):
@@ -117,16 +119,16 @@ class _RowLossesJvp(_RowLosses):
     @staticmethod
     def jvp(ctx: Any, x_dot: Any, target_dot: Any, weight_dot: Any, *_: Any) -> Any:
         x, target, weight = ctx.saved_tensors
-        opts = dataclasses.replace(ctx.opts, stop_gradient=torch.Tensor.detach)
+        how = plan(x, may_ignore=ctx.may_ignore, differentiable=True)
         _, _, ce_dot, lse_dot = _math.row_losses_jvp(
-            x, target, weight, x_dot, target_dot, opts, xp=ctx.xp, weight_dot=weight_dot
+            x, target, weight, x_dot, target_dot, ctx.opts, how, xp=ctx.xp, weight_dot=weight_dot
         )
         return ce_dot, lse_dot, None, None
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> tuple[Any, Any]:
+def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
     function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
-    ce, lse, _, _ = function.apply(x, target, weight, opts, xp)  # type: ignore[no-untyped-call]
+    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp)  # type: ignore[no-untyped-call]
     return ce, lse
 
 
@@ -146,11 +148,9 @@ def _op(name: str, schema: str) -> Any:
 
 def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
     """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
-    from .. import _linear
-
     ignore_index, smoothing, softcap, may_ignore, chunk = opts
-    options = _math.Options(ignore_index, smoothing, softcap, may_ignore=may_ignore, in_place=True)
-    spec = _linear.Spec(options, chunk, _math.block_rows_for(w.shape[0]))
+    how = plan(w.T, may_ignore=may_ignore, in_op=True)  # blocks of a chunk's (rows, V) logits
+    spec = _linear.Spec(_math.Options(ignore_index, smoothing, softcap), how, chunk)
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
     context.enter_context(torch.autocast(h.device.type, enabled=False))
@@ -158,9 +158,7 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.dtype:
-    from .. import _linear
-
-    return _linear._dtype(h, w, b, array_namespace(h))  # type: ignore[no-any-return]
+    return _linear.compute_dtype(h, w, b, array_namespace(h))  # type: ignore[no-any-return]
 
 
 def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, Any, Any]:
@@ -170,8 +168,6 @@ def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, 
 
 @_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
 def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         return _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=hooks)
@@ -189,8 +185,6 @@ def _rows_fake(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _loss_and_grads_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
@@ -209,8 +203,6 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts:
     "-> (Tensor, Tensor, Tensor)",
 )
 def _rows_vjp_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
@@ -224,8 +216,6 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *o
 
 @_op("linear_weight_vjp", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor ce_bar, {_OPTS}) -> Tensor")
 def _weight_vjp_op(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
-    from .. import _linear
-
     spec, xp, hooks, context = _eager(h, w, opts)
     with context:
         return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
@@ -236,8 +226,9 @@ def _(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
     return w.new_empty(w.shape[0], dtype=_compute_dtype(h, w, b))
 
 
-def _op_opts(opts: _math.Options, chunk: int) -> tuple[Any, ...]:
-    return opts.ignore_index, float(opts.label_smoothing), opts.softcap, opts.may_ignore, chunk
+def _op_opts(call: _linear.LinearCall) -> tuple[Any, ...]:
+    opts = call.opts
+    return opts.ignore_index, float(opts.label_smoothing), opts.softcap, call.may_ignore, call.chunk
 
 
 class _LinearScalar(torch.autograd.Function):
@@ -245,8 +236,6 @@ class _LinearScalar(torch.autograd.Function):
     def forward(
         ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any
     ) -> Any:
-        from .. import _linear
-
         need = ctx.needs_input_grad
         grads: tuple[Any, ...] = (None, None, None)
         if any(need[:3]):
@@ -318,7 +307,7 @@ def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _unchunked_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, xp: Any) -> Any:
+def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
     """Under a torch.func transform: the logits ``h @ W.T + b`` at once, through :class:`_RowLosses`.
 
     The custom ops that run the chunks have no batching rules; this path has torch.func's
@@ -326,32 +315,21 @@ def _unchunked_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _mat
     """
     dtype = _compute_dtype(h, w, b)
     z = h.to(dtype) @ w.to(dtype).T
-    return row_losses(z if b is None else z + b.to(dtype), target, weight, opts, xp)
+    z = z if b is None else z + b.to(dtype)
+    return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp)
 
 
-def linear_rows(h: Any, w: Any, b: Any, target: Any, weight: Any, opts: _math.Options, chunk: int, xp: Any) -> Any:
-    h, w, b = _autocast(h, w, b)
-    if _transformed(h, w, b, target, weight):
-        return _unchunked_rows(h, w, b, target, weight, opts, xp)
-    return _LinearRows.apply(h, w, b, target, weight, _op_opts(opts, chunk))  # type: ignore[no-untyped-call]
+def linear_rows(call: _linear.LinearCall) -> Any:
+    h, w, b = _autocast(call.h, call.w, call.b)
+    if _transformed(h, w, b, call.target, call.weight):
+        return _unchunked_rows(call, h, w, b)
+    return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call))  # type: ignore[no-untyped-call]
 
 
-def linear_scalar(
-    h: Any,
-    w: Any,
-    b: Any,
-    target: Any,
-    weight: Any,
-    ce_scale: Any,
-    lse_scale: Any,
-    opts: _math.Options,
-    chunk: int,
-    xp: Any,
-) -> Any:
-    h, w, b = _autocast(h, w, b)
-    if _transformed(h, w, b, target, weight):
-        from .. import _linear
-
-        ce, lse = _unchunked_rows(h, w, b, target, weight, opts, xp)
+def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
+    h, w, b = _autocast(call.h, call.w, call.b)
+    t, weight, xp = call.target, call.weight, call.xp
+    if _transformed(h, w, b, t, weight):
+        ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
-    return _LinearScalar.apply(h, w, b, target, weight, ce_scale, lse_scale, _op_opts(opts, chunk), xp)  # type: ignore[no-untyped-call]
+    return _LinearScalar.apply(h, w, b, t, weight, ce_scale, lse_scale, _op_opts(call), xp)  # type: ignore[no-untyped-call]

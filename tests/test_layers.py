@@ -1,0 +1,110 @@
+"""The package's layers: imports go one way (public → checks, adapters → math), no cycle.
+
+Function-level imports count: every ``import``/``from … import`` in a module's AST is an edge.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import multixent
+
+ROOT = Path(multixent.__file__).resolve().parent
+PKG = ROOT.name
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT.parent).with_suffix("")
+        mods[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = f
+    return mods
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+
+    def resolve(cur: str, node: ast.ImportFrom) -> list[str]:
+        base = cur.split(".") if mods[cur].name == "__init__.py" else cur.split(".")[:-1]
+        if node.level:
+            base = base[: len(base) - (node.level - 1)]
+            prefix = ".".join(base + ([node.module] if node.module else []))
+        else:
+            prefix = node.module or ""
+        out = []
+        for alias in node.names:
+            for candidate in (f"{prefix}.{alias.name}", prefix):
+                if candidate in mods:
+                    out.append(candidate)
+                    break
+        return out
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                graph[m].update(t for t in resolve(m, node) if t != m)
+            elif isinstance(node, ast.Import):
+                graph[m].update(a.name for a in node.names if a.name in mods and a.name != m)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    # a package __init__ re-exporting its children is not a cycle of the layers
+    return [c for c in found if len(c) > 2 or not all(x == PKG or (x.count(".") == 1 and PKG in c) for x in c)]
+
+
+def test_no_import_cycle() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_math_imports_only_math() -> None:
+    graph = _graph()
+    math_layer = {f"{PKG}._math", f"{PKG}._linear"}
+    for m in math_layer:
+        assert graph[m] <= math_layer, f"{m} imports {sorted(graph[m] - math_layer)}"
+    assert graph[f"{PKG}._math"] == set()
+
+
+def test_adapters_never_import_the_public_layer() -> None:
+    graph = _graph()
+    adapters = [m for m in graph if m == f"{PKG}._adapters" or m.startswith(f"{PKG}._adapters.")]
+    assert len(adapters) == 4
+    for m in adapters:
+        assert not graph[m] & {PKG, f"{PKG}._api", f"{PKG}._checks"}, f"{m} imports {sorted(graph[m])}"
+
+
+def test_checks_import_only_math() -> None:
+    assert _graph()[f"{PKG}._checks"] <= {f"{PKG}._math"}
