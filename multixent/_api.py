@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import device
-
 from . import _checks, _linear, _math
 from ._adapters import Adapter, adapter_for, generic
+from ._compat import device
 
 Array = Any
 

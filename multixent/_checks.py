@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import array_api_compat
 import numpy
 
+from . import _compat
 from ._math import Options
 
 Array = Any
@@ -31,7 +31,7 @@ def array(a: Any, name: str) -> None:
         raise TypeError(
             f"multixent: {name} is a sparse tensor ({a.layout}), not supported; pass a dense one (.to_dense())"
         )
-    if not array_api_compat.is_array_api_obj(a):
+    if not _compat.is_array_api_obj(a):
         raise TypeError(
             f"multixent: {name} must be an array (NumPy, torch, JAX or any array-API library); got {type(a).__name__}"
         )
@@ -48,7 +48,7 @@ def namespace(*arrays: Array | None, names: tuple[str, ...] = ()) -> Namespace:
             array(a, name)
     given = [a for a in arrays if a is not None]
     try:
-        return array_api_compat.array_namespace(*given)
+        return _compat.array_namespace(*given)
     except TypeError as err:
         kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__qualname__ for a in given}))
         raise TypeError(
@@ -174,7 +174,7 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
     that width, so a negative value ``v`` is really ``v + 2**bits`` (out of range, never
     ignored); the message names the true value.
     """
-    xp = array_api_compat.array_namespace(target)
+    xp = _compat.array_namespace(target)
     flat = xp.reshape(target, (-1,))
     outside = (flat < 0) | (flat >= classes)
     if not bool(xp.any(outside)):  # the usual case: in range, and ignore_index (-100) is not

@@ -34,9 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import device
-
 from . import _math
+from ._compat import device
 
 Array = Any
 Namespace = Any

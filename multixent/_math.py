@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_extra as xpx
-from array_api_compat import device
+
+from ._compat import device
 
 Array = Any
 Namespace = Any
@@ -252,12 +253,16 @@ def _forward_block(
         ce = lse_s * xp.sum(tw, axis=-1) - tws
         lse = lse_s + m[:, 0]
         return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
-    smooth_sum = _row_sum_weighted(s, weight, xp) if eps else None  # before exp(s) may overwrite s
+    w_sum = (num_classes if weight is None else xp.sum(weight)) if eps else None
+    smooth_sum = None
+    if eps and out is not None:  # before exp(s) overwrites s
+        smooth_sum = _row_sum_weighted(s, weight, xp)
+    elif eps:  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
+        smooth_sum = _row_sum_weighted(z, weight, xp) - m[:, 0] * w_sum
     e = exp_s()
     lse_s = xp.log(xp.sum(e, axis=-1))
     ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
     if smooth_sum is not None:
-        w_sum = num_classes if weight is None else xp.sum(weight)
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     ce = cls.poison(ce, xp)
     lse = cls.mask(lse_s + m[:, 0], xp)
@@ -532,9 +537,14 @@ def row_losses_jvp(
     ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
     ce_dot, lse_dot = zeros, zeros
     if x_dot is not None:
+        if blk.tanh is not None:  # the tangent through the softcap, ẋ·(1 - tanh²), with tanh recomputed (of -x/s):
+            # XLA then neither merges it with the forward's tanh(x/s) nor keeps that one for two consumers
+            counted = blk.targets.counted if isinstance(blk.targets, _ClassTargets) else None
+            th = xp.tanh(-_prepare_logits(x, counted, Options(), blk.e.dtype, xp)[0] / opts.softcap)
+            x_dot = x_dot * (1.0 - th * th)
         p = blk.e / xp.exp(blk.lse_s)[:, None]
-        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets, weight, ones, zeros, opts, False, xp)
-        g_lse = p if blk.tanh is None else p * (1.0 - blk.tanh * blk.tanh)
+        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), None, blk.targets, weight, ones, zeros, opts, False, xp)
+        g_lse = p
         ce_dot = xp.sum(g_ce * x_dot, axis=-1)
         lse_dot = xp.sum(g_lse * x_dot, axis=-1)
     if target_dot is not None:

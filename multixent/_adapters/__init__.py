@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import array_api_compat
 
-from .. import _linear, _math
+from .. import _compat, _linear, _math
 from . import generic
 
 
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # mypy checks every adapter module against the contract
 
 
 def adapter_for(x: Any) -> Adapter:
-    if array_api_compat.is_torch_array(x):
+    if _compat.is_torch_array(x):
         from . import torch
 
         return torch
