@@ -1,0 +1,68 @@
+"""Compiled paths: torch.compile of the public functions warns of nothing (issue 13 item 4), and
+under jax.jit(value_and_grad) each option holds no logits-sized buffer beyond the gradient (issue 12
+item 6: XLA's temp + output bytes, memory_analysis(), at most 1.05x the logits)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+from conftest import SELECTED
+
+import multixent as mx
+
+
+@pytest.mark.skipif("torch" not in SELECTED, reason="backend torch not selected (MULTIXENT_BACKENDS)")
+@pytest.mark.parametrize(
+    "name",
+    ["cross_entropy_options", "cross_entropy_probs", "cross_entropy_and_grad", "nll_loss", "logsumexp", "linear"],
+)
+def test_torch_compile_warns_nothing(name: str) -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.randn(8, 10, requires_grad=True)
+    y = torch.randint(0, 10, (8,))
+    h, w = torch.randn(8, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+    opts: dict[str, Any] = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 30.0, "weight": torch.rand(10)}
+    cases: dict[str, tuple[Any, tuple[Any, ...]]] = {
+        "cross_entropy_options": (lambda a, b: mx.cross_entropy(a, b, **opts), (x, y)),
+        "cross_entropy_probs": (mx.cross_entropy, (x, torch.softmax(torch.randn(8, 10), -1))),
+        "cross_entropy_and_grad": (lambda a, b: mx.cross_entropy_and_grad(a, b)[1].sum(), (x.detach(), y)),
+        "nll_loss": (mx.nll_loss, (x, y)),
+        "logsumexp": (lambda a: mx.logsumexp(a).sum() + mx.log_softmax(a).sum(), (x,)),
+        "linear": (mx.linear_cross_entropy, (h, w, y)),
+    }
+    fn, args = cases[name]
+    torch._dynamo.reset()
+    torch.compile(lambda a: (a * 2).sum(), fullgraph=True)(torch.ones(2))  # torch's own first-compile warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(fn, fullgraph=True)(*args)
+        if out.requires_grad:
+            out.backward()
+    assert [str(m.message).splitlines()[0] for m in caught] == []
+
+
+@pytest.mark.skipif("jax" not in SELECTED, reason="backend jax not selected (MULTIXENT_BACKENDS)")
+@pytest.mark.parametrize(
+    "option",
+    [
+        {},
+        {"weight": True},
+        {"z_loss": 1e-4},
+        {"softcap": 30.0},
+        {"label_smoothing": 0.1},
+        {"softcap": 30.0, "z_loss": 1e-4, "weight": True},
+        {"label_smoothing": 0.1, "z_loss": 1e-4, "weight": True},
+    ],
+    ids=str,
+)
+def test_jax_grad_memory_is_the_gradient(option: dict[str, Any]) -> None:
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    n, c = 256, 32000
+    y = jnp.arange(n) % c
+    kw = dict(option, weight=jnp.full((c,), 0.5)) if "weight" in option else option
+    f = jax.jit(jax.value_and_grad(lambda a: mx.cross_entropy(a, y, **kw)))
+    m = f.lower(jax.ShapeDtypeStruct((n, c), jnp.float32)).compile().memory_analysis()
+    assert (m.temp_size_in_bytes + m.output_size_in_bytes) / (n * c * 4) <= 1.05
