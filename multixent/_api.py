@@ -337,8 +337,9 @@ def linear_cross_entropy(
     three matrix products, as the naive path); the forward therefore holds
     ``h̄`` and ``W̄`` until the backward. For "none" the backward recomputes each
     chunk's logits from the saved per-row log-sum-exp (four matrix products).
-    The torch backward is not itself differentiable (``create_graph``); a
-    second ``backward`` through a retained graph works.
+    A second ``backward`` through a retained graph works; a backward with
+    ``create_graph=True`` (double backward, ``gradgradcheck``) differentiates
+    the unchunked logits (the full logits' memory, only then).
     Under torch.func transforms (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
     ``hessian``) the logits are computed at once, without chunks, through the
     cross-entropy's own Function. JAX defines

@@ -894,3 +894,22 @@ def test_torch_custom_ops_opcheck() -> None:
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@torch_only
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_gradcheck_and_gradgradcheck(reduction: str) -> None:
+    """gradcheck and gradgradcheck (batched) with every option, gradients of h, W, b and the class weights."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 4, dtype=torch.float64, generator=gen), torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    b, cw = torch.randn(7, dtype=torch.float64, generator=gen), torch.rand(7, dtype=torch.float64, generator=gen)
+    y = torch.tensor([0, 1, 2, 3, -100, 6])
+    args = tuple(a.requires_grad_() for a in (h, w, b, cw))
+
+    def f(h: Any, w: Any, b: Any, cw: Any) -> Any:
+        opts = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 5.0, "reduction": reduction}
+        return multixent.linear_cross_entropy(h, w, y, bias=b, weight=cw, **opts)
+
+    assert torch.autograd.gradcheck(f, args, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, args, check_batched_grad=True)

@@ -20,6 +20,7 @@ Class weights that require grad get their true gradient
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -234,9 +235,10 @@ def _op_opts(call: _linear.LinearCall) -> tuple[Any, ...]:
 class _LinearScalar(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any
+        ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any, call: Any
     ) -> Any:
         need = ctx.needs_input_grad
+        ctx.call, ctx.inputs = call, (h, w, b, weight, ce_s, lse_s)  # for a double backward only
         grads: tuple[Any, ...] = (None, None, None)
         if any(need[:3]):
             ce, lse, *grads = _loss_and_grads_op(h, w, b, t, weight, ce_s, lse_s, *opts)
@@ -252,8 +254,20 @@ class _LinearScalar(torch.autograd.Function):
         return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the unchunked path, which is differentiable
+            h, w, b, weight, ce_s, lse_s = ctx.inputs
+            wanted = [i for i in (0, 1, 2, 4, 5, 6) if ctx.needs_input_grad[i]]
+            args = dict(enumerate((h, w, b, None, weight, ce_s, lse_s)))
+            with torch.enable_grad():
+                call = dataclasses.replace(ctx.call, weight=weight)
+                ce, lse = _unchunked_rows(call, h, w, b)
+                loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, call.xp)
+                grads = torch.autograd.grad(loss, [args[i] for i in wanted], g, create_graph=True, allow_unused=True)
+            out: list[Any] = [None] * 11
+            for i, gr in zip(wanted, grads, strict=True):
+                out[i] = gr
+            return tuple(out)
         # The saved gradients are returned as they are for the usual upstream 1 (loss.backward()),
         # without a copy; other upstreams scale them out of place (the gradients' size, not the
         # logits'), so a retained graph can be differentiated again (gradcheck does).
@@ -264,28 +278,39 @@ class _LinearScalar(torch.autograd.Function):
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
         extra = [None if s is None else g * s for s in (ce_sum, lse_sq)]
-        return (*scaled, None, weight_bar, *extra, None, None)
+        return (*scaled, None, weight_bar, *extra, None, None, None)
 
 
 class _LinearRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, opts: Any) -> Any:
+    def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, opts: Any, call: Any) -> Any:
         ce, lse = _rows_op(h, w, b, t, weight, *opts)
         ctx.save_for_backward(h, w, b, t, weight)
-        ctx.opts = opts
+        ctx.opts, ctx.call = opts, call
         return ce, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor) -> Any:
         h, w, b, t, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the unchunked path, which is differentiable
+            wanted = [i for i in (0, 1, 2, 4) if ctx.needs_input_grad[i]]
+            args = dict(enumerate((h, w, b, None, weight)))
+            with torch.enable_grad():
+                ce, lse = _unchunked_rows(dataclasses.replace(ctx.call, weight=weight), h, w, b)
+                grads = torch.autograd.grad(
+                    (ce, lse), [args[i] for i in wanted], (ce_bar, lse_bar), create_graph=True, allow_unused=True
+                )
+            out: list[Any] = [None] * 7
+            for i, gr in zip(wanted, grads, strict=True):
+                out[i] = gr
+            return tuple(out)
         need = ctx.needs_input_grad
         dh = dw = db = weight_bar = None
         if any(need[:3]):
             dh, dw, db = _rows_vjp_op(h, w, b, t, weight, ce_bar, lse_bar, *ctx.opts)
         if need[4]:
             weight_bar = _weight_vjp_op(h, w, b, t, ce_bar, *ctx.opts)
-        return dh, dw, None if b is None else db, None, weight_bar, None
+        return dh, dw, None if b is None else db, None, weight_bar, None, None
 
 
 def _autocast(h: Any, w: Any, b: Any) -> tuple[Any, Any, Any]:
@@ -323,7 +348,7 @@ def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     if _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
-    return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call))  # type: ignore[no-untyped-call]
+    return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
 
 
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
@@ -332,4 +357,4 @@ def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> An
     if _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
-    return _LinearScalar.apply(h, w, b, t, weight, ce_scale, lse_scale, _op_opts(call), xp)  # type: ignore[no-untyped-call]
+    return _LinearScalar.apply(h, w, b, t, weight, ce_scale, lse_scale, _op_opts(call), xp, call)  # type: ignore[no-untyped-call]
