@@ -35,15 +35,12 @@ def tests(session: nox.Session, backend: str) -> None:
     """The suite with only this backend's arrays (MULTIXENT_BACKENDS selects them)."""
     session.install(*TEST, *BACKEND_DEPS[backend])
     session.install(".")
-    session.run(
-        "pytest",
-        "-n",
-        "2",
-        "-p",
-        "no:cacheprovider",
-        *session.posargs,
-        env={"MULTIXENT_BACKENDS": backend},
-    )
+    _suite(session, backend)
+
+
+def _suite(session: nox.Session, backends: str) -> None:
+    """The parametrized suite on these backends (MULTIXENT_BACKENDS, comma-separated)."""
+    session.run("pytest", "-n", "2", "-p", "no:cacheprovider", *session.posargs, env={"MULTIXENT_BACKENDS": backends})
 
 
 def _floors() -> list[str]:
@@ -65,15 +62,7 @@ def lowest(session: nox.Session) -> None:
     session.install(*_floors(), *TEST, TORCH, "optax", "array-api-strict")
     session.install("--no-deps", ".")
     session.run("pip", "list", silent=False)
-    session.run(
-        "pytest",
-        "-n",
-        "2",
-        "-p",
-        "no:cacheprovider",
-        *session.posargs,
-        env={"MULTIXENT_BACKENDS": "numpy,array-api-strict,torch,jax"},
-    )
+    _suite(session, "numpy,array-api-strict,torch,jax")
 
 
 @nox.session
