@@ -9,7 +9,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "distributed", "lint"]
+nox.options.sessions = ["tests", "distributed", "lowest", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 # The one place for the framework pins. torch must be exactly this CPU wheel on
@@ -38,9 +38,10 @@ def tests(session: nox.Session, backend: str) -> None:
     _suite(session, backend)
 
 
-def _suite(session: nox.Session, backends: str) -> None:
+def _suite(session: nox.Session, backends: str, *pytest_args: str) -> None:
     """The parametrized suite on these backends (MULTIXENT_BACKENDS, comma-separated)."""
-    session.run("pytest", "-n", "2", "-p", "no:cacheprovider", *session.posargs, env={"MULTIXENT_BACKENDS": backends})
+    args = ["pytest", "-n", "2", "-p", "no:cacheprovider", *pytest_args, *session.posargs]
+    session.run(*args, env={"MULTIXENT_BACKENDS": backends})
 
 
 def _floors() -> list[str]:
@@ -58,11 +59,13 @@ def lowest(session: nox.Session) -> None:
     """The suite on every backend with the lowest declared versions (torch stays at TORCH, the only one here).
 
     pip resolves the test tools (optax, scipy, array-api-strict, ...) to versions compatible with those pins.
+    The tests marked ``slow`` (torch.func and gradcheck matrices, which exercise torch, pinned in both runs)
+    are left to the `tests` sessions, so that the default run stays within CI's time.
     """
     session.install(*_floors(), *TEST, TORCH, "optax", "array-api-strict")
     session.install("--no-deps", ".")
     session.run("pip", "list", silent=False)
-    _suite(session, "numpy,array-api-strict,torch,jax")
+    _suite(session, "numpy,array-api-strict,torch,jax", "-m", "not slow")
 
 
 @nox.session

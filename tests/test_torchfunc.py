@@ -79,6 +79,7 @@ def _assert_all_close(tb, got, want):
         assert_close(tb, g, tb.to_numpy(w))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", TRANSFORM_OPTIONS)
@@ -184,6 +185,7 @@ def _gradchecks(torch, fn, inputs):
     assert torch.autograd.gradgradcheck(fn, inputs, check_batched_grad=True, check_fwd_over_rev=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["plain", "weight", "ignore", "smoothing", "z_loss", "softcap", "all"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -259,6 +261,7 @@ def _module_samples():
 MODULE_SAMPLES = _module_samples()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sample", MODULE_SAMPLES, ids=[f"{s[0]}-{s[1]}" for s in MODULE_SAMPLES])
 def test_module_samples_gradcheck(torch_backend, sample):
     """torch's module tests run each sample through gradcheck/gradgradcheck with batched gradients."""
