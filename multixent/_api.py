@@ -7,12 +7,13 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from . import _checks, _linear, _math
-from ._adapters import Adapter, adapter_for, generic
+from ._adapters import Adapter, adapter_for, dtensor_adapter, generic
 from ._compat import device
 
 Array = Any
@@ -29,16 +30,28 @@ def logsumexp(x: Array, /, *, axis: int = -1, keepdims: bool = False) -> Array:
     """
     xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
+    axis = _checks.class_axis(axis, x.ndim, "x")
+    x, layout = _local(x, axis)
     with adapter_for(x).quiet():
-        return _math.logsumexp(x, axis=_checks.class_axis(axis, x.ndim, "x"), keepdims=keepdims, xp=xp)
+        out = _math.logsumexp(x, axis=axis, keepdims=keepdims, xp=xp)
+    return out if layout is None else layout.wrap(out, rows_only=True)
 
 
 def log_softmax(x: Array, /, *, axis: int = -1) -> Array:
     """``x - logsumexp(x)`` along ``axis`` (an empty axis gives an empty array)."""
     xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
+    axis = _checks.class_axis(axis, x.ndim, "x")
+    x, layout = _local(x, axis)
     with adapter_for(x).quiet():
-        return _math.log_softmax(x, axis=_checks.class_axis(axis, x.ndim, "x"), xp=xp)
+        out = _math.log_softmax(x, axis=axis, xp=xp)
+    return out if layout is None else layout.wrap(out, rows_only=False)
+
+
+def _local(x: Array, axis: int) -> tuple[Array, Any]:
+    """``(x, None)``, or for a DTensor its local shard and layout (results are wrapped back)."""
+    dt = dtensor_adapter(x)
+    return (x, None) if dt is None else dt.unwrap_one(x, axis, "x")
 
 
 @dataclass
@@ -57,6 +70,7 @@ class _Call:
     reduction: str
     opts: _math.Options
     adapter: Adapter
+    layout: Any = None  # DTensor logits: their layout (``_adapters.dtensor.Layout``); None otherwise
 
 
 def _prepare(
@@ -79,25 +93,30 @@ def _prepare(
     _checks.target_shape(target, x, axis, is_index)
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     _checks.weight(weight, classes, xp)
+    layout = None
+    if (dt := dtensor_adapter(x)) is not None:  # a DTensor: its local shards here; results are wrapped back
+        x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name)
     adapter = adapter_for(x)
     may_ignore = is_index
     if is_index:
-        target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
+        target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp, layout)
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
-    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
+    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, x.shape[axis]))
     counted = None
     if not is_index:
-        target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, classes))
+        target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, x.shape[axis]))
     elif may_ignore:
         counted = target != opts.ignore_index
     if weight is not None:
         weight = xp.astype(weight, dtype)
-    return _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
+    return _Call(
+        xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter, layout
+    )
 
 
 def _index_target(
-    target: Array, classes: int, opts: _math.Options, adapter: Adapter, xp: Any
+    target: Array, classes: int, opts: _math.Options, adapter: Adapter, xp: Any, layout: Any = None
 ) -> tuple[Array, _math.Options, bool]:
     """Class indices in the default index dtype (what gathers take), checked now when concrete.
 
@@ -107,6 +126,7 @@ def _index_target(
     Unsigned indices as wide as that dtype wrap to negatives in the cast: concrete ones are
     reported with their true value; traced ones become ``poison`` (out of range: NaN). An
     ``ignore_index`` outside the index dtype matches nothing (a sentinel stands in for it).
+    With a DTensor ``layout`` the check of a rank's shard is agreed over the mesh (raised on every rank).
     """
     dtype = xp.__array_namespace_info__().default_dtypes(device=device(target))["indexing"]
     info, src = xp.iinfo(dtype), xp.iinfo(target.dtype)
@@ -116,7 +136,8 @@ def _index_target(
     target = xp.astype(target, dtype, copy=False)
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
-        ignored = _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
+        check = functools.partial(_checks.class_indices, values, classes, ignore, wrapped_bits, comparable)
+        ignored = check() if layout is None else layout.agree(check)
         return target, opts, ignored
     poison = classes + 1 if ignore == classes else classes
     if wrapped_bits:
@@ -150,12 +171,23 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
     n: Array | int = int(call.rows.shape[0])
     if call.counted is not None:
         n = xp.sum(xp.astype(call.counted, dtype))
+    n = _across(call, n, dtype)
     if call.weight is None or not call.is_index:
         return n, n
     targets = _math.class_targets(
         call.target, call.weight, call.weight.shape[0], call.opts, xp, may_ignore=call.may_ignore
     )
-    return xp.sum(targets.mask(targets.weight_at_target, xp)), n
+    return _across(call, xp.sum(targets.mask(targets.weight_at_target, xp)), dtype), n
+
+
+def _across(call: _Call, total: Array | int, dtype: Any) -> Array | int:
+    """A sum over the rows summed over the ranks holding other rows (batch-sharded DTensor logits)."""
+    return total if call.layout is None else call.layout.sum_batch(total, dtype)
+
+
+def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
+    """A DTensor call's result (per row, or logits-shaped when not ``rows_only``) as a DTensor."""
+    return out if call.layout is None else call.layout.wrap(out, rows_only)
 
 
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
@@ -163,16 +195,16 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
     xp = call.xp
     if call.reduction == "none":
         per_row = ce + z_loss * lse * lse if z_loss else ce
-        return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype)
-    total = xp.sum(ce)
-    z_total = xp.sum(lse * lse) if z_loss else None
+        return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype))
+    total = _across(call, xp.sum(ce), ce.dtype)
+    z_total = _across(call, xp.sum(lse * lse), ce.dtype) if z_loss else None
     if call.reduction == "mean":
         ce_count, z_count = _denominators(call, ce.dtype)
         total = _mean(total, ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
-    return generic.as_array(xp.astype(total, out_dtype))
+    return _wrap(call, generic.as_array(xp.astype(total, out_dtype)))
 
 
 def cross_entropy(
@@ -262,7 +294,7 @@ def cross_entropy_and_grad(
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
-    return loss, grad
+    return loss, _wrap(call, grad, rows_only=False)
 
 
 def nll_loss(

@@ -9,6 +9,7 @@ array-api-compat recognises torch and JAX arrays without importing them.
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,6 +63,16 @@ if TYPE_CHECKING:  # mypy checks every adapter module against the contract
     _GENERIC: Adapter = generic
     _TORCH: Adapter = _torch_adapter
     _JAX: Adapter = _jax_adapter
+
+
+def dtensor_adapter(x: Any) -> Any:
+    """The DTensor adapter (:mod:`.dtensor`) when ``x`` is a torch DTensor, else None; imports nothing otherwise."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not isinstance(x, module.DTensor):
+        return None
+    from . import dtensor
+
+    return dtensor
 
 
 def adapter_for(x: Any) -> Adapter:
