@@ -78,7 +78,7 @@ def _data(shape: tuple[int, ...], axis: int, dtype: Any, probs: bool) -> tuple[A
     if probs:
         target = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), dim=axis)
         return x.to(dtype), target.to(dtype), weight.to(dtype)
-    rows = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    rows = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     target = torch.randint(0, classes, rows, generator=gen).flatten()
     target[[0, 1, -1]] = IGNORE  # ranks hold different numbers of ignored targets
     return x.to(dtype), target.reshape(rows), weight.to(dtype)
@@ -90,7 +90,8 @@ def _close(got: Any, want: Any, rtol: float, what: str, failures: list[str]) -> 
     got = got.full_tensor() if hasattr(got, "full_tensor") else got
     if got.shape != want.shape or not torch.allclose(got.double(), want.double(), rtol=rtol, atol=rtol):
         err = (got.double() - want.double()).abs().max().item() if got.shape == want.shape else "shape"
-        failures.append(f"{what}: max |error| {err} (rtol {rtol:g}); got {got.flatten()[:4]}, want {want.flatten()[:4]}")
+        head = f"got {got.flatten()[:4]}, want {want.flatten()[:4]}"
+        failures.append(f"{what}: max |error| {err} (rtol {rtol:g}); {head}")
 
 
 def _check_layout(rank: int, world_size: int, layout: str, dtype_name: str) -> list[str]:
@@ -197,7 +198,7 @@ def _errors(rank: int, world_size: int) -> list[str]:
     """Each bad call raises on this rank (the harness fails the test if any rank hangs instead)."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     import multixent as mx
 

@@ -209,7 +209,7 @@ def local_weight(weight: Any, lay: Layout) -> Any:
         weight = weight.full_tensor()
     if not lay.batch:
         return weight
-    return _SumGradAcross.apply(weight, tuple(lay.mesh.get_group(m) for m, _ in lay.batch))
+    return _SumGradAcross.apply(weight, tuple(lay.mesh.get_group(m) for m, _ in lay.batch))  # type: ignore[no-untyped-call]
 
 
 def unwrap(x: Any, target: Any, weight: Any, axis: int, is_index: bool, name: str) -> tuple[Any, Any, Any, Layout]:
