@@ -8,18 +8,24 @@ rank: float64 to 1e-12 relative, float32 within a multiple of its eps. Every opt
 ignored targets on every shard, in different numbers per rank. Errors (placements that cannot be
 handled, an out-of-range target on one rank) are raised on every rank.
 
-Each layout is one run of 2 processes (a few seconds); the cases inside it are all checked, and
-every failing one is reported.
+Each layout is one run of 2 processes (10-20 s on 2 busy cores); the cases inside it are all
+checked, and every failing one is reported. Run by ``nox -s distributed`` (``MULTIXENT_DISTRIBUTED=1``;
+skipped otherwise, so that the torch session does not run it a second time).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.tensor")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MULTIXENT_DISTRIBUTED") != "1",
+    reason="2-process runs (~3 min): nox -s distributed, or MULTIXENT_DISTRIBUTED=1",
+)
 
 from _ranks import run_ranks
 
