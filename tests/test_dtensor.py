@@ -22,12 +22,13 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.tensor")
+
+from _ranks import run_ranks  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("MULTIXENT_DISTRIBUTED") != "1",
     reason="2-process runs (~3 min): nox -s distributed, or MULTIXENT_DISTRIBUTED=1",
 )
-
-from _ranks import run_ranks
 
 IGNORE = -100
 

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
-from typing import Any
 
 if __package__:  # imported by asv (not as a rank's script)
     from ._common import LINEAR_D, LINEAR_N, TINY, skip
