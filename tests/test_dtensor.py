@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.tensor")
 
-from _ranks import run_ranks  # noqa: E402
+from _ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("MULTIXENT_DISTRIBUTED") != "1",
