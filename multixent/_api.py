@@ -94,7 +94,7 @@ def _prepare(
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     _checks.weight(weight, classes, xp)
     layout = None
-    if (dt := dtensor_adapter(x)) is not None:  # a DTensor: its local shards here; results are wrapped back
+    if (dt := dtensor_adapter(x, target, weight)) is not None:  # DTensors: local shards here; results wrapped back
         x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name)
     adapter = adapter_for(x)
     may_ignore = is_index
@@ -418,6 +418,8 @@ def linear_cross_entropy(
     reduction = _checks.reduction(reduction)
     _checks.ignore_index(ignore_index, True, _IGNORE_DEFAULT)
     _checks.weight(weight, num_classes, xp)
+    if (dt := dtensor_adapter(hidden, classifier, bias, target, weight)) is not None:
+        dt.refuse("linear_cross_entropy")
     adapter = adapter_for(hidden)
     values = adapter.concrete(target)
     may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)

@@ -65,10 +65,11 @@ if TYPE_CHECKING:  # mypy checks every adapter module against the contract
     _JAX: Adapter = _jax_adapter
 
 
-def dtensor_adapter(x: Any) -> Any:
-    """The DTensor adapter (:mod:`.dtensor`) when ``x`` is a torch DTensor, else None; imports nothing otherwise."""
+def dtensor_adapter(*arrays: Any) -> Any:
+    """The DTensor adapter (:mod:`.dtensor`) when one of ``arrays`` is a torch DTensor, else None
+    (imports nothing then)."""
     module = sys.modules.get("torch.distributed.tensor")
-    if module is None or not isinstance(x, module.DTensor):
+    if module is None or not any(isinstance(a, module.DTensor) for a in arrays):
         return None
     from . import dtensor
 

@@ -214,6 +214,9 @@ def local_weight(weight: Any, lay: Layout) -> Any:
 
 def unwrap(x: Any, target: Any, weight: Any, axis: int, is_index: bool, name: str) -> tuple[Any, Any, Any, Layout]:
     """``(local logits, local target, full weight, layout)`` of a DTensor call."""
+    if not isinstance(x, DTensor):
+        kind = type(x).__name__
+        raise TypeError(f"multixent: target or weight is a DTensor but {name} is a {kind}; expected a DTensor")
     lay = layout(x, axis, name)
     return x.to_local(), local_target(target, lay, is_index), local_weight(weight, lay), lay
 
@@ -223,7 +226,8 @@ def unwrap_one(x: Any, axis: int, name: str) -> tuple[Any, Layout]:
     return x.to_local(), layout(x, axis, name)
 
 
-def refuse(x: Any, function: str) -> None:
-    """A clear error for a DTensor where the function does not take one."""
-    if isinstance(x, DTensor):
-        raise TypeError(f"multixent: {function} does not take DTensor inputs; pass the local tensors (to_local())")
+def refuse(function: str) -> None:
+    """The error for DTensors where ``function`` does not take them."""
+    raise TypeError(
+        f"multixent: {function} does not take DTensor inputs; pass the local tensors (to_local()) and group="
+    )
