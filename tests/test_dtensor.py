@@ -236,6 +236,18 @@ def _errors(rank: int, world_size: int) -> list[str]:
             IndexError,
             r"6.*\b6\b" if rank == 1 else r"6.*raised on rank 1",
         ),
+        "a DTensor target with plain logits": (
+            lambda: mx.cross_entropy(x, distribute_tensor(target, mesh, [Shard(0)], src_data_rank=None)),
+            TypeError,
+            r"target or weight is a DTensor but logits is a Tensor; expected a DTensor",
+        ),
+        "linear_cross_entropy": (
+            lambda: mx.linear_cross_entropy(
+                distribute_tensor(x, mesh, [Shard(0)], src_data_rank=None), torch.randn(5, 6), target
+            ),
+            TypeError,
+            r"linear_cross_entropy does not take DTensor inputs",
+        ),
     }
     import re
 
