@@ -56,7 +56,15 @@ class Layout:
 
     @property
     def class_group(self) -> Any:
-        return None if self.class_dim is None else self.mesh.get_group(self.class_dim)
+        """The process group the class axis is split over (None: not split, or over 1 rank)."""
+        if self.class_dim is None or self.mesh.size(self.class_dim) == 1:
+            return None
+        return self.mesh.get_group(self.class_dim)
+
+    @property
+    def class_offset(self) -> int | None:
+        """This rank's first class, with :attr:`class_group` (uneven shards: ``torch.chunk``'s sizes)."""
+        return None if self.class_group is None else self.offset
 
     def wrap(self, out: torch.Tensor, rows_only: bool) -> DTensor:
         """``out`` (this rank's result) as a DTensor: a scalar, logits-shaped (not ``rows_only``),
@@ -212,8 +220,11 @@ def local_weight(weight: Any, lay: Layout) -> Any:
     return _SumGradAcross.apply(weight, tuple(lay.mesh.get_group(m) for m, _ in lay.batch))  # type: ignore[no-untyped-call]
 
 
-def unwrap(x: Any, target: Any, weight: Any, axis: int, is_index: bool, name: str) -> tuple[Any, Any, Any, Layout]:
+def unwrap(
+    x: Any, target: Any, weight: Any, axis: int, is_index: bool, name: str, group: Any
+) -> tuple[Any, Any, Any, Layout]:
     """``(local logits, local target, full weight, layout)`` of a DTensor call."""
+    _no_group(group)
     if not isinstance(x, DTensor):
         kind = type(x).__name__
         raise TypeError(f"multixent: target or weight is a DTensor but {name} is a {kind}; expected a DTensor")
@@ -221,9 +232,18 @@ def unwrap(x: Any, target: Any, weight: Any, axis: int, is_index: bool, name: st
     return x.to_local(), local_target(target, lay, is_index), local_weight(weight, lay), lay
 
 
-def unwrap_one(x: Any, axis: int, name: str) -> tuple[Any, Layout]:
+def unwrap_one(x: Any, axis: int, name: str, group: Any) -> tuple[Any, Layout]:
     """``(local x, layout)`` (``logsumexp``, ``log_softmax``)."""
+    _no_group(group)
     return x.to_local(), layout(x, axis, name)
+
+
+def _no_group(group: Any) -> None:
+    if group is not None:
+        raise ValueError(
+            "multixent: group= is for local tensors; a DTensor's class axis is split over the mesh dimension "
+            "its Shard(class axis) placement names"
+        )
 
 
 def refuse(function: str) -> None:

@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from array_api_compat import array_namespace
 
 from .. import _linear, _math
@@ -52,7 +53,9 @@ def _transformed(*arrays: Any) -> bool:
     return torch._C._are_functorch_transforms_active() or any(_wrapped(a) for a in arrays)
 
 
-def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False) -> _math.Plan:
+def plan(
+    x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False, shard: Any = None
+) -> _math.Plan:
     """Eager: blocks of rows computed in place; compiled or transformed: one block, out of place.
 
     ``inputs`` are the call's other arrays: out= refuses any that autograd
@@ -60,15 +63,124 @@ def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, i
     ``differentiable``: the math itself is recorded (a backward with ``create_graph``,
     a transform, forward mode): one block, out of place, the row max's shift detached.
     ``in_op``: inside a custom op (the linear chunks), always eager, blocks in place.
+    ``shard``: the class axis split over a process group (:func:`shard`).
     """
     if in_op:
-        return _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
-    if differentiable:
-        return _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
-    if torch.compiler.is_compiling() or _transformed(x, *inputs):
-        return _math.Plan(may_ignore=may_ignore)
-    recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
-    return _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=not recorded, may_ignore=may_ignore)
+        how = _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
+    elif differentiable:
+        how = _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
+    elif torch.compiler.is_compiling() or _transformed(x, *inputs):
+        how = _math.Plan(may_ignore=may_ignore)
+    else:
+        recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
+        how = _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=not recorded, may_ignore=may_ignore)
+    return how if shard is None else dataclasses.replace(how, shard=shard)
+
+
+# --------------------------------------------------------------------------
+# A class axis split over a process group
+
+
+class _GroupSum(torch.autograd.Function):
+    """``all_reduce(SUM)`` of a per-row array; its result is the same on every member and
+    each member differentiates its own copy: the backward is the identity."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, group: Any) -> torch.Tensor:
+        out = a.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        return g, None
+
+
+class _GroupSpread(torch.autograd.Function):
+    """The identity on a replicated per-row value entering a member's own (sharded) result:
+    its gradient sums every member's contribution (``all_reduce(SUM)``)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        g = g.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g, None
+
+
+def _group_max(a: torch.Tensor, group: Any) -> torch.Tensor:
+    out = a.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def _agree(group: Any, device: Any, error: BaseException | None, what: str) -> None:
+    """Raise on every member when any has an ``error`` (one all-reduce of a flag)."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag.item()):
+        raise ValueError(f"multixent: another member of the process group raised an error: {what}")
+
+
+def shard(group: Any, class_offset: int | None, num_local: int, arrays: tuple[Any, ...]) -> _math.Shard:
+    """The class axis split over the torch process ``group``: this member holds ``num_local``
+    classes from ``class_offset`` (None: ``rank · num_local``, equal shards).
+
+    One ``all_gather`` of ``(offset, C_local, arrays are tensors)`` from every member, so that
+    every member sees the same layout and raises the same error: equal shards without
+    offsets, or offsets (on every member) tiling ``[0, C)``; ``C = Σ C_local``.
+    """
+    tensors = [a for a in arrays if a is not None]
+    foreign = sorted({type(a).__module__ for a in tensors if not isinstance(a, torch.Tensor)})
+    device = next((a.device for a in tensors if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    mine = torch.tensor([-1 if class_offset is None else class_offset, num_local, len(foreign)], device=device)
+    table = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(table, mine, group=group)
+    offsets, sizes, bad = (list(col) for col in zip(*(t.tolist() for t in table), strict=True))
+    if any(bad):
+        members = [r for r in range(size) if bad[r]]
+        raise TypeError(
+            "multixent: group is a torch ProcessGroup: the arrays must be torch tensors on every member; "
+            f"member(s) {members} passed others" + (f" ({foreign})" if foreign else "")
+        )
+    if all(o == -1 for o in offsets):
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"multixent: the class shards over the group have sizes {sizes} (by rank): unequal shards need "
+                "class_offset= on every member"
+            )
+        offsets = [r * sizes[0] for r in range(size)]
+    elif any(o == -1 for o in offsets):
+        raise ValueError(
+            f"multixent: class_offset is given on some members of the group only ({offsets} by rank, -1: none)"
+        )
+    else:
+        order = sorted(range(size), key=lambda r: offsets[r])
+        ends = [offsets[r] + sizes[r] for r in order]
+        starts = [offsets[r] for r in order]
+        if starts != [0, *ends[:-1]]:
+            raise ValueError(
+                "multixent: the class shards (class_offset, C_local) by rank "
+                f"{list(zip(offsets, sizes, strict=True))} do not tile [0, C) without gaps or overlaps"
+            )
+    offset = offsets[rank]
+    return _math.Shard(
+        num_classes=sum(sizes),
+        offset=lambda: offset,
+        max=lambda a: _group_max(a, group),
+        sum=lambda a: _GroupSum.apply(a, group),  # type: ignore[no-untyped-call]
+        spread=lambda a: _GroupSpread.apply(a, group),  # type: ignore[no-untyped-call]
+        agree=lambda error, what: _agree(group, device, error, what),
+    )
 
 
 class _RowLosses(torch.autograd.Function):
@@ -77,25 +189,31 @@ class _RowLosses(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, may_ignore: bool, xp: Any) -> Any:
-        how = plan(x, target, weight, may_ignore=may_ignore)
+    def forward(
+        x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any
+    ) -> Any:
+        how = plan(x, target, weight, may_ignore=may_ignore, shard=shard)
         return _math.row_losses(x, target, weight, opts, how, xp=xp, keep_stats=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, target, weight, opts, may_ignore, xp = inputs
+        x, target, weight, opts, may_ignore, xp, shard = inputs
         _, _, shift, lse_shifted = output
         ctx.mark_non_differentiable(shift, lse_shifted)
         ctx.save_for_backward(x, target, weight, shift, lse_shifted)
         ctx.save_for_forward(x, target, weight)
-        ctx.opts, ctx.may_ignore, ctx.xp = opts, may_ignore, xp
+        ctx.opts, ctx.may_ignore, ctx.xp, ctx.shard = opts, may_ignore, xp, shard
 
     @staticmethod
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
         x, target, weight, shift, lse_shifted = ctx.saved_tensors
         # create_graph=True or a transform: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled() or _transformed(x, ce_bar, lse_bar)
-        how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable)
+        if differentiable and ctx.shard is not None:
+            raise NotImplementedError(
+                "multixent: a double backward (create_graph=True) or a torch.func transform with group="
+            )
+        how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable, shard=ctx.shard)
         x_bar, t_bar = _math.row_losses_vjp(
             x,
             target,
@@ -111,7 +229,7 @@ class _RowLosses(torch.autograd.Function):
         w_bar = None
         if ctx.needs_input_grad[2]:
             w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, ctx.opts, how, xp=ctx.xp)
-        return x_bar, t_bar, w_bar, None, None, None
+        return x_bar, t_bar, w_bar, None, None, None, None
 
 
 class _RowLossesJvp(_RowLosses):
@@ -120,6 +238,8 @@ class _RowLossesJvp(_RowLosses):
     @staticmethod
     def jvp(ctx: Any, x_dot: Any, target_dot: Any, weight_dot: Any, *_: Any) -> Any:
         x, target, weight = ctx.saved_tensors
+        if ctx.shard is not None:
+            raise NotImplementedError("multixent: forward-mode differentiation with group=")
         how = plan(x, may_ignore=ctx.may_ignore, differentiable=True)
         _, _, ce_dot, lse_dot = _math.row_losses_jvp(
             x, target, weight, x_dot, target_dot, ctx.opts, how, xp=ctx.xp, weight_dot=weight_dot
@@ -127,10 +247,23 @@ class _RowLossesJvp(_RowLosses):
         return ce_dot, lse_dot, None, None
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
+def row_losses(
+    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+) -> tuple[Any, Any]:
+    if shard is not None:
+        _eager_group(x, target, weight)
     function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
-    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp)  # type: ignore[no-untyped-call]
+    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)  # type: ignore[no-untyped-call]
     return ce, lse
+
+
+def _eager_group(x: Any, target: Any, weight: Any) -> None:
+    """NotImplementedError where a group is not supported: compiled, under a torch.func transform,
+    class weights requiring grad (each member would hold a part of their gradient)."""
+    if torch.compiler.is_compiling() or _transformed(x, target, weight):
+        raise NotImplementedError("multixent: group= under torch.compile or a torch.func transform")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("multixent: class weights that require grad with group=")
 
 
 # --------------------------------------------------------------------------
