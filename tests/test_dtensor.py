@@ -239,6 +239,29 @@ def _errors(rank: int, world_size: int) -> list[str]:
             IndexError,
             r"6.*\b6\b" if rank == 1 else r"6.*raised on rank 1",
         ),
+        # the class-sharded path: a replicated target out of range, checked against the global C
+        "out of range, class-sharded": (
+            lambda: mx.cross_entropy(
+                distribute_tensor(x, mesh, [Shard(1)], src_data_rank=None), torch.tensor([0, 6, 2, 3])
+            ),
+            IndexError,
+            r"\b6\b",
+        ),
+        "two mesh dimensions on the class axis": (
+            lambda: mx.cross_entropy(
+                distribute_tensor(x, init_device_mesh("cpu", (2, 1)), [Shard(1), Shard(1)], src_data_rank=None),
+                target,
+            ),
+            ValueError,
+            r"Shard\(class axis\) on at most one mesh dimension",
+        ),
+        "group= with a DTensor": (
+            lambda: mx.log_softmax(
+                distribute_tensor(x, mesh, [Shard(1)], src_data_rank=None), group=torch.distributed.group.WORLD
+            ),
+            ValueError,
+            r"group= is for local tensors",
+        ),
         "a DTensor target with plain logits": (
             lambda: mx.cross_entropy(x, distribute_tensor(target, mesh, [Shard(0)], src_data_rank=None)),
             TypeError,
