@@ -38,9 +38,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-
-def is_dtensor(a: Any) -> bool:
-    return isinstance(a, DTensor)
+from .torch import _GroupSpread, _GroupSum  # the group= path's differentiable all-reduces
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,14 @@ class Layout:
             return a
         if not isinstance(a, torch.Tensor):
             a = torch.tensor(a, dtype=dtype, device=self.mesh.device_type)
-        return _SumAcross.apply(a, tuple(self.mesh.get_group(m) for m, _ in self.batch))  # type: ignore[no-untyped-call]
+        for group in self.batch_groups:
+            a = _GroupSum.apply(a, group)  # type: ignore[no-untyped-call]
+        return a
+
+    @property
+    def batch_groups(self) -> list[Any]:
+        """The process groups of the batch-sharding mesh dimensions."""
+        return [self.mesh.get_group(m) for m, _ in self.batch]
 
     def agree(self, check: Callable[[], Any]) -> Any:
         """``check()`` where its data differ between ranks (a batch-sharded target): an error
@@ -101,7 +106,7 @@ class Layout:
             result = check()
         except (IndexError, ValueError, TypeError) as e:
             error = e
-        groups = [self.mesh.get_group(m) for m, _ in self.batch]  # the target differs only along these
+        groups = self.batch_groups  # the target differs only along these
         flag = torch.tensor([error is not None], dtype=torch.int64)
         for group in groups:
             dist.all_reduce(flag, group=group)
@@ -118,42 +123,8 @@ class Layout:
         raise kind(f"{message} (raised on rank {rank})")
 
 
-class _SumGradAcross(torch.autograd.Function):
-    """The identity whose backward all-reduces (sums) the gradient over groups (Megatron's
-    ``copy_to_tensor_model_parallel_region``): a replicated input used by each rank's rows."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, groups: tuple[Any, ...]) -> torch.Tensor:
-        ctx.groups = groups
-        return a.view_as(a)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        total = grad.clone()
-        for group in ctx.groups:
-            dist.all_reduce(total, group=group)
-        return total, None
-
-
 def _strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
-
-
-class _SumAcross(torch.autograd.Function):
-    """All-reduce (sum) over groups; the backward is the identity (Megatron's
-    ``reduce_from_tensor_model_parallel_region``): the sum is the same on every rank, and each
-    rank's backward of it carries the same upstream gradient to its own summand."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, groups: tuple[Any, ...]) -> torch.Tensor:
-        total = a.clone()
-        for group in groups:
-            dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        return grad, None
 
 
 def _placement_error(what: str, got: Any, expected: str) -> ValueError:
@@ -198,14 +169,10 @@ def local_target(target: Any, lay: Layout, is_index: bool) -> torch.Tensor:
     )
     if not ok:
         kind = "class indices" if is_index else "probabilities"
-        expected = f"{tuple(wanted)} for {kind} with logits {_logits_note(lay, ndim)} (or Replicate() anywhere)"
+        expected = f"{tuple(wanted)} for {kind} with {ndim}-d logits, class axis {lay.axis} (or Replicate() anywhere)"
         raise _placement_error("target", target.placements, expected)
     local: torch.Tensor = target.redistribute(lay.mesh, wanted).to_local()
     return local
-
-
-def _logits_note(lay: Layout, ndim: int) -> str:
-    return f"of {ndim} dimensions, class axis {lay.axis}"
 
 
 def local_weight(weight: Any, lay: Layout) -> Any:
@@ -215,9 +182,9 @@ def local_weight(weight: Any, lay: Layout) -> Any:
         return None
     if isinstance(weight, DTensor):
         weight = weight.full_tensor()
-    if not lay.batch:
-        return weight
-    return _SumGradAcross.apply(weight, tuple(lay.mesh.get_group(m) for m, _ in lay.batch))  # type: ignore[no-untyped-call]
+    for group in lay.batch_groups:
+        weight = _GroupSpread.apply(weight, group)  # type: ignore[no-untyped-call]
+    return weight
 
 
 def unwrap(
