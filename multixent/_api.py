@@ -7,12 +7,13 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from . import _checks, _linear, _math
-from ._adapters import Adapter, adapter_for, generic, shard_for
+from ._adapters import Adapter, adapter_for, dtensor_adapter, generic, shard_for
 from ._compat import device
 
 Array = Any
@@ -34,9 +35,11 @@ def logsumexp(
     xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
     axis = _checks.class_axis(axis, x.ndim, "x")
+    x, layout, group, class_offset = _local(x, axis, group, class_offset)
     shard = _shard(group, class_offset, x, axis)
     with adapter_for(x).quiet():
-        return _math.logsumexp(x, axis=axis, keepdims=keepdims, xp=xp, shard=shard)
+        out = _math.logsumexp(x, axis=axis, keepdims=keepdims, xp=xp, shard=shard)
+    return out if layout is None else layout.wrap(out, rows_only=True)
 
 
 def log_softmax(x: Array, /, *, axis: int = -1, group: Any = None, class_offset: int | None = None) -> Array:
@@ -49,9 +52,21 @@ def log_softmax(x: Array, /, *, axis: int = -1, group: Any = None, class_offset:
     xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
     axis = _checks.class_axis(axis, x.ndim, "x")
+    x, layout, group, class_offset = _local(x, axis, group, class_offset)
     shard = _shard(group, class_offset, x, axis)
     with adapter_for(x).quiet():
-        return _math.log_softmax(x, axis=axis, xp=xp, shard=shard)
+        out = _math.log_softmax(x, axis=axis, xp=xp, shard=shard)
+    return out if layout is None else layout.wrap(out, rows_only=False)
+
+
+def _local(x: Array, axis: int, group: Any, class_offset: Any) -> tuple[Array, Any, Any, Any]:
+    """``(x, None, group, class_offset)``; for a DTensor its local shard, layout, and the class
+    axis's group and offset from its placements (results are wrapped back)."""
+    dt = dtensor_adapter(x)
+    if dt is None:
+        return x, None, group, class_offset
+    x, layout = dt.unwrap_one(x, axis, "x", group)
+    return x, layout, layout.class_group, layout.class_offset
 
 
 def _shard(group: Any, class_offset: Any, x: Array, axis: int, *others: Array | None) -> _math.Shard | None:
@@ -77,6 +92,7 @@ class _Call:
     opts: _math.Options
     adapter: Adapter
     shard: _math.Shard | None = None
+    layout: Any = None  # DTensor logits: their layout (``_adapters.dtensor.Layout``); None otherwise
 
 
 def _prepare(
@@ -95,18 +111,24 @@ def _prepare(
     xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
     _checks.floating(x, name, xp)
     axis = _checks.class_axis(axis, x.ndim, name)
-    local_classes = _checks.num_classes(x.shape, axis)
-    shard = _shard(group, class_offset, x, axis, target, weight)
-    classes = local_classes if shard is None else shard.num_classes  # the global C
+    classes = _checks.num_classes(x.shape, axis)  # a DTensor's: the global C
     reduction = _checks.reduction(reduction)
     is_index = _checks.index_target(target, xp, indices_only)
     _checks.target_shape(target, x, axis, is_index)
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
+    layout = None
+    if (dt := dtensor_adapter(x, target, weight)) is not None:  # DTensors: local shards here; results wrapped back
+        x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name, group)
+        group, class_offset = layout.class_group, layout.class_offset
+    local_classes = int(x.shape[axis])
+    shard = _shard(group, class_offset, x, axis, target, weight)
+    classes = classes if shard is None else shard.num_classes  # the global C
     _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
     may_ignore = is_index
     if is_index:
-        target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp, shard)
+        flat = xp.reshape(target, (-1,))
+        target, opts, may_ignore = _index_target(flat, classes, opts, adapter, xp, shard, layout)
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
     rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, local_classes))
@@ -118,12 +140,18 @@ def _prepare(
     if weight is not None:
         weight = xp.astype(weight, dtype)
     call = _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
-    call.shard = shard
+    call.shard, call.layout = shard, layout
     return call
 
 
 def _index_target(
-    target: Array, classes: int, opts: _math.Options, adapter: Adapter, xp: Any, shard: _math.Shard | None = None
+    target: Array,
+    classes: int,
+    opts: _math.Options,
+    adapter: Adapter,
+    xp: Any,
+    shard: _math.Shard | None = None,
+    layout: Any = None,
 ) -> tuple[Array, _math.Options, bool]:
     """Class indices in the default index dtype (what gathers take), checked now when concrete.
 
@@ -142,10 +170,13 @@ def _index_target(
     target = xp.astype(target, dtype, copy=False)
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
+        check = functools.partial(_checks.class_indices, values, classes, ignore, wrapped_bits, comparable)
+        if layout is not None:  # a batch-sharded DTensor target: agreed over the batch ranks
+            check = functools.partial(layout.agree, check)
         if shard is None:
-            return target, opts, _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
+            return target, opts, check()
         try:  # the error (a member's target out of range) is raised on every member of the group
-            ignored, error = _checks.class_indices(values, classes, ignore, wrapped_bits, comparable), None
+            ignored, error = check(), None
         except IndexError as err:
             ignored, error = True, err
         shard.agree(error, "its target holds a class index outside [0, C)")
@@ -182,12 +213,23 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
     n: Array | int = int(call.rows.shape[0])
     if call.counted is not None:
         n = xp.sum(xp.astype(call.counted, dtype))
+    n = _across(call, n, dtype)
     if call.weight is None or not call.is_index:
         return n, n
     targets = _math.class_targets(
         call.target, call.weight, call.weight.shape[0], call.opts, xp, may_ignore=call.may_ignore
     )
-    return xp.sum(targets.mask(targets.weight_at_target, xp)), n
+    return _across(call, xp.sum(targets.mask(targets.weight_at_target, xp)), dtype), n
+
+
+def _across(call: _Call, total: Array | int, dtype: Any) -> Array | int:
+    """A sum over the rows summed over the ranks holding other rows (batch-sharded DTensor logits)."""
+    return total if call.layout is None else call.layout.sum_batch(total, dtype)
+
+
+def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
+    """A DTensor call's result (per row, or logits-shaped when not ``rows_only``) as a DTensor."""
+    return out if call.layout is None else call.layout.wrap(out, rows_only)
 
 
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
@@ -195,16 +237,16 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
     xp = call.xp
     if call.reduction == "none":
         per_row = ce + z_loss * lse * lse if z_loss else ce
-        return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype)
-    total = xp.sum(ce)
-    z_total = xp.sum(lse * lse) if z_loss else None
+        return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype))
+    total = _across(call, xp.sum(ce), ce.dtype)
+    z_total = _across(call, xp.sum(lse * lse), ce.dtype) if z_loss else None
     if call.reduction == "mean":
         ce_count, z_count = _denominators(call, ce.dtype)
         total = _mean(total, ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
-    return generic.as_array(xp.astype(total, out_dtype))
+    return _wrap(call, generic.as_array(xp.astype(total, out_dtype)))
 
 
 def cross_entropy(
@@ -320,7 +362,7 @@ def cross_entropy_and_grad(
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
-    return loss, grad
+    return loss, _wrap(call, grad, rows_only=False)
 
 
 def nll_loss(
@@ -338,15 +380,26 @@ def nll_loss(
     .. math:: \ell_i = -w_{y_i}\,\log p_{i,y_i}
 
     "mean" divides by :math:`\sum w_{y_i}` over counted positions (0 when that is 0).
+    DTensor ``log_probs`` sharded on the class axis: the target's entry comes from the rank holding it.
     """
     opts = _math.Options(ignore_index)
     call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs", "nll_loss")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
+    local, shard = call.rows.shape[-1], call.shard
     targets = _math.class_targets(
-        call.target, call.weight, call.rows.shape[-1], call.opts, xp, may_ignore=call.may_ignore
+        call.target,
+        call.weight,
+        local if shard is None else shard.num_classes,
+        call.opts,
+        xp,
+        may_ignore=call.may_ignore,
+        shard=shard,
+        num_local=local,
     )
     picked = _math.gather_rows(call.rows, targets.index, xp)
+    if shard is not None and targets.here is not None:  # from the one member holding the target's class
+        picked = shard.sum(xp.where(targets.here, picked, xp.zeros_like(picked)))
     with call.adapter.quiet():
         nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
         return _reduce(call, nll, nll, 0.0, log_probs.dtype)
@@ -444,6 +497,8 @@ def linear_cross_entropy(
     reduction = _checks.reduction(reduction)
     _checks.ignore_index(ignore_index, True, _IGNORE_DEFAULT)
     _checks.weight(weight, num_classes, xp)
+    if (dt := dtensor_adapter(hidden, classifier, bias, target, weight)) is not None:
+        dt.refuse("linear_cross_entropy")
     adapter = adapter_for(hidden)
     values = adapter.concrete(target)
     may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)

@@ -9,6 +9,7 @@ array-api-compat recognises torch and JAX arrays without importing them.
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -85,6 +86,17 @@ def shard_for(group: Any, class_offset: Any, num_local: int, arrays: tuple[Any, 
     from . import torch
 
     return torch.shard(group, class_offset, num_local, arrays)
+
+
+def dtensor_adapter(*arrays: Any) -> Any:
+    """The DTensor adapter (:mod:`.dtensor`) when one of ``arrays`` is a torch DTensor, else None
+    (imports nothing then)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not any(isinstance(a, module.DTensor) for a in arrays):
+        return None
+    from . import dtensor
+
+    return dtensor
 
 
 def adapter_for(x: Any) -> Adapter:
