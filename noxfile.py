@@ -80,6 +80,8 @@ def distributed(session: nox.Session) -> None:
         "tests/test_dask.py",
         "tests/test_torch_ranks.py",
         "tests/test_dtensor.py",
+        "tests/test_shard_map.py",
+        "tests/test_torch_group.py",
         *session.posargs,
         env={
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
