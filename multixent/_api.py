@@ -419,6 +419,8 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    group: Any = None,
+    class_offset: int | None = None,
 ) -> Array:
     r"""``cross_entropy(hidden @ classifier.T + bias, target, ...)`` without materialising the logits.
 
@@ -475,6 +477,16 @@ def linear_cross_entropy(
     ``hidden`` of size 0 in ``D`` gives logits equal to ``bias`` (or 0: ``log V``
     per row). NumPy and other libraries without autodiff return the value.
 
+    ``group``/``class_offset`` (see :func:`cross_entropy`): the classifier split by vocabulary
+    rows over a group (a column-parallel LM head): ``classifier`` ``(V_local, D)`` and ``bias``
+    ``(V_local,)`` are this member's rows ``[class_offset, class_offset + V_local)``, ``hidden``
+    and ``target`` (global indices) are the same on every member, ``weight`` the full ``(V,)``.
+    The loss is the whole vocabulary's on every member; the gradients are this member's
+    ``classifier``/``bias`` rows and the *full* ``hidden`` gradient, already all-reduced over
+    the group (the same on every member: do not all-reduce it again), and the full ``weight``
+    gradient. torch: eager only (no ``torch.compile``, torch.func or double backward);
+    the chunk loops run in Python instead of custom ops.
+
     Example::
 
         >>> import numpy as np, multixent
@@ -492,7 +504,9 @@ def linear_cross_entropy(
         _checks.floating(bias, "bias", xp)
     if not _checks.index_target(target, xp):
         raise TypeError(f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}")
-    num_classes, dim = _checks.linear_shapes(hidden, classifier, bias, target)
+    local_classes, dim = _checks.linear_shapes(hidden, classifier, bias, target)
+    shard = _shard(group, class_offset, classifier, 0, hidden, target, bias, weight)
+    num_classes = local_classes if shard is None else shard.num_classes
     chunk_size = _checks.chunk_size(chunk_size)
     reduction = _checks.reduction(reduction)
     _checks.ignore_index(ignore_index, True, _IGNORE_DEFAULT)
@@ -501,7 +515,15 @@ def linear_cross_entropy(
         dt.refuse("linear_cross_entropy")
     adapter = adapter_for(hidden)
     values = adapter.concrete(target)
-    may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
+    error = None
+    try:
+        may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
+    except IndexError as err:
+        if shard is None:
+            raise
+        error = err
+    if shard is not None:  # raised on every member
+        shard.agree(error, "its target holds a class index outside [0, V)")
 
     dtype = _linear.compute_dtype(hidden, classifier, bias, xp)
     out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
@@ -510,12 +532,12 @@ def linear_cross_entropy(
     if weight is not None:
         weight = xp.astype(weight, dtype)
     n_rows = h.shape[0]
-    chunk = _linear.default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
+    chunk = _linear.default_chunk(n_rows, local_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
     # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
     counted = t != ignore_index if may_ignore else None
     batch_shape = tuple(hidden.shape[:-1])
     call = _Call(xp, h, t, weight, counted, may_ignore, batch_shape, -1, True, reduction, opts, adapter)
-    linear = _linear.LinearCall(h, classifier, bias, t, weight, opts, may_ignore, chunk, xp)
+    linear = _linear.LinearCall(h, classifier, bias, t, weight, opts, may_ignore, chunk, xp, shard)
 
     with adapter.quiet():
         if reduction == "none":

@@ -62,6 +62,7 @@ def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays
         offset=lambda: jax.lax.axis_index(axis) * num_local,
         max=lambda a: jax.lax.pmax(jax.lax.stop_gradient(a), axis),  # type: ignore[no-untyped-call]
         sum=lambda a: jax.lax.psum(a, axis),  # type: ignore[no-untyped-call]
+        spread=lambda a: jax.lax.pcast(a, axis, to="varying"),
     )
 
 
@@ -177,7 +178,7 @@ _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
 def _spec(call: _linear.LinearCall) -> _linear.Spec:
-    return _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore), call.chunk)
+    return _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore, shard=call.shard), call.chunk)
 
 
 def linear_rows(call: _linear.LinearCall) -> tuple[Any, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import torch
@@ -280,10 +281,10 @@ def _op(name: str, schema: str) -> Any:
     return torch.library.custom_op(f"multixent::{name}", mutates_args=(), schema=schema)
 
 
-def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any = None) -> tuple[Any, Any, Any, Any]:
     """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
     ignore_index, smoothing, softcap, may_ignore, chunk = opts
-    how = plan(w.T, may_ignore=may_ignore, in_op=True)  # blocks of a chunk's (rows, V) logits
+    how = plan(w.T, may_ignore=may_ignore, in_op=True, shard=shard)  # blocks of a chunk's (rows, V) logits
     spec = _linear.Spec(_math.Options(ignore_index, smoothing, softcap), how, chunk)
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
@@ -300,11 +301,43 @@ def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, 
     return grads[0], grads[1], h.new_empty(0) if grads[2] is None else grads[2]
 
 
-@_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
-def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
+# Each op's body is a plain function taking ``shard`` too: with a group (a ProcessGroup
+# cannot pass through an op's schema) the Functions call the bodies directly, eagerly.
+
+
+def _rows_body(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any, shard: Any = None) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
     with context:
         return _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=hooks)
+
+
+def _loss_and_grads_body(
+    h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any, shard: Any = None
+) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
+    with context:
+        (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
+    return ce, lse, *_grads_or_empty(grads, h)
+
+
+def _rows_vjp_body(
+    h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any, shard: Any = None
+) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
+    with context:
+        grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
+    return _grads_or_empty(grads, h)
+
+
+def _weight_vjp_body(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any, shard: Any = None) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
+    with context:
+        return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
+
+
+@_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
+def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
+    return _rows_body(h, w, b, t, weight, *opts)
 
 
 @_rows_op.register_fake
@@ -319,10 +352,7 @@ def _rows_fake(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _loss_and_grads_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
-    with context:
-        (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
-    return ce, lse, *_grads_or_empty(grads, h)
+    return _loss_and_grads_body(h, w, b, t, weight, ce_s, lse_s, *opts)
 
 
 @_loss_and_grads_op.register_fake
@@ -337,10 +367,7 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts:
     "-> (Tensor, Tensor, Tensor)",
 )
 def _rows_vjp_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
-    with context:
-        grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
-    return _grads_or_empty(grads, h)
+    return _rows_vjp_body(h, w, b, t, weight, ce_bar, lse_bar, *opts)
 
 
 @_rows_vjp_op.register_fake
@@ -350,9 +377,16 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *o
 
 @_op("linear_weight_vjp", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor ce_bar, {_OPTS}) -> Tensor")
 def _weight_vjp_op(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
-    with context:
-        return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
+    return _weight_vjp_body(h, w, b, t, ce_bar, *opts)
+
+
+def _ops(call: _linear.LinearCall) -> tuple[Any, Any, Any, Any]:
+    """The chunk loops ``(rows, loss_and_grads, rows_vjp, weight_vjp)``: the custom ops, or with a
+    group their bodies (eager, the group's collectives inside)."""
+    if call.shard is None:
+        return _rows_op, _loss_and_grads_op, _rows_vjp_op, _weight_vjp_op
+    bodies = (_rows_body, _loss_and_grads_body, _rows_vjp_body, _weight_vjp_body)
+    return tuple(functools.partial(f, shard=call.shard) for f in bodies)  # type: ignore[return-value]
 
 
 @_weight_vjp_op.register_fake
@@ -374,9 +408,9 @@ class _LinearScalar(torch.autograd.Function):
         ctx.call, ctx.inputs = call, (h, w, b, weight, ce_s, lse_s)  # for a double backward only
         grads: tuple[Any, ...] = (None, None, None)
         if any(need[:3]):
-            ce, lse, *grads = _loss_and_grads_op(h, w, b, t, weight, ce_s, lse_s, *opts)
+            ce, lse, *grads = _ops(call)[1](h, w, b, t, weight, ce_s, lse_s, *opts)
         else:
-            ce, lse = _rows_op(h, w, b, t, weight, *opts)
+            ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
         ctx.save_for_backward(
             *(g if n else None for g, n in zip(grads, need[:3], strict=True)),
             *((h, w, b, t, ce_s) if need[4] else (None,) * 5),
@@ -409,7 +443,7 @@ class _LinearScalar(torch.autograd.Function):
         scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
-            weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
+            weight_bar = _ops(ctx.call)[3](h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
         extra = [None if s is None else g * s for s in (ce_sum, lse_sq)]
         return (*scaled, None, weight_bar, *extra, None, None, None)
 
@@ -417,7 +451,7 @@ class _LinearScalar(torch.autograd.Function):
 class _LinearRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, opts: Any, call: Any) -> Any:
-        ce, lse = _rows_op(h, w, b, t, weight, *opts)
+        ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
         ctx.save_for_backward(h, w, b, t, weight)
         ctx.opts, ctx.call = opts, call
         return ce, lse
@@ -440,9 +474,9 @@ class _LinearRows(torch.autograd.Function):
         need = ctx.needs_input_grad
         dh = dw = db = weight_bar = None
         if any(need[:3]):
-            dh, dw, db = _rows_vjp_op(h, w, b, t, weight, ce_bar, lse_bar, *ctx.opts)
+            dh, dw, db = _ops(ctx.call)[2](h, w, b, t, weight, ce_bar, lse_bar, *ctx.opts)
         if need[4]:
-            weight_bar = _weight_vjp_op(h, w, b, t, ce_bar, *ctx.opts)
+            weight_bar = _ops(ctx.call)[3](h, w, b, t, ce_bar, *ctx.opts)
         return dh, dw, None if b is None else db, None, weight_bar, None, None
 
 
@@ -474,11 +508,13 @@ def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
     dtype = _compute_dtype(h, w, b)
     z = h.to(dtype) @ w.to(dtype).T
     z = z if b is None else z + b.to(dtype)
-    return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp)
+    return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard)
 
 
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
+    if call.shard is not None:
+        _eager_group(h, call.target, None)
     if _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
@@ -487,6 +523,8 @@ def linear_rows(call: _linear.LinearCall) -> Any:
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
+    if call.shard is not None:
+        _eager_group(h, t, None)
     if _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
