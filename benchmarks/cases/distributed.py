@@ -114,7 +114,7 @@ def _rank_main(case: str, impl: str, measure: str, port: int, rank: int) -> floa
         local_bytes = LINEAR_N * v_local * 4
 
         def step() -> None:
-            multixent.linear_cross_entropy(hidden, w, target, group=dist.group.WORLD).backward()  # type: ignore[call-arg]
+            multixent.linear_cross_entropy(hidden, w, target, group=dist.group.WORLD).backward()
 
     def clear() -> None:
         for p in (local,) if case == "ce" else (hidden, w):
