@@ -183,6 +183,8 @@ def _errors(rank: int, world_size: int) -> dict[str, str]:
             torch.compile(lambda a, b: mx.cross_entropy(a, b, group=world), backend="eager")(half, target),
             mx.cross_entropy(half, target, group=world),
         ),
+        "integer-logits-on-one-rank": lambda: mx.cross_entropy(half.long() if rank else half, target, group=world),
+        "target-shape-on-one-rank": lambda: mx.cross_entropy(half, target[: 9 - rank], group=world),
         "negative-offset": lambda: mx.cross_entropy(half, target, group=world, class_offset=-1),
         "ok-after-the-errors": lambda: mx.cross_entropy(half, target, group=world),
     }
@@ -215,6 +217,14 @@ EXPECTED_ERRORS = {
     "weight-requiring-grad": ("NotImplementedError: .*class weights that require grad with group=",) * 2,
     # dynamo runs the collectives eagerly (a graph break) or the adapter refuses: never a wrong number
     "compiled": ("none|NotImplementedError: .*torch.compile",) * 2,
+    "integer-logits-on-one-rank": (
+        r"ValueError: .*member\(s\) \[1\] of the process group raised an error",
+        "TypeError: .*logits must have a real floating dtype",
+    ),
+    "target-shape-on-one-rank": (
+        r"ValueError: .*member\(s\) \[1\] of the process group raised an error",
+        r"ValueError: .*target of shape \(8,\) does not fit",
+    ),
     "negative-offset": ("ValueError: .*class_offset must be >= 0",) * 2,
     "ok-after-the-errors": ("none",) * 2,
 }
