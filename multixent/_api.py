@@ -108,14 +108,20 @@ def _prepare(
     group: Any = None,
     class_offset: Any = None,
 ) -> _Call:
-    xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
-    _checks.floating(x, name, xp)
-    axis = _checks.class_axis(axis, x.ndim, name)
-    classes = _checks.num_classes(x.shape, axis)  # a DTensor's: the global C
-    reduction = _checks.reduction(reduction)
-    is_index = _checks.index_target(target, xp, indices_only)
-    _checks.target_shape(target, x, axis, is_index)
-    _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
+    try:
+        xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
+        _checks.floating(x, name, xp)
+        axis = _checks.class_axis(axis, x.ndim, name)
+        classes = _checks.num_classes(x.shape, axis)  # a DTensor's: the global C
+        reduction = _checks.reduction(reduction)
+        is_index = _checks.index_target(target, xp, indices_only)
+        _checks.target_shape(target, x, axis, is_index)
+        _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
+    except (TypeError, ValueError) as err:  # raised on every member of a group, none left waiting
+        if group is not None:
+            _checks.group(group, class_offset)
+            shard_for(group, class_offset, 0, (), error=err)
+        raise
     layout = None
     if (dt := dtensor_adapter(x, target, weight)) is not None:  # DTensors: local shards here; results wrapped back
         x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name, group)
@@ -497,14 +503,22 @@ def linear_cross_entropy(
         True
     """
     opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
-    xp = _checks.namespace(hidden, classifier, target, bias, weight)
-    _checks.floating(hidden, "hidden", xp)
-    _checks.floating(classifier, "classifier", xp)
-    if bias is not None:
-        _checks.floating(bias, "bias", xp)
-    if not _checks.index_target(target, xp):
-        raise TypeError(f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}")
-    local_classes, dim = _checks.linear_shapes(hidden, classifier, bias, target)
+    try:
+        xp = _checks.namespace(hidden, classifier, target, bias, weight)
+        _checks.floating(hidden, "hidden", xp)
+        _checks.floating(classifier, "classifier", xp)
+        if bias is not None:
+            _checks.floating(bias, "bias", xp)
+        if not _checks.index_target(target, xp):
+            raise TypeError(
+                f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}"
+            )
+        local_classes, dim = _checks.linear_shapes(hidden, classifier, bias, target)
+    except (TypeError, ValueError) as err:  # raised on every member of a group, none left waiting
+        if group is not None:
+            _checks.group(group, class_offset)
+            shard_for(group, class_offset, 0, (), error=err)
+        raise
     shard = _shard(group, class_offset, classifier, 0, hidden, target, bias, weight)
     num_classes = local_classes if shard is None else shard.num_classes
     chunk_size = _checks.chunk_size(chunk_size)

@@ -307,3 +307,41 @@ def test_errors():
             in_specs=P(None, group),
             out_specs=P(),
         )(data["x"])
+
+
+#: linear_cross_entropy options (weight: the full (V,) class weights)
+LINEAR_OPTIONS = {
+    "plain": {},
+    "every-option": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "weight": True},
+    "none": {"reduction": "none", "label_smoothing": 0.2, "weight": True},
+    "chunks-sum": {"chunk_size": 3, "label_smoothing": 0.1, "reduction": "sum"},
+}
+
+
+@pytest.mark.parametrize("option", list(LINEAR_OPTIONS))
+def test_linear_cross_entropy_column_parallel(option):
+    """classifier and bias split by vocabulary rows, hidden replicated: the loss and every
+    gradient equal the unsharded call's (hidden's and weight's in full on every device)."""
+    rng = np.random.default_rng(4)
+    dim = 5
+    h, w, b = (jnp.asarray(rng.normal(size=s)) for s in ((N, dim), (C, dim), (C,)))
+    class_weight = jnp.asarray(rng.uniform(0.5, 2.0, size=C))
+    target = jnp.asarray(TARGET)
+    spec = dict(LINEAR_OPTIONS[option])
+    weighted = spec.pop("weight", False)
+    mesh, group = _mesh()
+
+    def loss(h, w, b, cw, **extra):
+        return mx.linear_cross_entropy(h, w, target, bias=b, weight=cw if weighted else None, **spec, **extra)
+
+    sharded = jax.shard_map(
+        lambda *a: loss(*a, group=group), mesh=mesh, in_specs=(P(), P(group), P(group), P()), out_specs=P()
+    )
+    args = (h, w, b, class_weight)
+    _close(sharded(*args), loss(*args), "float64")
+    scale = jnp.arange(1.0, N + 1) if spec.get("reduction") == "none" else 1.0
+    argnums = (0, 1, 2, 3) if weighted else (0, 1, 2)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(scale * sharded(*a)), argnums=argnums))(*args)
+    expected = jax.grad(lambda *a: jnp.sum(scale * loss(*a)), argnums=argnums)(*args)
+    for g, e in zip(grads, expected, strict=True):
+        _close(g, e, "float64")

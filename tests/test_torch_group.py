@@ -183,6 +183,8 @@ def _errors(rank: int, world_size: int) -> dict[str, str]:
             torch.compile(lambda a, b: mx.cross_entropy(a, b, group=world), backend="eager")(half, target),
             mx.cross_entropy(half, target, group=world),
         ),
+        "integer-logits-on-one-rank": lambda: mx.cross_entropy(half.long() if rank else half, target, group=world),
+        "target-shape-on-one-rank": lambda: mx.cross_entropy(half, target[: 9 - rank], group=world),
         "negative-offset": lambda: mx.cross_entropy(half, target, group=world, class_offset=-1),
         "ok-after-the-errors": lambda: mx.cross_entropy(half, target, group=world),
     }
@@ -215,6 +217,14 @@ EXPECTED_ERRORS = {
     "weight-requiring-grad": ("NotImplementedError: .*class weights that require grad with group=",) * 2,
     # dynamo runs the collectives eagerly (a graph break) or the adapter refuses: never a wrong number
     "compiled": ("none|NotImplementedError: .*torch.compile",) * 2,
+    "integer-logits-on-one-rank": (
+        r"ValueError: .*member\(s\) \[1\] of the process group raised an error",
+        "TypeError: .*logits must have a real floating dtype",
+    ),
+    "target-shape-on-one-rank": (
+        r"ValueError: .*member\(s\) \[1\] of the process group raised an error",
+        r"ValueError: .*target of shape \(8,\) does not fit",
+    ),
     "negative-offset": ("ValueError: .*class_offset must be >= 0",) * 2,
     "ok-after-the-errors": ("none",) * 2,
 }
@@ -227,3 +237,66 @@ def test_errors_are_raised_on_every_rank(errors, case):
 
     for rank, expected in enumerate(EXPECTED_ERRORS[case]):
         assert re.match(expected, errors[rank][case], re.S), (rank, errors[rank][case])
+
+
+LINEAR_OPTIONS = {
+    "plain": {},
+    "every-option": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "weight": True},
+    "none": {"reduction": "none", "label_smoothing": 0.2, "weight": True},
+    "chunks-sum": {"chunk_size": 3, "label_smoothing": 0.1, "reduction": "sum"},
+}
+
+
+def _linear(rank: int, world_size: int) -> dict[str, float]:
+    """linear_cross_entropy with the classifier split by vocabulary rows (uneven: 5 and 6 of 11)."""
+    import torch
+    import torch.distributed as dist
+
+    import multixent as mx
+
+    g = torch.Generator().manual_seed(0)
+    rows, dim, vocab = 9, 5, C_UNEVEN
+    h, w = (
+        torch.randn(rows, dim, generator=g, dtype=torch.float64),
+        torch.randn(vocab, dim, generator=g, dtype=torch.float64),
+    )
+    b = torch.randn(vocab, generator=g, dtype=torch.float64)
+    class_weight = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.5
+    target = _data(vocab, torch.float64)[1]
+    offset, local = LAYOUTS["uneven-swapped"][1][rank]
+    part = slice(offset, offset + local)
+    out = {}
+    for option, spec in LINEAR_OPTIONS.items():
+        kw = {k: v for k, v in spec.items() if k != "weight"}
+        mine = [h.clone(), w[part].clone(), b[part].clone(), class_weight.clone()]
+        full = [h.clone(), w.clone(), b.clone(), class_weight.clone()]
+        for a in (*mine, *full):
+            a.requires_grad_()
+        upstream = torch.arange(1.0, rows + 1, dtype=torch.float64) if kw.get("reduction") == "none" else 1.0
+        losses = []
+        for (hh, ww, bb, cw), extra in ((mine, {"group": dist.group.WORLD, "class_offset": offset}), (full, {})):
+            loss = mx.linear_cross_entropy(
+                hh, ww, target, bias=bb, weight=cw if spec.get("weight") else None, **kw, **extra
+            )
+            (upstream * loss).sum().backward()
+            losses.append(loss)
+        out[f"{option}-value"] = _deviation(*losses)
+        expected = (full[0].grad, full[1].grad[part], full[2].grad[part], full[3].grad)
+        for name, a, e in zip(("hidden", "classifier", "bias", "weight"), mine, expected, strict=True):
+            if e is not None:
+                out[f"{option}-{name}"] = _deviation(a.grad, e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def linear_deviations() -> list[dict[str, float]]:
+    return run_ranks(_linear, 2, timeout=300)
+
+
+@pytest.mark.parametrize("option", list(LINEAR_OPTIONS))
+def test_linear_cross_entropy_column_parallel(linear_deviations, option):
+    """The loss, this rank's classifier/bias rows' gradients, and the full hidden (and weight) gradient."""
+    for rank, dev in enumerate(linear_deviations):
+        mine = {k: v for k, v in dev.items() if k.startswith(option + "-")}
+        assert len(mine) >= 4, mine
+        assert all(v <= TOL["float64"] for v in mine.values()), (rank, mine)

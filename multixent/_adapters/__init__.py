@@ -70,22 +70,27 @@ if TYPE_CHECKING:  # mypy checks every adapter module against the contract
     _JAX: Adapter = _jax_adapter
 
 
-def shard_for(group: Any, class_offset: Any, num_local: int, arrays: tuple[Any, ...]) -> _math.Shard | None:
+def shard_for(
+    group: Any, class_offset: Any, num_local: int, arrays: tuple[Any, ...], error: BaseException | None = None
+) -> _math.Shard | None:
     """The :class:`multixent._math.Shard` of ``group`` (None without one): ``num_local`` classes here.
 
     A str or tuple of str is a JAX mesh axis (inside ``jax.shard_map``), a torch
     ``ProcessGroup`` a torch group (``_checks.group`` checked which); ``arrays`` (the call's,
-    None skipped) must be that framework's.
+    None skipped) must be that framework's. ``error``: this member's arguments failed a check;
+    it is raised here on every member (torch: through the same all-gather the others make).
     """
     if group is None:
         return None
     if isinstance(group, (str, tuple)):
         from . import jax
 
+        if error is not None:  # every device traces the same program: raised alike
+            raise error
         return jax.shard(group, class_offset, num_local, arrays)
     from . import torch
 
-    return torch.shard(group, class_offset, num_local, arrays)
+    return torch.shard(group, class_offset, num_local, arrays, error)
 
 
 def dtensor_adapter(*arrays: Any) -> Any:

@@ -129,13 +129,16 @@ def _agree(group: Any, device: Any, error: BaseException | None, what: str) -> N
         raise ValueError(f"multixent: another member of the process group raised an error: {what}")
 
 
-def shard(group: Any, class_offset: int | None, num_local: int, arrays: tuple[Any, ...]) -> _math.Shard:
+def shard(
+    group: Any, class_offset: int | None, num_local: int, arrays: tuple[Any, ...], error: BaseException | None = None
+) -> _math.Shard:
     """The class axis split over the torch process ``group``: this member holds ``num_local``
     classes from ``class_offset`` (None: ``rank · num_local``, equal shards).
 
-    One ``all_gather`` of ``(offset, C_local, arrays are tensors)`` from every member, so that
-    every member sees the same layout and raises the same error: equal shards without
-    offsets, or offsets (on every member) tiling ``[0, C)``; ``C = Σ C_local``.
+    One ``all_gather`` of ``(offset, C_local, arrays are tensors, error)`` from every member, so
+    that every member sees the same layout and raises the same error: equal shards without
+    offsets, or offsets (on every member) tiling ``[0, C)``; ``C = Σ C_local``. ``error``: this
+    member's arguments failed a check (raised after the gather, and on the others too).
     """
     tensors = [a for a in arrays if a is not None]
     foreign = sorted({type(a).__module__ for a in tensors if not isinstance(a, torch.Tensor)})
@@ -143,10 +146,18 @@ def shard(group: Any, class_offset: int | None, num_local: int, arrays: tuple[An
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    mine = torch.tensor([-1 if class_offset is None else class_offset, num_local, len(foreign)], device=device)
+    row = [-1 if class_offset is None else class_offset, num_local, len(foreign), error is not None]
+    mine = torch.tensor(row, device=device)
     table = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(table, mine, group=group)
-    offsets, sizes, bad = (list(col) for col in zip(*(t.tolist() for t in table), strict=True))
+    offsets, sizes, bad, failed = (list(col) for col in zip(*(t.tolist() for t in table), strict=True))
+    if error is not None:
+        raise error
+    if any(failed):
+        members = [r for r in range(size) if failed[r]]
+        raise ValueError(
+            f"multixent: member(s) {members} of the process group raised an error on their arguments (see theirs)"
+        )
     if any(bad):
         members = [r for r in range(size) if bad[r]]
         raise TypeError(
