@@ -70,9 +70,10 @@ def lowest(session: nox.Session) -> None:
 
 @nox.session
 def distributed(session: nox.Session) -> None:
-    """Scaling out: jax.jit with NamedSharding on 4 simulated CPU devices, and dask (with an
-    out-of-core dask.distributed run). XLA_FLAGS must be set before JAX starts: its own process."""
-    session.install(*TEST, *JAX, "dask[array]", "distributed")
+    """Scaling out: jax.jit with NamedSharding on 4 simulated CPU devices, dask (with an
+    out-of-core dask.distributed run), torch DTensor on 2 gloo processes. XLA_FLAGS must be set
+    before JAX starts: its own process."""
+    session.install(*TEST, *JAX, TORCH, "dask[array]", "distributed")
     session.install(".")
     session.run(
         "pytest",
@@ -80,6 +81,10 @@ def distributed(session: nox.Session) -> None:
         "no:cacheprovider",
         "tests/test_jax_sharding.py",
         "tests/test_dask.py",
+        "tests/test_torch_ranks.py",
+        "tests/test_dtensor.py",
+        "tests/test_shard_map.py",
+        "tests/test_torch_group.py",
         *session.posargs,
         env={
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

@@ -7,12 +7,13 @@ The math is in :mod:`multixent._math`; the per-framework autodiff in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from . import _checks, _linear, _math
-from ._adapters import Adapter, adapter_for, generic
+from ._adapters import Adapter, adapter_for, dtensor_adapter, generic, shard_for
 from ._compat import device
 
 Array = Any
@@ -20,25 +21,58 @@ Array = Any
 _IGNORE_DEFAULT = -100
 
 
-def logsumexp(x: Array, /, *, axis: int = -1, keepdims: bool = False) -> Array:
+def logsumexp(
+    x: Array, /, *, axis: int = -1, keepdims: bool = False, group: Any = None, class_offset: int | None = None
+) -> Array:
     """``log Σ_i exp(x_i)`` along ``axis``, stable for large and infinite values.
 
     The shift by the maximum is applied only where that maximum is finite, so
     rows of ``-inf`` give ``-inf`` and rows holding ``+inf`` give ``+inf``; an
     empty axis gives ``-inf``. float16/bfloat16 are computed in float32.
+    ``group``: ``axis`` is split over it (see :func:`cross_entropy`); the result
+    is the whole axis's, the same on every member.
     """
     xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
+    axis = _checks.class_axis(axis, x.ndim, "x")
+    x, layout, group, class_offset = _local(x, axis, group, class_offset)
+    shard = _shard(group, class_offset, x, axis)
     with adapter_for(x).quiet():
-        return _math.logsumexp(x, axis=_checks.class_axis(axis, x.ndim, "x"), keepdims=keepdims, xp=xp)
+        out = _math.logsumexp(x, axis=axis, keepdims=keepdims, xp=xp, shard=shard)
+    return out if layout is None else layout.wrap(out, rows_only=True)
 
 
-def log_softmax(x: Array, /, *, axis: int = -1) -> Array:
-    """``x - logsumexp(x)`` along ``axis`` (an empty axis gives an empty array)."""
+def log_softmax(x: Array, /, *, axis: int = -1, group: Any = None, class_offset: int | None = None) -> Array:
+    """``x - logsumexp(x)`` along ``axis`` (an empty axis gives an empty array).
+
+    ``group``: ``axis`` is split over it (see :func:`cross_entropy`); each member gets
+    its own classes' log-probabilities (its gradient sums every member's through the
+    shared ``logsumexp``: with torch, call backward on every member).
+    """
     xp = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
+    axis = _checks.class_axis(axis, x.ndim, "x")
+    x, layout, group, class_offset = _local(x, axis, group, class_offset)
+    shard = _shard(group, class_offset, x, axis)
     with adapter_for(x).quiet():
-        return _math.log_softmax(x, axis=_checks.class_axis(axis, x.ndim, "x"), xp=xp)
+        out = _math.log_softmax(x, axis=axis, xp=xp, shard=shard)
+    return out if layout is None else layout.wrap(out, rows_only=False)
+
+
+def _local(x: Array, axis: int, group: Any, class_offset: Any) -> tuple[Array, Any, Any, Any]:
+    """``(x, None, group, class_offset)``; for a DTensor its local shard, layout, and the class
+    axis's group and offset from its placements (results are wrapped back)."""
+    dt = dtensor_adapter(x)
+    if dt is None:
+        return x, None, group, class_offset
+    x, layout = dt.unwrap_one(x, axis, "x", group)
+    return x, layout, layout.class_group, layout.class_offset
+
+
+def _shard(group: Any, class_offset: Any, x: Array, axis: int, *others: Array | None) -> _math.Shard | None:
+    """The class axis ``axis`` of ``x`` split over ``group`` (None: not split)."""
+    _checks.group(group, class_offset)
+    return shard_for(group, class_offset, int(x.shape[axis]), (x, *others))
 
 
 @dataclass
@@ -57,6 +91,8 @@ class _Call:
     reduction: str
     opts: _math.Options
     adapter: Adapter
+    shard: _math.Shard | None = None
+    layout: Any = None  # DTensor logits: their layout (``_adapters.dtensor.Layout``); None otherwise
 
 
 def _prepare(
@@ -69,35 +105,59 @@ def _prepare(
     opts: _math.Options,
     name: str,
     indices_only: str | None = None,
+    group: Any = None,
+    class_offset: Any = None,
 ) -> _Call:
-    xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
-    _checks.floating(x, name, xp)
-    axis = _checks.class_axis(axis, x.ndim, name)
-    classes = _checks.num_classes(x.shape, axis)
-    reduction = _checks.reduction(reduction)
-    is_index = _checks.index_target(target, xp, indices_only)
-    _checks.target_shape(target, x, axis, is_index)
-    _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
+    try:
+        xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
+        _checks.floating(x, name, xp)
+        axis = _checks.class_axis(axis, x.ndim, name)
+        classes = _checks.num_classes(x.shape, axis)  # a DTensor's: the global C
+        reduction = _checks.reduction(reduction)
+        is_index = _checks.index_target(target, xp, indices_only)
+        _checks.target_shape(target, x, axis, is_index)
+        _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
+    except (TypeError, ValueError) as err:  # raised on every member of a group, none left waiting
+        if group is not None:
+            _checks.group(group, class_offset)
+            shard_for(group, class_offset, 0, (), error=err)
+        raise
+    layout = None
+    if (dt := dtensor_adapter(x, target, weight)) is not None:  # DTensors: local shards here; results wrapped back
+        x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name, group)
+        group, class_offset = layout.class_group, layout.class_offset
+    local_classes = int(x.shape[axis])
+    shard = _shard(group, class_offset, x, axis, target, weight)
+    classes = classes if shard is None else shard.num_classes  # the global C
     _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
     may_ignore = is_index
     if is_index:
-        target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
+        flat = xp.reshape(target, (-1,))
+        target, opts, may_ignore = _index_target(flat, classes, opts, adapter, xp, shard, layout)
     dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
-    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
+    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, local_classes))
     counted = None
     if not is_index:
-        target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, classes))
+        target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, local_classes))
     elif may_ignore:
         counted = target != opts.ignore_index
     if weight is not None:
         weight = xp.astype(weight, dtype)
-    return _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
+    call = _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
+    call.shard, call.layout = shard, layout
+    return call
 
 
 def _index_target(
-    target: Array, classes: int, opts: _math.Options, adapter: Adapter, xp: Any
+    target: Array,
+    classes: int,
+    opts: _math.Options,
+    adapter: Adapter,
+    xp: Any,
+    shard: _math.Shard | None = None,
+    layout: Any = None,
 ) -> tuple[Array, _math.Options, bool]:
     """Class indices in the default index dtype (what gathers take), checked now when concrete.
 
@@ -116,7 +176,16 @@ def _index_target(
     target = xp.astype(target, dtype, copy=False)
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
-        ignored = _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
+        check = functools.partial(_checks.class_indices, values, classes, ignore, wrapped_bits, comparable)
+        if layout is not None:  # a batch-sharded DTensor target: agreed over the batch ranks
+            check = functools.partial(layout.agree, check)
+        if shard is None:
+            return target, opts, check()
+        try:  # the error (a member's target out of range) is raised on every member of the group
+            ignored, error = check(), None
+        except IndexError as err:
+            ignored, error = True, err
+        shard.agree(error, "its target holds a class index outside [0, C)")
         return target, opts, ignored
     poison = classes + 1 if ignore == classes else classes
     if wrapped_bits:
@@ -150,12 +219,23 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
     n: Array | int = int(call.rows.shape[0])
     if call.counted is not None:
         n = xp.sum(xp.astype(call.counted, dtype))
+    n = _across(call, n, dtype)
     if call.weight is None or not call.is_index:
         return n, n
     targets = _math.class_targets(
         call.target, call.weight, call.weight.shape[0], call.opts, xp, may_ignore=call.may_ignore
     )
-    return xp.sum(targets.mask(targets.weight_at_target, xp)), n
+    return _across(call, xp.sum(targets.mask(targets.weight_at_target, xp)), dtype), n
+
+
+def _across(call: _Call, total: Array | int, dtype: Any) -> Array | int:
+    """A sum over the rows summed over the ranks holding other rows (batch-sharded DTensor logits)."""
+    return total if call.layout is None else call.layout.sum_batch(total, dtype)
+
+
+def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
+    """A DTensor call's result (per row, or logits-shaped when not ``rows_only``) as a DTensor."""
+    return out if call.layout is None else call.layout.wrap(out, rows_only)
 
 
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
@@ -163,16 +243,16 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
     xp = call.xp
     if call.reduction == "none":
         per_row = ce + z_loss * lse * lse if z_loss else ce
-        return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype)
-    total = xp.sum(ce)
-    z_total = xp.sum(lse * lse) if z_loss else None
+        return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype))
+    total = _across(call, xp.sum(ce), ce.dtype)
+    z_total = _across(call, xp.sum(lse * lse), ce.dtype) if z_loss else None
     if call.reduction == "mean":
         ce_count, z_count = _denominators(call, ce.dtype)
         total = _mean(total, ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
-    return generic.as_array(xp.astype(total, out_dtype))
+    return _wrap(call, generic.as_array(xp.astype(total, out_dtype)))
 
 
 def cross_entropy(
@@ -187,6 +267,8 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    group: Any = None,
+    class_offset: int | None = None,
 ) -> Array:
     r"""Cross-entropy between ``logits`` and ``target``, as torch's ``F.cross_entropy``.
 
@@ -204,6 +286,24 @@ def cross_entropy(
     counted positions (by the number of positions for probabilities; by the
     counted positions for the z-loss), and is 0 when that is 0.
 
+    **A class axis split over a group** (vocabulary parallelism): ``group`` is a JAX mesh
+    axis name (a str or tuple of str; inside ``jax.shard_map``) or a torch
+    ``ProcessGroup`` (``torch.distributed.group.WORLD`` too), and ``logits`` holds this
+    member's ``C_local`` consecutive classes ``[class_offset, class_offset + C_local)``
+    of the global ``C``. ``class_offset=None``: equal shards, the offset is
+    ``rank · C_local`` (always so in ``shard_map``); with torch, uneven shards give
+    their ``class_offset`` on every member (the shards must tile ``[0, C)``; ``C`` is
+    ``Σ C_local``). ``target`` holds global class indices, the same on every member
+    (probabilities: sharded like the logits); ``weight`` is the full ``(C,)`` vector,
+    the same on every member. The per-row max, ``Σ exp``, the target's logit and the
+    smoothing and probability sums are all-reduced across the group (a few ``(rows,)``
+    vectors, never the logits); the loss is the whole axis's, the same on every member,
+    and each member's gradient is its shard's. Concrete out-of-range targets raise on
+    every member (checked against the global ``C``). torch: backward runs on every
+    member; not under ``torch.compile``, torch.func transforms, forward mode, nor with
+    a ``weight`` requiring grad (NotImplementedError). JAX: ``grad``, ``jit`` and ``vmap``
+    inside ``shard_map`` (with its default ``check_vma=True``).
+
     Example::
 
         >>> import numpy as np, multixent
@@ -212,9 +312,11 @@ def cross_entropy(
         0.241951
     """
     opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
-    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
+    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits", None, group, class_offset)
     with call.adapter.quiet():
-        ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp)
+        ce, lse = call.adapter.row_losses(
+            call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard
+        )
         return _reduce(call, ce, lse, z, logits.dtype)
 
 
@@ -230,6 +332,8 @@ def cross_entropy_and_grad(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    group: Any = None,
+    class_offset: int | None = None,
 ) -> tuple[Array, Array]:
     r"""``(loss, ∂loss/∂logits)`` of :func:`cross_entropy`, for "mean" and "sum".
 
@@ -242,15 +346,17 @@ def cross_entropy_and_grad(
 
     (``a`` the weighted, smoothed target distribution; times :math:`1-\tanh^2`
     under softcap), computed in one pass with the loss on any array library.
+    ``group``/``class_offset``: a class axis split over a group, as :func:`cross_entropy`;
+    the gradient is this member's shard.
     """
     opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"multixent: cross_entropy_and_grad supports reduction 'mean' or 'sum'; got {reduction!r}")
-    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
+    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits", None, group, class_offset)
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
     one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-    plan = call.adapter.plan(call.rows, call.target, call.weight, may_ignore=call.may_ignore)
+    plan = call.adapter.plan(call.rows, call.target, call.weight, may_ignore=call.may_ignore, shard=call.shard)
     ce_scale, z_scale = one, one
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)
@@ -262,7 +368,7 @@ def cross_entropy_and_grad(
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
-    return loss, grad
+    return loss, _wrap(call, grad, rows_only=False)
 
 
 def nll_loss(
@@ -280,15 +386,26 @@ def nll_loss(
     .. math:: \ell_i = -w_{y_i}\,\log p_{i,y_i}
 
     "mean" divides by :math:`\sum w_{y_i}` over counted positions (0 when that is 0).
+    DTensor ``log_probs`` sharded on the class axis: the target's entry comes from the rank holding it.
     """
     opts = _math.Options(ignore_index)
     call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs", "nll_loss")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
+    local, shard = call.rows.shape[-1], call.shard
     targets = _math.class_targets(
-        call.target, call.weight, call.rows.shape[-1], call.opts, xp, may_ignore=call.may_ignore
+        call.target,
+        call.weight,
+        local if shard is None else shard.num_classes,
+        call.opts,
+        xp,
+        may_ignore=call.may_ignore,
+        shard=shard,
+        num_local=local,
     )
     picked = _math.gather_rows(call.rows, targets.index, xp)
+    if shard is not None and targets.here is not None:  # from the one member holding the target's class
+        picked = shard.sum(xp.where(targets.here, picked, xp.zeros_like(picked)))
     with call.adapter.quiet():
         nll = targets.poison(-targets.weight_at_target * xp.astype(picked, dtype), xp)
         return _reduce(call, nll, nll, 0.0, log_probs.dtype)
@@ -308,6 +425,8 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    group: Any = None,
+    class_offset: int | None = None,
 ) -> Array:
     r"""``cross_entropy(hidden @ classifier.T + bias, target, ...)`` without materialising the logits.
 
@@ -364,6 +483,16 @@ def linear_cross_entropy(
     ``hidden`` of size 0 in ``D`` gives logits equal to ``bias`` (or 0: ``log V``
     per row). NumPy and other libraries without autodiff return the value.
 
+    ``group``/``class_offset`` (see :func:`cross_entropy`): the classifier split by vocabulary
+    rows over a group (a column-parallel LM head): ``classifier`` ``(V_local, D)`` and ``bias``
+    ``(V_local,)`` are this member's rows ``[class_offset, class_offset + V_local)``, ``hidden``
+    and ``target`` (global indices) are the same on every member, ``weight`` the full ``(V,)``.
+    The loss is the whole vocabulary's on every member; the gradients are this member's
+    ``classifier``/``bias`` rows and the *full* ``hidden`` gradient, already all-reduced over
+    the group (the same on every member: do not all-reduce it again), and the full ``weight``
+    gradient. torch: eager only (no ``torch.compile``, torch.func or double backward);
+    the chunk loops run in Python instead of custom ops.
+
     Example::
 
         >>> import numpy as np, multixent
@@ -374,21 +503,41 @@ def linear_cross_entropy(
         True
     """
     opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
-    xp = _checks.namespace(hidden, classifier, target, bias, weight)
-    _checks.floating(hidden, "hidden", xp)
-    _checks.floating(classifier, "classifier", xp)
-    if bias is not None:
-        _checks.floating(bias, "bias", xp)
-    if not _checks.index_target(target, xp):
-        raise TypeError(f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}")
-    num_classes, dim = _checks.linear_shapes(hidden, classifier, bias, target)
+    try:
+        xp = _checks.namespace(hidden, classifier, target, bias, weight)
+        _checks.floating(hidden, "hidden", xp)
+        _checks.floating(classifier, "classifier", xp)
+        if bias is not None:
+            _checks.floating(bias, "bias", xp)
+        if not _checks.index_target(target, xp):
+            raise TypeError(
+                f"multixent: linear_cross_entropy takes class indices (an integer target); got {target.dtype}"
+            )
+        local_classes, dim = _checks.linear_shapes(hidden, classifier, bias, target)
+    except (TypeError, ValueError) as err:  # raised on every member of a group, none left waiting
+        if group is not None:
+            _checks.group(group, class_offset)
+            shard_for(group, class_offset, 0, (), error=err)
+        raise
+    shard = _shard(group, class_offset, classifier, 0, hidden, target, bias, weight)
+    num_classes = local_classes if shard is None else shard.num_classes
     chunk_size = _checks.chunk_size(chunk_size)
     reduction = _checks.reduction(reduction)
     _checks.ignore_index(ignore_index, True, _IGNORE_DEFAULT)
     _checks.weight(weight, num_classes, xp)
+    if (dt := dtensor_adapter(hidden, classifier, bias, target, weight)) is not None:
+        dt.refuse("linear_cross_entropy")
     adapter = adapter_for(hidden)
     values = adapter.concrete(target)
-    may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
+    error = None
+    try:
+        may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
+    except IndexError as err:
+        if shard is None:
+            raise
+        error = err
+    if shard is not None:  # raised on every member
+        shard.agree(error, "its target holds a class index outside [0, V)")
 
     dtype = _linear.compute_dtype(hidden, classifier, bias, xp)
     out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
@@ -397,12 +546,12 @@ def linear_cross_entropy(
     if weight is not None:
         weight = xp.astype(weight, dtype)
     n_rows = h.shape[0]
-    chunk = _linear.default_chunk(n_rows, num_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
+    chunk = _linear.default_chunk(n_rows, local_classes) if chunk_size is None else min(chunk_size, max(n_rows, 1))
     # _reduce and _denominators read only the row count of call.rows: hidden's rows stand in for the logits
     counted = t != ignore_index if may_ignore else None
     batch_shape = tuple(hidden.shape[:-1])
     call = _Call(xp, h, t, weight, counted, may_ignore, batch_shape, -1, True, reduction, opts, adapter)
-    linear = _linear.LinearCall(h, classifier, bias, t, weight, opts, may_ignore, chunk, xp)
+    linear = _linear.LinearCall(h, classifier, bias, t, weight, opts, may_ignore, chunk, xp, shard)
 
     with adapter.quiet():
         if reduction == "none":

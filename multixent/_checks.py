@@ -238,3 +238,24 @@ def options(ignore_index: int, label_smoothing: Any, z_loss: Any, softcap: Any) 
     cap = None if softcap is None else number(softcap, "softcap", low=0.0, open_low=True)
     cap = None if cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
     return Options(ignore_index, smoothing, cap), z
+
+
+def group(value: Any, class_offset: Any) -> None:
+    """TypeError unless ``group`` is None, a JAX mesh axis name (str or tuple of str) or a torch
+    ``ProcessGroup``; ``class_offset`` an int (torch groups only) or None."""
+    if value is None:
+        if class_offset is not None:
+            raise ValueError("multixent: class_offset applies with a group only (the class axis split over it)")
+        return
+    axis_names = isinstance(value, str) or (
+        isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) for v in value)
+    )
+    if not axis_names and not type(value).__module__.startswith("torch"):
+        raise TypeError(
+            "multixent: group must be a JAX mesh axis name (a str or tuple of str, inside jax.shard_map) "
+            f"or a torch.distributed ProcessGroup; got {type(value).__name__}"
+        )
+    if class_offset is not None and (isinstance(class_offset, bool) or not isinstance(class_offset, int)):
+        raise TypeError(f"multixent: class_offset must be an int or None; got {type(class_offset).__name__}")
+    if class_offset is not None and class_offset < 0:
+        raise ValueError(f"multixent: class_offset must be >= 0; got {class_offset}")

@@ -23,6 +23,12 @@ Two ways to differentiate, chosen by the reduction:
 The class weights' gradient (:func:`weight_vjp`) recomputes each chunk's
 logits: ``w̄_c = Σ_rows ce_bar·((1-ε)[c=y](lse - z_y) + ε/C (lse - z_c))``.
 
+With the classifier split by vocabulary rows over a group (``Spec.plan.shard``: a
+column-parallel LM head, ``hidden`` replicated), each member's chunks are its
+``(chunk, V_local)`` logits, the row statistics span the group (:mod:`multixent._math`),
+``W̄`` and ``b̄`` are the member's rows and ``h̄`` is summed over the group (the full
+gradient, the same on every member); the class weights are the full ``(V,)`` and so is ``w̄``.
+
 Nothing here names a framework; an adapter may pass :class:`Hooks` (an
 in-place ``acc += a @ b``; a compiled loop over the chunks) and
 ``Spec.block_rows`` (cache blocking inside a chunk).
@@ -33,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import array_api_extra as xpx
 
 from . import _math
 from ._compat import device
@@ -73,6 +81,7 @@ class LinearCall:
     may_ignore: bool  # False: the indices were checked, none is ignore_index
     chunk: int  # rows per chunk
     xp: Namespace
+    shard: _math.Shard | None = None  # the classifier's rows split over a group
 
 
 def default_chunk(rows: int, num_classes: int) -> int:
@@ -130,9 +139,17 @@ def compute_dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
     return _math.compute_dtype(xp.result_type(*dtypes), xp)
 
 
-def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace) -> tuple[Array, Array | None]:
+def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace, spec: Spec) -> tuple[Array, Array | None]:
+    """Zeros for ``W̄`` and ``b̄``: the member's own (sharded) arrays with a group (``Shard.spread``)."""
     dev = device(w)
-    return xp.zeros(w.shape, dtype=dtype, device=dev), None if b is None else xp.zeros(b.shape, dtype=dtype, device=dev)
+    w_bar, b_bar = (
+        xp.zeros(w.shape, dtype=dtype, device=dev),
+        None if b is None else xp.zeros(b.shape, dtype=dtype, device=dev),
+    )
+    shard = spec.plan.shard
+    if shard is None:
+        return w_bar, b_bar
+    return shard.spread(w_bar), None if b_bar is None else shard.spread(b_bar)
 
 
 def _backprop(
@@ -147,9 +164,11 @@ def _backprop(
 
 
 def _cast_grads(
-    h_bar: Array, carry: tuple[Array, Array | None], h: Array, w: Array, b: Array | None, xp: Namespace
+    h_bar: Array, carry: tuple[Array, Array | None], h: Array, w: Array, b: Array | None, xp: Namespace, spec: Spec
 ) -> tuple[Array, Array, Array | None]:
-    """The gradients in the inputs' dtypes."""
+    """The gradients in the inputs' dtypes; ``h̄`` summed over the group of a sharded classifier."""
+    if spec.plan.shard is not None:
+        h_bar = spec.plan.shard.sum(h_bar)
     w_bar, b_bar = carry
     return (
         xp.astype(h_bar, h.dtype, copy=False),
@@ -213,8 +232,8 @@ def rows_vjp(
         return carry, (h_bar,)
 
     bars = (xp.astype(ce_bar, dtype, copy=False), xp.astype(lse_bar, dtype, copy=False))
-    carry, (h_bar,) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target, *bars), spec.chunk, xp)
-    return _cast_grads(h_bar, carry, h, w, b, xp)
+    carry, (h_bar,) = hooks.loop(body, _zero_grads(w, b, dtype, xp, spec), (h, target, *bars), spec.chunk, xp)
+    return _cast_grads(h_bar, carry, h, w, b, xp, spec)
 
 
 def scalar_loss(ce: Array, lse: Array, ce_scale: Array, lse_scale: Array | None, xp: Namespace) -> Array:
@@ -264,8 +283,8 @@ def loss_and_grads(
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
         return carry, (ce, lse, h_bar)
 
-    carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(w, b, dtype, xp), (h, target), spec.chunk, xp)
-    return (ce, lse), _cast_grads(h_bar, carry, h, w, b, xp)
+    carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(w, b, dtype, xp, spec), (h, target), spec.chunk, xp)
+    return (ce, lse), _cast_grads(h_bar, carry, h, w, b, xp, spec)
 
 
 def weight_vjp(
@@ -290,17 +309,28 @@ def weight_vjp(
     """
     dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
-    num_classes, eps = w.shape[0], spec.opts.label_smoothing
-    classes = xp.arange(num_classes, dtype=target.dtype, device=device(h))
+    shard, num_local, eps = spec.plan.shard, w.shape[0], spec.opts.label_smoothing
+    num_classes = num_local if shard is None else shard.num_classes
+    classes = xp.arange(num_local, dtype=target.dtype, device=device(h))
 
     def body(acc: Array, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c = xs
-        cls = _math.class_targets(t_c, None, num_classes, spec.opts, xp, may_ignore=spec.plan.may_ignore)
+        may_ignore = spec.plan.may_ignore
+        cls = _math.class_targets(
+            t_c, None, num_classes, spec.opts, xp, may_ignore=may_ignore, shard=shard, num_local=num_local
+        )
         z, _ = _math._prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
-        nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp) - z  # lse - z_c
-        d_w = (eps / num_classes) * nll + xp.where(classes == cls.index[:, None], (1 - eps) * nll, 0.0)
+        nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp, shard=shard) - z  # lse - z_c
+        at_y = classes == cls.index[:, None]
+        if cls.here is not None:
+            at_y = at_y & cls.here[:, None]
+        d_w = (eps / num_classes) * nll + xp.where(at_y, (1 - eps) * nll, 0.0)
         return acc + cls.mask(ce_bar_c, xp) @ d_w, ()
 
-    zero = xp.zeros((num_classes,), dtype=dtype, device=device(h))
+    zero = xp.zeros((num_local,), dtype=dtype, device=device(h))
+    zero = zero if shard is None else shard.spread(zero)
     acc, _ = hooks.loop(body, zero, (h, target, xp.astype(ce_bar, dtype, copy=False)), spec.chunk, xp)
-    return acc
+    if shard is None:
+        return acc
+    full = xp.zeros((num_classes,), dtype=dtype, device=device(h))  # the member's slice, then summed
+    return shard.sum(xpx.at(full)[shard.offset() + classes].set(acc))

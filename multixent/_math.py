@@ -11,6 +11,13 @@ Per row, with ``s = z - m`` the logits shifted by their (finite) maximum,
     probabilities t:    ce = Σ_c t'_c w_c (lse_s - s_c),   t' = (1-ε) t + ε/C
     and                 lse = lse_s + m
 
+With the class axis split over a group (:class:`Shard`), each member holds ``C_local``
+consecutive classes: the row max and the class sums above (``Σ_c exp(s_c)``, the
+target's logit, ``Σ_c w_c z_c``, ``Σ_c t'_c w_c s_c``, ``Σ_c t'_c w_c``) are reduced over
+the member's classes, then across the group (``Shard.max``, ``Shard.sum``: a few
+``(rows,)`` vectors, never the logits); ``C`` and the weights' sums are global, and the
+gradient below is local once ``lse`` is known.
+
 Their gradient has the closed form used by :func:`row_losses_vjp`::
 
     ∂ce/∂z = softmax(z) · Σ_c a_c - a,   ∂lse/∂z = softmax(z)
@@ -47,6 +54,66 @@ class Options:
     softcap: float | None = None
 
 
+def _identity(a: Array) -> Array:
+    return a
+
+
+def _raise(error: BaseException | None, what: str) -> None:
+    if error is not None:
+        raise error
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """The class axis split over a group: this member holds the global classes
+    ``[offset(), offset() + C_local)`` of ``num_classes``; supplied by an adapter.
+
+    ``max`` and ``sum`` reduce an array elementwise across the group (``max``
+    is not differentiated; ``sum`` is differentiated as the identity: its result
+    is the same on every member); ``spread`` marks a replicated per-row value
+    entering a member's own (sharded) result, so that its gradient sums the
+    members' contributions (identity where the framework infers it).
+    """
+
+    num_classes: int
+    offset: Callable[[], Any]
+    max: Callable[[Array], Array]
+    sum: Callable[[Array], Array]
+    spread: Callable[[Array], Array] = _identity
+    #: ``agree(error, what)``: raise on every member if any member has an error (``what``
+    #: describes it to the others); the default raises the local one (members trace alike).
+    agree: Callable[[BaseException | None, str], None] = _raise
+
+
+def _group_max(a: Array, shard: Shard | None) -> Array:
+    return a if shard is None else shard.max(a)
+
+
+def _group_sums(shard: Shard | None, xp: Namespace, *values: Array | None) -> tuple[Array, ...]:
+    """Each value (of one shape; None: skipped) summed across the group, in one reduction."""
+    if shard is None:
+        return values
+    given = [v for v in values if v is not None]
+    summed = shard.sum(xp.stack(given))
+    out, i = [], 0
+    for v in values:
+        out.append(None if v is None else summed[i, ...])
+        i += v is not None
+    return tuple(out)
+
+
+def _num_classes(num_local: int, shard: Shard | None) -> int:
+    """The global number of classes."""
+    return num_local if shard is None else shard.num_classes
+
+
+def local_weight(weight: Array | None, shard: Shard | None, x: Array, xp: Namespace) -> Array | None:
+    """The member's slice of the full ``(C,)`` class weights, for its ``(rows, C_local)`` logits ``x``."""
+    if weight is None or shard is None:
+        return weight
+    return xp.take(weight, shard.offset() + xp.arange(x.shape[-1], device=device(x)))
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one call is executed: chosen by the adapter (its ``plan``), never by the user."""
@@ -67,6 +134,8 @@ class Plan:
     #: The framework's stop-gradient (None without autodiff), applied to the
     #: shift by the row max, whose derivative cancels exactly.
     stop_gradient: Callable[[Array], Array] | None = None
+    #: The class axis split over a group (None: all classes here).
+    shard: Shard | None = None
 
 
 def compute_dtype(dtype: Any, xp: Namespace) -> Any:
@@ -74,41 +143,48 @@ def compute_dtype(dtype: Any, xp: Namespace) -> Any:
     return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
-def _shift_and_log1p(x: Array, axis: int, xp: Namespace) -> tuple[Array, Array]:
+def _shift_and_log1p(x: Array, axis: int, xp: Namespace, shard: Shard | None = None) -> tuple[Array, Array]:
     """``(m, L)`` (keepdims) with ``logsumexp(x) = m + L``, as SciPy's ``logsumexp``.
 
     ``m`` is the row max where finite (else 0) and, there, ``L = log1p(Σ_{i≠k} exp(x_i - m))``
     with ``k`` one maximal entry (the other maxima add 1 each): the dominant term is kept out
     of the sum, so ``logsumexp([0, -40])`` is ``exp(-40)``, not 0. Where the max is ±inf
-    or NaN, ``L`` is that max (the naive formula's value).
+    or NaN, ``L`` is that max (the naive formula's value). A maximal entry adds
+    ``exp(x_k - m) - 1``: exactly 0, with the derivative of its exponential, so
+    the gradient is the softmax even where ``m`` is not differentiated (a ``shard``'s
+    max). With a ``shard`` the max and sums span the group.
     """
-    top = xp.max(x, axis=axis, keepdims=True)
+    top = _group_max(xp.max(x, axis=axis, keepdims=True), shard)
     finite = xp.isfinite(top)
     m = xp.where(finite, top, 0.0)
     is_top = x == top
-    rest = xp.sum(xp.where(is_top, 0.0, xp.exp(x - m)), axis=axis, keepdims=True)
-    ties = xp.sum(xp.astype(is_top, x.dtype), axis=axis, keepdims=True) - 1.0
-    return m, xp.where(finite, xp.log1p(ties + rest), top)
+    rest = xp.sum(xp.exp(x - m) - xp.astype(is_top, x.dtype), axis=axis, keepdims=True)
+    ties = xp.sum(xp.astype(is_top, x.dtype), axis=axis, keepdims=True)
+    if shard is not None:
+        rest, ties = _group_sums(shard, xp, rest, ties)
+    return m, xp.where(finite, xp.log1p((ties - 1.0) + rest), top)
 
 
-def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace) -> Array:
+def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace, shard: Shard | None = None) -> Array:
     """``log Σ exp(x)`` along ``axis`` (see :func:`_shift_and_log1p`); ``-inf`` for an empty axis."""
     if x.shape[axis] == 0:
         shape = tuple(1 if i == axis else n for i, n in enumerate(x.shape))
         out = xp.full(shape, -math.inf, dtype=x.dtype, device=device(x))
     else:
         z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
-        m, log1p_rest = _shift_and_log1p(z, axis, xp)
+        m, log1p_rest = _shift_and_log1p(z, axis, xp, shard)
         out = xp.astype(m + log1p_rest, x.dtype, copy=False)
     return out if keepdims else xp.squeeze(out, axis=axis)
 
 
-def log_softmax(x: Array, /, *, axis: int, xp: Namespace) -> Array:
+def log_softmax(x: Array, /, *, axis: int, xp: Namespace, shard: Shard | None = None) -> Array:
     """``x - logsumexp(x)`` along ``axis``, as ``(x - m) - L`` (see :func:`_shift_and_log1p`)."""
     if x.shape[axis] == 0:
         return xp.asarray(x, copy=True)
     z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
-    m, log1p_rest = _shift_and_log1p(z, axis, xp)
+    m, log1p_rest = _shift_and_log1p(z, axis, xp, shard)
+    if shard is not None:
+        log1p_rest = shard.spread(log1p_rest)
     return xp.astype((z - m) - log1p_rest, x.dtype, copy=False)
 
 
@@ -124,6 +200,7 @@ class _ClassTargets:
     counted: Array | None  # (n,) bool: not ignore_index (None: every row)
     poisoned: Array | None  # (n,) bool: counted but out of [0, C) -> NaN (None: no row)
     weight_at_target: Array | float  # (n,) w_y, or 1.0
+    here: Array | None = None  # (n,) bool: y is among this shard's classes (None: unsharded); index is local
 
     def mask(self, values: Array, xp: Namespace) -> Array:
         """``values`` on counted rows, 0 on ignored ones."""
@@ -136,9 +213,21 @@ class _ClassTargets:
 
 
 def class_targets(
-    target: Array, weight: Array | None, num_classes: int, opts: Options, xp: Namespace, *, may_ignore: bool = True
+    target: Array,
+    weight: Array | None,
+    num_classes: int,
+    opts: Options,
+    xp: Namespace,
+    *,
+    may_ignore: bool = True,
+    shard: Shard | None = None,
+    num_local: int = 0,
 ) -> _ClassTargets:
-    """The rows' classes and weights; ``may_ignore=False``: the indices were checked (none ignored)."""
+    """The rows' classes and weights; ``may_ignore=False``: the indices were checked (none ignored).
+
+    ``num_classes`` is the global C and ``weight`` the full ``(C,)``; with a ``shard`` of
+    ``num_local`` classes, ``index`` is the local one (0 where ``y`` is on another shard).
+    """
     if may_ignore:
         counted = target != opts.ignore_index
         in_range = (target >= 0) & (target < num_classes)
@@ -146,7 +235,12 @@ def class_targets(
     else:  # checked concretely: every row counts and is in range
         index, counted, poisoned = target, None, None
     w_y = 1.0 if weight is None else xp.take(weight, index)
-    return _ClassTargets(index, counted, poisoned, w_y)
+    here = None
+    if shard is not None:
+        local = index - shard.offset()
+        here = (local >= 0) & (local < num_local)
+        index = xp.where(here, local, 0)
+    return _ClassTargets(index, counted, poisoned, w_y, here)
 
 
 def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
@@ -230,37 +324,51 @@ def _forward_block(
     results: on the CPU, XLA cannot fuse a ``where`` over the logits into its
     reductions and would materialise it.
     """
-    num_classes = x.shape[-1]
-    cls = class_targets(target, weight, num_classes, opts, xp, may_ignore=plan.may_ignore) if target.ndim == 1 else None
+    shard, num_local = plan.shard, x.shape[-1]
+    num_classes = _num_classes(num_local, shard)
+    cls = None
+    if target.ndim == 1:
+        cls = class_targets(
+            target, weight, num_classes, opts, xp, may_ignore=plan.may_ignore, shard=shard, num_local=num_local
+        )
+    w_local = local_weight(weight, shard, x, xp)
     counted = None if cls is None or not for_grad or plan.in_place else cls.counted
     z, th = _logits_for(x, out, counted, opts, dtype, xp)
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
-    m = xp.where(xp.isfinite(m), m, 0.0)
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
+    m = _group_max(m, shard)
+    m = xp.where(xp.isfinite(m), m, 0.0)
     if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
         x_y = gather_rows(x, cls.index, xp)[:, None]
-        s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
+        z_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]
+        if cls.here is not None:  # the target's logit: from the one shard holding it
+            z_y = xp.where(cls.here, z_y, 0.0)
     s, exp_s = _exp_shifted(z, m, out, xp)
     eps = opts.label_smoothing
     if cls is None:
-        tw = _smoothed(xp.astype(target, dtype), num_classes, opts, weight)
+        tw = _smoothed(xp.astype(target, dtype), num_classes, opts, w_local)
         tws = xp.sum(xp.where(tw == 0, 0.0, tw * s), axis=-1)  # before exp(s) may overwrite s
         e = exp_s()
-        lse_s = xp.log(xp.sum(e, axis=-1))
-        ce = lse_s * xp.sum(tw, axis=-1) - tws
+        sum_e, tws, tw_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), tws, xp.sum(tw, axis=-1))
+        lse_s = xp.log(sum_e)
+        ce = lse_s * tw_sum - tws
         lse = lse_s + m[:, 0]
         return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
     w_sum = (num_classes if weight is None else xp.sum(weight)) if eps else None
     smooth_sum = None
     if eps and out is not None:  # before exp(s) overwrites s
-        smooth_sum = _row_sum_weighted(s, weight, xp)
+        smooth_sum = _row_sum_weighted(s, w_local, xp)
     elif eps:  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
-        smooth_sum = _row_sum_weighted(z, weight, xp) - m[:, 0] * w_sum
+        smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
-    lse_s = xp.log(xp.sum(e, axis=-1))
+    sum_e, z_y, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), z_y, smooth_sum)
+    if eps and out is None:
+        smooth_sum = smooth_sum - m[:, 0] * w_sum
+    lse_s = xp.log(sum_e)
+    s_y = z_y - m[:, 0]
     ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
     if smooth_sum is not None:
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
@@ -281,12 +389,15 @@ def _grad_block(
     in_place: bool,
     xp: Namespace,
     out: Array | None = None,
+    shard: Shard | None = None,
 ) -> Array:
     """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row).
 
-    In place (``in_place``) the result is written into ``out``, or over ``e``.
+    In place (``in_place``) the result is written into ``out``, or over ``e``. ``weight``
+    is the full ``(C,)``; with a ``shard`` the block is its classes (a local gradient).
     """
-    num_classes = e.shape[-1]
+    num_local = e.shape[-1]
+    num_classes = _num_classes(num_local, shard)
     eps = opts.label_smoothing
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
@@ -295,12 +406,15 @@ def _grad_block(
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         if eps:
             smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
-            g = _minus(g, smooth if weight is None else smooth * weight, in_place)
+            g = _minus(g, smooth if weight is None else smooth * local_weight(weight, shard, e, xp), in_place)
         if eps < 1:
             at_y = targets.mask(ce_bar * (1.0 - eps) * targets.weight_at_target, xp)
+            if targets.here is not None:
+                at_y = xp.where(targets.here, at_y, 0.0)
             g = _subtract_at(g, targets.index, at_y, in_place, xp)
     else:
-        coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
+        (t_sum,) = _group_sums(shard, xp, xp.sum(targets, axis=-1))
+        coef = ce_bar * t_sum + lse_bar
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         g = _minus(g, ce_bar[:, None] * targets, in_place)
     if th is not None:
@@ -357,13 +471,13 @@ def row_losses(
 
 
 def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
-    """``∂ce/∂t = -(1-ε) w log_softmax(z)`` scaled by ``ce_bar``."""
+    """``∂ce/∂t = -(1-ε) w log_softmax(z)`` scaled by ``ce_bar`` (``weight``: the block's classes')."""
     log_p = blk.s - blk.lse_s[:, None]
     scale = -(1.0 - opts.label_smoothing) * ce_bar[:, None]
     return scale * log_p if weight is None else scale * weight * log_p
 
 
-def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace) -> Array:
+def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace, shard: Shard | None = None) -> Array:
     """``∂ce/∂w`` of each row of a block, ``(n, C)``: ``a_c (lse_s - s_c)`` with ``a`` the
     unweighted target distribution (``(1-ε)[c=y] + ε/C``, or ``t'``); 0 where ``a_c`` is 0
     and the logit is not finite (an ignored row's NaN, a -inf logit).
@@ -372,12 +486,15 @@ def _weight_coefs(blk: _Block, target: Array, opts: Options, xp: Namespace) -> A
     """
     s = blk.s
     assert s is not None
-    num_classes = s.shape[-1]
+    num_classes = _num_classes(s.shape[-1], shard)
     eps = opts.label_smoothing
     if isinstance(blk.targets, _ClassTargets):
         cls = blk.targets
-        classes = xp.arange(num_classes, dtype=cls.index.dtype, device=device(s))
-        a = (1.0 - eps) * xp.astype(classes == cls.index[:, None], s.dtype) + eps / num_classes
+        classes = xp.arange(s.shape[-1], dtype=cls.index.dtype, device=device(s))
+        at_y = classes == cls.index[:, None]
+        if cls.here is not None:
+            at_y = at_y & cls.here[:, None]
+        a = (1.0 - eps) * xp.astype(at_y, s.dtype) + eps / num_classes
         if cls.counted is not None:
             a = xp.where(cls.counted[:, None], a, 0.0)
         if cls.poisoned is not None:
@@ -435,7 +552,10 @@ def row_losses_vjp(
     (``overwrite``: that buffer is ``x``, a temporary of the caller's).
     """
     dtype = compute_dtype(x.dtype, xp)
-    rows, num_classes = x.shape
+    rows, num_local = x.shape
+    shard = plan.shard
+    num_classes = _num_classes(num_local, shard)
+    w_local = local_weight(weight, shard, x, xp)
     blocks = _blocks(rows, plan.block_rows)
     x_bar = _Output(x, dtype, blocks, plan.in_place, xp, scratch=False, overwrite=overwrite)
     single = len(blocks) == 1
@@ -450,23 +570,23 @@ def row_losses_vjp(
             blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch)
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
-                tg = xp.astype(_target_grad(blk, ce_bar_blk, weight, opts), target.dtype)
+                tg = xp.astype(_target_grad(blk, ce_bar_blk, w_local, opts), target.dtype)
         else:
-            cls = (
-                class_targets(t_blk, weight, num_classes, opts, xp, may_ignore=plan.may_ignore)
-                if t_blk.ndim == 1
-                else None
-            )
+            cls = None
+            if t_blk.ndim == 1:
+                cls = class_targets(
+                    t_blk, weight, num_classes, opts, xp, may_ignore=plan.may_ignore, shard=shard, num_local=num_local
+                )
             counted = None if cls is None or plan.in_place else cls.counted
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
             e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
             e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
-            targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
+            targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, w_local)
         lse_bar_blk = _rows(lse_bar, a, b)
         g = _grad_block(
-            e, e_scale, th, targets, weight, ce_bar_blk, lse_bar_blk, opts, plan.in_place, xp, x_bar.dest(a, b)
+            e, e_scale, th, targets, weight, ce_bar_blk, lse_bar_blk, opts, plan.in_place, xp, x_bar.dest(a, b), shard
         )
         g = x_bar.put(a, b, g)
         if single:
@@ -506,7 +626,18 @@ def row_losses_and_grad(
         lse_bar = lse_scale * blk.lse
         e_scale = xp.exp(-blk.lse_s)
         g = _grad_block(
-            blk.e, e_scale, blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, plan.in_place, xp, x_bar.dest(a, b)
+            blk.e,
+            e_scale,
+            blk.tanh,
+            blk.targets,
+            weight,
+            ce_bar,
+            lse_bar,
+            opts,
+            plan.in_place,
+            xp,
+            x_bar.dest(a, b),
+            plan.shard,
         )
         g = x_bar.put(a, b, g)
         ces.append(blk.ce)
@@ -532,7 +663,10 @@ def row_losses_jvp(
 
     ``ce_dot = Σ_c ∂ce/∂x_c · ẋ_c (+ Σ_c ∂ce/∂t_c · ṫ_c + Σ_c ∂ce/∂w_c · ẇ_c)`` from the
     closed-form gradients, sharing ``exp(s)`` with the forward; a tangent that is None is 0.
+    With a shard, the class sums of the tangents span the group (``weight_dot`` is ``(C,)``).
     """
+    shard = plan.shard
+    w_local = local_weight(weight, shard, x, xp)
     blk = _forward_block(x, target, weight, opts, plan, compute_dtype(x.dtype, xp), xp, for_grad=True)
     ones, zeros = xp.ones_like(blk.ce), xp.zeros_like(blk.ce)
     ce_dot, lse_dot = zeros, zeros
@@ -543,14 +677,19 @@ def row_losses_jvp(
             th = xp.tanh(-_prepare_logits(x, counted, Options(), blk.e.dtype, xp)[0] / opts.softcap)
             x_dot = x_dot * (1.0 - th * th)
         p = blk.e / xp.exp(blk.lse_s)[:, None]
-        g_ce = _grad_block(blk.e, xp.exp(-blk.lse_s), None, blk.targets, weight, ones, zeros, opts, False, xp)
+        g_ce = _grad_block(
+            blk.e, xp.exp(-blk.lse_s), None, blk.targets, weight, ones, zeros, opts, False, xp, shard=shard
+        )
         g_lse = p
         ce_dot = xp.sum(g_ce * x_dot, axis=-1)
         lse_dot = xp.sum(g_lse * x_dot, axis=-1)
     if target_dot is not None:
-        ce_dot = ce_dot + xp.sum(_target_grad(blk, ones, weight, opts) * target_dot, axis=-1)
+        ce_dot = ce_dot + xp.sum(_target_grad(blk, ones, w_local, opts) * target_dot, axis=-1)
     if weight_dot is not None:
-        ce_dot = ce_dot + xp.sum(_weight_coefs(blk, target, opts, xp) * weight_dot, axis=-1)
+        w_dot = local_weight(weight_dot, shard, x, xp)
+        ce_dot = ce_dot + xp.sum(_weight_coefs(blk, target, opts, xp, shard) * w_dot, axis=-1)
+    if x_dot is not None or target_dot is not None or weight_dot is not None:
+        ce_dot, lse_dot = _group_sums(shard, xp, ce_dot, lse_dot)
     return blk.ce, blk.lse, ce_dot, lse_dot
 
 

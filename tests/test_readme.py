@@ -3,7 +3,9 @@
 A block runs when every framework it imports is installed and selected (``MULTIXENT_BACKENDS``):
 torch and transformers need the torch backend, jax and optax the JAX one, keras either (its
 ``KERAS_BACKEND`` is then jax if selected, else torch), and a block importing none of them runs
-with the NumPy backend. A block whose first line is ``# not run`` (signatures, not code) is skipped.
+with the NumPy backend. A block whose first line is ``# not run`` (signatures, not code) is skipped;
+one whose first line is ``# torchrun --nproc-per-node N ...`` runs as a file under
+``torchrun --standalone --nproc-per-node N`` (N gloo processes on a free local port).
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def test_readme_block_runs(line, code, tmp_path):
         env["KERAS_BACKEND"] = "jax" if "jax" in SELECTED and importlib.util.find_spec("jax") else "torch"
         if importlib.util.find_spec(env["KERAS_BACKEND"]) is None:
             pytest.skip(f"keras backend {env['KERAS_BACKEND']} not installed")
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    command = [sys.executable, "-c", code]
+    if launch := re.match(r"# torchrun --nproc-per-node (\d+)", code):
+        (tmp_path / "block.py").write_text(code)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", launch[1]]
+        command += ["block.py"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"README.md block at line {line}:\n{result.stderr}"

@@ -9,6 +9,7 @@ array-api-compat recognises torch and JAX arrays without importing them.
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,7 +30,9 @@ class Adapter(Protocol):
         """``a`` (or a host copy of it) when its values can be read now; None while traced."""
         ...
 
-    def plan(self, x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -> _math.Plan:
+    def plan(
+        self, x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None
+    ) -> _math.Plan:
         """How the math runs on ``(rows, C)`` logits ``x``: blocks, in place, stop-gradient.
 
         ``inputs`` are the call's other arrays; ``differentiable``: the math itself is differentiated.
@@ -37,9 +40,12 @@ class Adapter(Protocol):
         ...
 
     def row_losses(
-        self, x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any
+        self, x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
     ) -> tuple[Any, Any]:
-        """Per-row ``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable by the framework."""
+        """Per-row ``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable by the framework.
+
+        ``shard``: the class axis split over a group (:class:`multixent._math.Shard`), or None.
+        """
         ...
 
     def linear_rows(self, call: _linear.LinearCall) -> tuple[Any, Any]:
@@ -62,6 +68,40 @@ if TYPE_CHECKING:  # mypy checks every adapter module against the contract
     _GENERIC: Adapter = generic
     _TORCH: Adapter = _torch_adapter
     _JAX: Adapter = _jax_adapter
+
+
+def shard_for(
+    group: Any, class_offset: Any, num_local: int, arrays: tuple[Any, ...], error: BaseException | None = None
+) -> _math.Shard | None:
+    """The :class:`multixent._math.Shard` of ``group`` (None without one): ``num_local`` classes here.
+
+    A str or tuple of str is a JAX mesh axis (inside ``jax.shard_map``), a torch
+    ``ProcessGroup`` a torch group (``_checks.group`` checked which); ``arrays`` (the call's,
+    None skipped) must be that framework's. ``error``: this member's arguments failed a check;
+    it is raised here on every member (torch: through the same all-gather the others make).
+    """
+    if group is None:
+        return None
+    if isinstance(group, (str, tuple)):
+        from . import jax
+
+        if error is not None:  # every device traces the same program: raised alike
+            raise error
+        return jax.shard(group, class_offset, num_local, arrays)
+    from . import torch
+
+    return torch.shard(group, class_offset, num_local, arrays, error)
+
+
+def dtensor_adapter(*arrays: Any) -> Any:
+    """The DTensor adapter (:mod:`.dtensor`) when one of ``arrays`` is a torch DTensor, else None
+    (imports nothing then)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not any(isinstance(a, module.DTensor) for a in arrays):
+        return None
+    from . import dtensor
+
+    return dtensor
 
 
 def adapter_for(x: Any) -> Adapter:

@@ -25,7 +25,7 @@ def concrete(a: Any) -> Any:
     return None if array_api_compat.is_lazy_array(a) else a
 
 
-def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -> _math.Plan:
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:
     """Blocks of rows (one for lazy arrays, which dask chunks itself); in place for NumPy
     (``out=`` and integer-array setitem). No autodiff here: ``differentiable`` changes nothing."""
     in_place = array_api_compat.is_numpy_array(x)
@@ -33,7 +33,10 @@ def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -
     return _math.Plan(block_rows=rows, in_place=in_place, may_ignore=may_ignore)
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
+def row_losses(
+    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+) -> tuple[Any, Any]:
+    """No groups here (``shard`` is None: a group's arrays are its framework's, checked before)."""
     return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp)
 
 

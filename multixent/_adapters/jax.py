@@ -32,9 +32,38 @@ def concrete(a: Any) -> Any:
     return None if isinstance(a, jax.core.Tracer) else np.asarray(a)
 
 
-def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False) -> _math.Plan:
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:
     """One block, out of place: XLA fuses the whole computation; the row max's shift is not differentiated."""
-    return _math.Plan(may_ignore=may_ignore, stop_gradient=jax.lax.stop_gradient if differentiable else None)
+    stop = jax.lax.stop_gradient if differentiable else None
+    return _math.Plan(may_ignore=may_ignore, stop_gradient=stop, shard=shard)
+
+
+def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays: tuple[Any, ...]) -> _math.Shard:
+    """The class axis split over the mesh axis (or axes) ``axis`` inside ``jax.shard_map``: equal shards,
+    member ``i`` (``lax.axis_index``) holding classes ``[i·C_local, (i+1)·C_local)``; ``lax.pmax`` and
+    ``lax.psum`` across them. The gradients rely on ``shard_map``'s replication types (its default
+    ``check_vma=True``): a ``psum``'s cotangent is then not summed again."""
+    if class_offset is not None:
+        raise ValueError(
+            f"multixent: class_offset applies to torch process groups; inside jax.shard_map the shards over "
+            f"{axis!r} are equal and member i holds classes [i*C_local, (i+1)*C_local)"
+        )
+    others = sorted({type(a).__module__ for a in arrays if a is not None and not isinstance(a, jax.Array)})
+    if others:
+        raise TypeError(f"multixent: group={axis!r} is a JAX mesh axis; the arrays must be JAX arrays, got {others}")
+    try:
+        size = jax.lax.axis_size(axis)
+    except NameError as err:
+        raise ValueError(
+            f"multixent: group={axis!r} is not a mesh axis bound here: call inside jax.shard_map over it ({err})"
+        ) from None
+    return _math.Shard(
+        num_classes=size * num_local,
+        offset=lambda: jax.lax.axis_index(axis) * num_local,
+        max=lambda a: jax.lax.pmax(jax.lax.stop_gradient(a), axis),  # type: ignore[no-untyped-call]
+        sum=lambda a: jax.lax.psum(a, axis),  # type: ignore[no-untyped-call]
+        spread=lambda a: jax.lax.pcast(a, axis, to="varying"),
+    )
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -57,8 +86,10 @@ def _row_losses_jvp(opts: _math.Options, plan: _math.Plan, primals: Any, tangent
 _row_losses.defjvp(_row_losses_jvp, symbolic_zeros=True)
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
-    return _row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore, differentiable=True))
+def row_losses(
+    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+) -> tuple[Any, Any]:
+    return _row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore, differentiable=True, shard=shard))
 
 
 # --------------------------------------------------------------------------
@@ -147,7 +178,7 @@ _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
 def _spec(call: _linear.LinearCall) -> _linear.Spec:
-    return _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore), call.chunk)
+    return _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore, shard=call.shard), call.chunk)
 
 
 def linear_rows(call: _linear.LinearCall) -> tuple[Any, Any]:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from array_api_compat import array_namespace
 
 from .. import _linear, _math
@@ -52,7 +54,9 @@ def _transformed(*arrays: Any) -> bool:
     return torch._C._are_functorch_transforms_active() or any(_wrapped(a) for a in arrays)
 
 
-def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False) -> _math.Plan:
+def plan(
+    x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False, shard: Any = None
+) -> _math.Plan:
     """Eager: blocks of rows computed in place; compiled or transformed: one block, out of place.
 
     ``inputs`` are the call's other arrays: out= refuses any that autograd
@@ -60,15 +64,135 @@ def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, i
     ``differentiable``: the math itself is recorded (a backward with ``create_graph``,
     a transform, forward mode): one block, out of place, the row max's shift detached.
     ``in_op``: inside a custom op (the linear chunks), always eager, blocks in place.
+    ``shard``: the class axis split over a process group (:func:`shard`).
     """
     if in_op:
-        return _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
-    if differentiable:
-        return _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
-    if torch.compiler.is_compiling() or _transformed(x, *inputs):
-        return _math.Plan(may_ignore=may_ignore)
-    recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
-    return _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=not recorded, may_ignore=may_ignore)
+        how = _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
+    elif differentiable:
+        how = _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
+    elif torch.compiler.is_compiling() or _transformed(x, *inputs):
+        how = _math.Plan(may_ignore=may_ignore)
+    else:
+        recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
+        how = _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=not recorded, may_ignore=may_ignore)
+    return how if shard is None else dataclasses.replace(how, shard=shard)
+
+
+# --------------------------------------------------------------------------
+# A class axis split over a process group
+
+
+class _GroupSum(torch.autograd.Function):
+    """``all_reduce(SUM)`` of a per-row array; its result is the same on every member and
+    each member differentiates its own copy: the backward is the identity."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, group: Any) -> torch.Tensor:
+        out = a.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        return g, None
+
+
+class _GroupSpread(torch.autograd.Function):
+    """The identity on a replicated per-row value entering a member's own (sharded) result:
+    its gradient sums every member's contribution (``all_reduce(SUM)``)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        g = g.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g, None
+
+
+def _group_max(a: torch.Tensor, group: Any) -> torch.Tensor:
+    out = a.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def _agree(group: Any, device: Any, error: BaseException | None, what: str) -> None:
+    """Raise on every member when any has an ``error`` (one all-reduce of a flag)."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag.item()):
+        raise ValueError(f"multixent: another member of the process group raised an error: {what}")
+
+
+def shard(
+    group: Any, class_offset: int | None, num_local: int, arrays: tuple[Any, ...], error: BaseException | None = None
+) -> _math.Shard:
+    """The class axis split over the torch process ``group``: this member holds ``num_local``
+    classes from ``class_offset`` (None: ``rank · num_local``, equal shards).
+
+    One ``all_gather`` of ``(offset, C_local, arrays are tensors, error)`` from every member, so
+    that every member sees the same layout and raises the same error: equal shards without
+    offsets, or offsets (on every member) tiling ``[0, C)``; ``C = Σ C_local``. ``error``: this
+    member's arguments failed a check (raised after the gather, and on the others too).
+    """
+    tensors = [a for a in arrays if a is not None]
+    foreign = sorted({type(a).__module__ for a in tensors if not isinstance(a, torch.Tensor)})
+    device = next((a.device for a in tensors if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    row = [-1 if class_offset is None else class_offset, num_local, len(foreign), error is not None]
+    mine = torch.tensor(row, device=device)
+    table = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(table, mine, group=group)
+    offsets, sizes, bad, failed = (list(col) for col in zip(*(t.tolist() for t in table), strict=True))
+    if error is not None:
+        raise error
+    if any(failed):
+        members = [r for r in range(size) if failed[r]]
+        raise ValueError(
+            f"multixent: member(s) {members} of the process group raised an error on their arguments (see theirs)"
+        )
+    if any(bad):
+        members = [r for r in range(size) if bad[r]]
+        raise TypeError(
+            "multixent: group is a torch ProcessGroup: the arrays must be torch tensors on every member; "
+            f"member(s) {members} passed others" + (f" ({foreign})" if foreign else "")
+        )
+    if all(o == -1 for o in offsets):
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"multixent: the class shards over the group have sizes {sizes} (by rank): unequal shards need "
+                "class_offset= on every member"
+            )
+        offsets = [r * sizes[0] for r in range(size)]
+    elif any(o == -1 for o in offsets):
+        raise ValueError(
+            f"multixent: class_offset is given on some members of the group only ({offsets} by rank, -1: none)"
+        )
+    else:
+        order = sorted(range(size), key=lambda r: offsets[r])
+        ends = [offsets[r] + sizes[r] for r in order]
+        starts = [offsets[r] for r in order]
+        if starts != [0, *ends[:-1]]:
+            raise ValueError(
+                "multixent: the class shards (class_offset, C_local) by rank "
+                f"{list(zip(offsets, sizes, strict=True))} do not tile [0, C) without gaps or overlaps"
+            )
+    offset = offsets[rank]
+    return _math.Shard(
+        num_classes=sum(sizes),
+        offset=lambda: offset,
+        max=lambda a: _group_max(a, group),
+        sum=lambda a: _GroupSum.apply(a, group),  # type: ignore[no-untyped-call]
+        spread=lambda a: _GroupSpread.apply(a, group),  # type: ignore[no-untyped-call]
+        agree=lambda error, what: _agree(group, device, error, what),
+    )
 
 
 class _RowLosses(torch.autograd.Function):
@@ -77,25 +201,31 @@ class _RowLosses(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, may_ignore: bool, xp: Any) -> Any:
-        how = plan(x, target, weight, may_ignore=may_ignore)
+    def forward(
+        x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any
+    ) -> Any:
+        how = plan(x, target, weight, may_ignore=may_ignore, shard=shard)
         return _math.row_losses(x, target, weight, opts, how, xp=xp, keep_stats=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, target, weight, opts, may_ignore, xp = inputs
+        x, target, weight, opts, may_ignore, xp, shard = inputs
         _, _, shift, lse_shifted = output
         ctx.mark_non_differentiable(shift, lse_shifted)
         ctx.save_for_backward(x, target, weight, shift, lse_shifted)
         ctx.save_for_forward(x, target, weight)
-        ctx.opts, ctx.may_ignore, ctx.xp = opts, may_ignore, xp
+        ctx.opts, ctx.may_ignore, ctx.xp, ctx.shard = opts, may_ignore, xp, shard
 
     @staticmethod
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
         x, target, weight, shift, lse_shifted = ctx.saved_tensors
         # create_graph=True or a transform: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled() or _transformed(x, ce_bar, lse_bar)
-        how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable)
+        if differentiable and ctx.shard is not None:
+            raise NotImplementedError(
+                "multixent: a double backward (create_graph=True) or a torch.func transform with group="
+            )
+        how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable, shard=ctx.shard)
         x_bar, t_bar = _math.row_losses_vjp(
             x,
             target,
@@ -111,7 +241,7 @@ class _RowLosses(torch.autograd.Function):
         w_bar = None
         if ctx.needs_input_grad[2]:
             w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, ctx.opts, how, xp=ctx.xp)
-        return x_bar, t_bar, w_bar, None, None, None
+        return x_bar, t_bar, w_bar, None, None, None, None
 
 
 class _RowLossesJvp(_RowLosses):
@@ -120,6 +250,8 @@ class _RowLossesJvp(_RowLosses):
     @staticmethod
     def jvp(ctx: Any, x_dot: Any, target_dot: Any, weight_dot: Any, *_: Any) -> Any:
         x, target, weight = ctx.saved_tensors
+        if ctx.shard is not None:
+            raise NotImplementedError("multixent: forward-mode differentiation with group=")
         how = plan(x, may_ignore=ctx.may_ignore, differentiable=True)
         _, _, ce_dot, lse_dot = _math.row_losses_jvp(
             x, target, weight, x_dot, target_dot, ctx.opts, how, xp=ctx.xp, weight_dot=weight_dot
@@ -127,10 +259,23 @@ class _RowLossesJvp(_RowLosses):
         return ce_dot, lse_dot, None, None
 
 
-def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
+def row_losses(
+    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+) -> tuple[Any, Any]:
+    if shard is not None:
+        _eager_group(x, target, weight)
     function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
-    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp)  # type: ignore[no-untyped-call]
+    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)  # type: ignore[no-untyped-call]
     return ce, lse
+
+
+def _eager_group(x: Any, target: Any, weight: Any) -> None:
+    """NotImplementedError where a group is not supported: compiled, under a torch.func transform,
+    class weights requiring grad (each member would hold a part of their gradient)."""
+    if torch.compiler.is_compiling() or _transformed(x, target, weight):
+        raise NotImplementedError("multixent: group= under torch.compile or a torch.func transform")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("multixent: class weights that require grad with group=")
 
 
 # --------------------------------------------------------------------------
@@ -147,10 +292,10 @@ def _op(name: str, schema: str) -> Any:
     return torch.library.custom_op(f"multixent::{name}", mutates_args=(), schema=schema)
 
 
-def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any = None) -> tuple[Any, Any, Any, Any]:
     """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
     ignore_index, smoothing, softcap, may_ignore, chunk = opts
-    how = plan(w.T, may_ignore=may_ignore, in_op=True)  # blocks of a chunk's (rows, V) logits
+    how = plan(w.T, may_ignore=may_ignore, in_op=True, shard=shard)  # blocks of a chunk's (rows, V) logits
     spec = _linear.Spec(_math.Options(ignore_index, smoothing, softcap), how, chunk)
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
@@ -167,11 +312,43 @@ def _grads_or_empty(grads: tuple[Any, Any, Any], h: torch.Tensor) -> tuple[Any, 
     return grads[0], grads[1], h.new_empty(0) if grads[2] is None else grads[2]
 
 
-@_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
-def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
+# Each op's body is a plain function taking ``shard`` too: with a group (a ProcessGroup
+# cannot pass through an op's schema) the Functions call the bodies directly, eagerly.
+
+
+def _rows_body(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any, shard: Any = None) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
     with context:
         return _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=hooks)
+
+
+def _loss_and_grads_body(
+    h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any, shard: Any = None
+) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
+    with context:
+        (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
+    return ce, lse, *_grads_or_empty(grads, h)
+
+
+def _rows_vjp_body(
+    h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any, shard: Any = None
+) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
+    with context:
+        grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
+    return _grads_or_empty(grads, h)
+
+
+def _weight_vjp_body(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any, shard: Any = None) -> Any:
+    spec, xp, hooks, context = _eager(h, w, opts, shard)
+    with context:
+        return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
+
+
+@_op("linear_rows", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor? weight, {_OPTS}) -> (Tensor, Tensor)")
+def _rows_op(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
+    return _rows_body(h, w, b, t, weight, *opts)
 
 
 @_rows_op.register_fake
@@ -186,10 +363,7 @@ def _rows_fake(h: Any, w: Any, b: Any, t: Any, weight: Any, *opts: Any) -> Any:
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _loss_and_grads_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
-    with context:
-        (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=hooks)
-    return ce, lse, *_grads_or_empty(grads, h)
+    return _loss_and_grads_body(h, w, b, t, weight, ce_s, lse_s, *opts)
 
 
 @_loss_and_grads_op.register_fake
@@ -204,10 +378,7 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, *opts:
     "-> (Tensor, Tensor, Tensor)",
 )
 def _rows_vjp_op(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
-    with context:
-        grads = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=hooks)
-    return _grads_or_empty(grads, h)
+    return _rows_vjp_body(h, w, b, t, weight, ce_bar, lse_bar, *opts)
 
 
 @_rows_vjp_op.register_fake
@@ -217,9 +388,16 @@ def _(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_bar: Any, lse_bar: Any, *o
 
 @_op("linear_weight_vjp", f"(Tensor h, Tensor w, Tensor? b, Tensor t, Tensor ce_bar, {_OPTS}) -> Tensor")
 def _weight_vjp_op(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, *opts: Any) -> Any:
-    spec, xp, hooks, context = _eager(h, w, opts)
-    with context:
-        return _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=xp, hooks=hooks)
+    return _weight_vjp_body(h, w, b, t, ce_bar, *opts)
+
+
+def _ops(call: _linear.LinearCall) -> tuple[Any, Any, Any, Any]:
+    """The chunk loops ``(rows, loss_and_grads, rows_vjp, weight_vjp)``: the custom ops, or with a
+    group their bodies (eager, the group's collectives inside)."""
+    if call.shard is None:
+        return _rows_op, _loss_and_grads_op, _rows_vjp_op, _weight_vjp_op
+    bodies = (_rows_body, _loss_and_grads_body, _rows_vjp_body, _weight_vjp_body)
+    return tuple(functools.partial(f, shard=call.shard) for f in bodies)  # type: ignore[return-value]
 
 
 @_weight_vjp_op.register_fake
@@ -241,9 +419,9 @@ class _LinearScalar(torch.autograd.Function):
         ctx.call, ctx.inputs = call, (h, w, b, weight, ce_s, lse_s)  # for a double backward only
         grads: tuple[Any, ...] = (None, None, None)
         if any(need[:3]):
-            ce, lse, *grads = _loss_and_grads_op(h, w, b, t, weight, ce_s, lse_s, *opts)
+            ce, lse, *grads = _ops(call)[1](h, w, b, t, weight, ce_s, lse_s, *opts)
         else:
-            ce, lse = _rows_op(h, w, b, t, weight, *opts)
+            ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
         ctx.save_for_backward(
             *(g if n else None for g, n in zip(grads, need[:3], strict=True)),
             *((h, w, b, t, ce_s) if need[4] else (None,) * 5),
@@ -276,7 +454,7 @@ class _LinearScalar(torch.autograd.Function):
         scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
-            weight_bar = _weight_vjp_op(h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
+            weight_bar = _ops(ctx.call)[3](h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
         extra = [None if s is None else g * s for s in (ce_sum, lse_sq)]
         return (*scaled, None, weight_bar, *extra, None, None, None)
 
@@ -284,7 +462,7 @@ class _LinearScalar(torch.autograd.Function):
 class _LinearRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, opts: Any, call: Any) -> Any:
-        ce, lse = _rows_op(h, w, b, t, weight, *opts)
+        ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
         ctx.save_for_backward(h, w, b, t, weight)
         ctx.opts, ctx.call = opts, call
         return ce, lse
@@ -307,9 +485,9 @@ class _LinearRows(torch.autograd.Function):
         need = ctx.needs_input_grad
         dh = dw = db = weight_bar = None
         if any(need[:3]):
-            dh, dw, db = _rows_vjp_op(h, w, b, t, weight, ce_bar, lse_bar, *ctx.opts)
+            dh, dw, db = _ops(ctx.call)[2](h, w, b, t, weight, ce_bar, lse_bar, *ctx.opts)
         if need[4]:
-            weight_bar = _weight_vjp_op(h, w, b, t, ce_bar, *ctx.opts)
+            weight_bar = _ops(ctx.call)[3](h, w, b, t, ce_bar, *ctx.opts)
         return dh, dw, None if b is None else db, None, weight_bar, None, None
 
 
@@ -341,11 +519,13 @@ def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
     dtype = _compute_dtype(h, w, b)
     z = h.to(dtype) @ w.to(dtype).T
     z = z if b is None else z + b.to(dtype)
-    return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp)
+    return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard)
 
 
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
+    if call.shard is not None:
+        _eager_group(h, call.target, None)
     if _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
@@ -354,6 +534,8 @@ def linear_rows(call: _linear.LinearCall) -> Any:
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
+    if call.shard is not None:
+        _eager_group(h, t, None)
     if _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
