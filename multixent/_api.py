@@ -27,7 +27,7 @@ def logsumexp(x: Array, /, *, axis: int = -1, keepdims: bool = False) -> Array:
     rows of ``-inf`` give ``-inf`` and rows holding ``+inf`` give ``+inf``; an
     empty axis gives ``-inf``. float16/bfloat16 are computed in float32.
     """
-    xp = _checks.namespace(x, names=("x",))
+    xp, _ = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
     with adapter_for(x).quiet():
         return _math.logsumexp(x, axis=_checks.class_axis(axis, x.ndim, "x"), keepdims=keepdims, xp=xp)
@@ -35,7 +35,7 @@ def logsumexp(x: Array, /, *, axis: int = -1, keepdims: bool = False) -> Array:
 
 def log_softmax(x: Array, /, *, axis: int = -1) -> Array:
     """``x - logsumexp(x)`` along ``axis`` (an empty axis gives an empty array)."""
-    xp = _checks.namespace(x, names=("x",))
+    xp, _ = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
     with adapter_for(x).quiet():
         return _math.log_softmax(x, axis=_checks.class_axis(axis, x.ndim, "x"), xp=xp)
@@ -70,8 +70,11 @@ def _prepare(
     name: str,
     indices_only: str | None = None,
 ) -> _Call:
-    xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
-    _checks.floating(x, name, xp)
+    numpy_inputs = adapter_for(x).NUMPY_INPUTS
+    xp, (x, target, weight) = _checks.namespace(
+        x, target, weight, names=(name, "target", "weight"), numpy_inputs=numpy_inputs
+    )
+    _checks.floating(x, name, xp, target)
     axis = _checks.class_axis(axis, x.ndim, name)
     classes = _checks.num_classes(x.shape, axis)
     reduction = _checks.reduction(reduction)
@@ -127,6 +130,24 @@ def _index_target(
     return target, opts, True
 
 
+def _options(
+    logits: Array, ignore_index: Any, label_smoothing: Any, z_loss: Any, softcap: Any
+) -> tuple[_math.Options, float | Array]:
+    """The options of a call (:func:`multixent._checks.options`), read by the logits' adapter."""
+    return _checks.options(ignore_index, label_smoothing, z_loss, softcap, logits, adapter_for(logits).scalar)
+
+
+def _poison(opts: _math.Options, z_loss: float | Array, like: Array, xp: Any) -> Array | None:
+    """1, or NaN when an array option is out of range (None without array options)."""
+    values = {"label_smoothing": opts.label_smoothing, "z_loss": z_loss, "softcap": opts.softcap}
+    return _checks.option_poison(values, xp, like.dtype, device(like))
+
+
+def _in_dtype(z_loss: float | Array, dtype: Any, xp: Any) -> float | Array:
+    """The z-loss coefficient in the compute dtype when it is an array (it never promotes the logits)."""
+    return z_loss if isinstance(z_loss, float) else xp.astype(z_loss, dtype)
+
+
 def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
     """``moveaxis`` as ``permute_dims`` (torch.func.vmap has a batching rule for the latter only)."""
     n = a.ndim
@@ -159,19 +180,23 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
 
 
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
-    """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``."""
+    """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``; NaN for out-of-range array options."""
     xp = call.xp
+    z_loss = _in_dtype(z_loss, ce.dtype, xp)
+    poison = _poison(call.opts, z_loss, ce, xp)
     if call.reduction == "none":
-        per_row = ce + z_loss * lse * lse if z_loss else ce
+        per_row = ce + z_loss * lse * lse if _math.is_set(z_loss) else ce
+        per_row = per_row if poison is None else per_row * poison
         return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype)
     total = xp.sum(ce)
-    z_total = xp.sum(lse * lse) if z_loss else None
+    z_total = xp.sum(lse * lse) if _math.is_set(z_loss) else None
     if call.reduction == "mean":
         ce_count, z_count = _denominators(call, ce.dtype)
         total = _mean(total, ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
+    total = total if poison is None else total * poison
     return generic.as_array(xp.astype(total, out_dtype))
 
 
@@ -211,8 +236,8 @@ def cross_entropy(
         >>> round(float(multixent.cross_entropy(x, y)), 6)
         0.241951
     """
-    opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
-    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
+    opts, z = _options(logits, ignore_index, label_smoothing, z_loss, softcap)
+    call = _prepare(logits, target, weight, axis, opts.ignore_index, reduction, opts, "logits")
     with call.adapter.quiet():
         ce, lse = call.adapter.row_losses(call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp)
         return _reduce(call, ce, lse, z, logits.dtype)
@@ -243,23 +268,26 @@ def cross_entropy_and_grad(
     (``a`` the weighted, smoothed target distribution; times :math:`1-\tanh^2`
     under softcap), computed in one pass with the loss on any array library.
     """
-    opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
+    opts, z = _options(logits, ignore_index, label_smoothing, z_loss, softcap)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"multixent: cross_entropy_and_grad supports reduction 'mean' or 'sum'; got {reduction!r}")
-    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits")
+    call = _prepare(logits, target, weight, axis, opts.ignore_index, reduction, opts, "logits")
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
     one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-    plan = call.adapter.plan(call.rows, call.target, call.weight, may_ignore=call.may_ignore)
+    z = _in_dtype(z, dtype, xp)
+    plan = call.adapter.plan(call.rows, call.target, call.weight, *opts.arrays, may_ignore=call.may_ignore)
     ce_scale, z_scale = one, one
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)
         ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
-            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts, plan, xp=xp
+            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts.astype(dtype, xp), plan, xp=xp
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
+        poison = _poison(call.opts, z, ce, xp)
+        grad = grad if poison is None else grad * xp.astype(poison, grad.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
     return loss, grad
@@ -281,8 +309,8 @@ def nll_loss(
 
     "mean" divides by :math:`\sum w_{y_i}` over counted positions (0 when that is 0).
     """
-    opts = _math.Options(ignore_index)
-    call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs", "nll_loss")
+    opts = _math.Options(_checks.integer(ignore_index, "ignore_index"))
+    call = _prepare(log_probs, target, weight, axis, opts.ignore_index, reduction, opts, "log_probs", "nll_loss")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
     targets = _math.class_targets(
@@ -373,8 +401,17 @@ def linear_cross_entropy(
         >>> bool(np.isclose(loss, multixent.cross_entropy(h @ W.T, y)))
         True
     """
-    opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
-    xp = _checks.namespace(hidden, classifier, target, bias, weight)
+    opts, z = _options(hidden, ignore_index, label_smoothing, z_loss, softcap)
+    ignore_index = opts.ignore_index
+    xp, (hidden, classifier, target, bias, weight) = _checks.namespace(
+        hidden,
+        classifier,
+        target,
+        bias,
+        weight,
+        names=("hidden", "classifier", "target", "bias", "weight"),
+        numpy_inputs=adapter_for(hidden).NUMPY_INPUTS,
+    )
     _checks.floating(hidden, "hidden", xp)
     _checks.floating(classifier, "classifier", xp)
     if bias is not None:
@@ -413,6 +450,9 @@ def linear_cross_entropy(
         if reduction == "mean":
             ce_count, z_count = _denominators(call, dtype)
             ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
-        lse_scale = (2.0 * z) * z_scale if z else None
+        z = _in_dtype(z, dtype, xp)
+        lse_scale = (2.0 * z) * z_scale if _math.is_set(z) else None
         loss = adapter.linear_scalar(linear, ce_scale, lse_scale)
+        poison = _poison(opts, z, loss, xp)
+        loss = loss if poison is None else loss * poison
         return xp.astype(loss, out_dtype, copy=False)

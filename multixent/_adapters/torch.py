@@ -32,6 +32,19 @@ from .. import _linear, _math
 quiet = contextlib.nullcontext
 
 
+#: torch functions refuse NumPy arrays beside tensors (``F.cross_entropy(tensor, ndarray)`` raises
+#: TypeError); so does multixent, naming the conversion.
+NUMPY_INPUTS: bool | str = "torch.as_tensor"
+
+
+def scalar(a: Any) -> float | None:
+    """A tensor option's value; None while compiling, under a transform, for meta tensors, or when
+    autograd records it (``requires_grad``): the option stays a tensor and gets its gradient."""
+    if torch.compiler.is_compiling() or _wrapped(a) or a.is_meta or (a.requires_grad and torch.is_grad_enabled()):
+        return None
+    return float(a)
+
+
 def concrete(a: Any) -> Any:
     """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor."""
     return None if torch.compiler.is_compiling() or _wrapped(a) else a
@@ -128,6 +141,9 @@ class _RowLossesJvp(_RowLosses):
 
 
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
+    if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
+        how = plan(x, may_ignore=may_ignore, differentiable=True)
+        return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
     function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
     ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp)  # type: ignore[no-untyped-call]
     return ce, lse
@@ -333,20 +349,19 @@ def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
 
 
 def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
-    """Under a torch.func transform: the logits ``h @ W.T + b`` at once, through :class:`_RowLosses`.
+    """Under a torch.func transform, or with tensor options: the logits ``h @ W.T + b`` at once, through
+    :func:`row_losses`.
 
-    The custom ops that run the chunks have no batching rules; this path has torch.func's
-    transforms (and holds the full logits).
+    The custom ops that run the chunks have no batching rules and take options as floats; this path
+    has torch.func's transforms and differentiates the options (and holds the full logits).
     """
-    dtype = _compute_dtype(h, w, b)
-    z = h.to(dtype) @ w.to(dtype).T
-    z = z if b is None else z + b.to(dtype)
+    z = _linear.unchunked_logits(h, w, b, call.xp)
     return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp)
 
 
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
-    if _transformed(h, w, b, call.target, call.weight):
+    if call.opts.arrays or _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
 
@@ -354,7 +369,7 @@ def linear_rows(call: _linear.LinearCall) -> Any:
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
-    if _transformed(h, w, b, t, weight):
+    if call.opts.arrays or _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
     return _LinearScalar.apply(h, w, b, t, weight, ce_scale, lse_scale, _op_opts(call), xp, call)  # type: ignore[no-untyped-call]
