@@ -162,7 +162,7 @@ def option(value: Any, name: str, logits: Array, read: Any) -> float | Array:
     :func:`option_poison` as NaN results.
     """
     low, high, open_low = _RANGES[name]
-    if _compat.is_array_api_obj(value) and not _is_numpy(value):
+    if not isinstance(value, (int, float)) and not _is_numpy(value) and _compat.is_array_api_obj(value):
         try:
             _compat.array_namespace(logits, value)
         except TypeError:

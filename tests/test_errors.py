@@ -149,8 +149,9 @@ def test_inputs_not_modified(backend, kind, reduction):
 
 
 def _other_libraries(backend):
-    """Libraries to mix with ``backend``: NumPy for the others, and every other selected backend."""
-    others = [] if backend.name == "numpy" else ["numpy"]
+    """Libraries to mix with ``backend``: NumPy (except for JAX, which takes NumPy arrays: test_habits.py),
+    and every other selected backend."""
+    others = [] if backend.name in ("numpy", "jax") else ["numpy"]
     return others + [b for b in SELECTED if b not in (backend.name, "numpy")]
 
 
