@@ -161,6 +161,8 @@ def test_mixed_libraries(backend, position):
     if not others:
         pytest.skip("only one array library selected")
     for other_name in others:
+        if position == "logits" and (other_name, backend.name) == ("jax", "numpy"):
+            continue  # JAX logits take NumPy arrays beside them (test_habits.py)
         other = make_backend(other_name)
         arrays = {"logits": backend.asarray(X), "target": backend.asarray(Y), "weight": backend.asarray(W)}
         arrays[position] = other.asarray({"logits": X, "target": Y, "weight": W}[position])
