@@ -179,7 +179,7 @@ def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
     return xp.sum(targets.mask(targets.weight_at_target, xp)), n
 
 
-def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
+def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype: Any) -> Array:
     """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``; NaN for out-of-range array options."""
     xp = call.xp
     z_loss = _in_dtype(z_loss, ce.dtype, xp)

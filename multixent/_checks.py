@@ -51,9 +51,10 @@ def namespace(
     is a string, that conversion (e.g. ``"torch.as_tensor"``) is named in the TypeError.
     """
     lead = arrays[0]
-    if numpy_inputs is True and lead is not None and not _is_numpy(lead) and _compat.is_array_api_obj(lead):
-        xp = _compat.array_namespace(lead)
-        arrays = tuple(_adopted(a, xp, lead) for a in arrays)
+    adopt = numpy_inputs is True and any(_convertible(a) for a in arrays[1:]) and not _convertible(lead)
+    if adopt and _compat.is_array_api_obj(lead):
+        xp, dev = _compat.array_namespace(lead), _compat.device(lead)
+        arrays = (lead, *(xp.asarray(a, device=dev) if _convertible(a) else a for a in arrays[1:]))
     for a, name in zip(arrays, names, strict=False):
         if a is not None or name not in ("weight", "bias"):
             array(a, name)
@@ -77,12 +78,11 @@ def _is_numpy(a: Any) -> bool:
     return isinstance(a, (numpy.ndarray, numpy.generic))
 
 
-def _adopted(a: Any, xp: Namespace, lead: Array) -> Any:
-    """A NumPy array or Python number ``a`` as an array of ``xp`` on ``lead``'s device (else ``a``)."""
-    number = isinstance(a, (int, float)) and not isinstance(a, bool)
-    if not (number or (_is_numpy(a) and not isinstance(a, (numpy.ma.MaskedArray, numpy.matrix)))):
-        return a
-    return xp.asarray(a, device=_compat.device(lead))
+def _convertible(a: Any) -> bool:
+    """A plain NumPy array or scalar, or a Python number: what ``jnp`` functions take beside JAX arrays."""
+    if isinstance(a, (int, float)):
+        return not isinstance(a, bool)
+    return _is_numpy(a) and not isinstance(a, (numpy.ma.MaskedArray, numpy.matrix))
 
 
 _FLOATS = "float16, bfloat16, float32 or float64"
