@@ -70,9 +70,9 @@ def _prepare(
     name: str,
     indices_only: str | None = None,
 ) -> _Call:
-    numpy_inputs = adapter_for(x).NUMPY_INPUTS
+    adapter = adapter_for(x)
     xp, (x, target, weight) = _checks.namespace(
-        x, target, weight, names=(name, "target", "weight"), numpy_inputs=numpy_inputs
+        x, target, weight, names=(name, "target", "weight"), numpy_inputs=adapter.NUMPY_INPUTS
     )
     _checks.floating(x, name, xp, target)
     axis = _checks.class_axis(axis, x.ndim, name)
@@ -82,7 +82,6 @@ def _prepare(
     _checks.target_shape(target, x, axis, is_index)
     _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     _checks.weight(weight, classes, xp)
-    adapter = adapter_for(x)
     may_ignore = is_index
     if is_index:
         target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
@@ -133,12 +132,16 @@ def _index_target(
 def _options(
     logits: Array, ignore_index: Any, label_smoothing: Any, z_loss: Any, softcap: Any
 ) -> tuple[_math.Options, float | Array]:
-    """The options of a call (:func:`multixent._checks.options`), read by the logits' adapter."""
-    return _checks.options(ignore_index, label_smoothing, z_loss, softcap, logits, adapter_for(logits).scalar)
+    """The options of a call (:func:`multixent._checks.options`); array options are read by the logits' adapter."""
+    return _checks.options(
+        ignore_index, label_smoothing, z_loss, softcap, logits, lambda a: adapter_for(logits).scalar(a)
+    )
 
 
 def _poison(opts: _math.Options, z_loss: float | Array, like: Array, xp: Any) -> Array | None:
     """1, or NaN when an array option is out of range (None without array options)."""
+    if isinstance(z_loss, float) and not opts.arrays:
+        return None
     values = {"label_smoothing": opts.label_smoothing, "z_loss": z_loss, "softcap": opts.softcap}
     return _checks.option_poison(values, xp, like.dtype, device(like))
 

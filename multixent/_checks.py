@@ -135,7 +135,7 @@ def reduction(value: Any) -> str:
 
 def number(value: Any, name: str, *, low: float, high: float = math.inf, open_low: bool = False) -> float:
     """A real number (Python or NumPy) in [low, high] (or (low, high] with ``open_low``), as a Python float."""
-    if isinstance(value, (numpy.generic, numpy.ndarray)) and value.ndim == 0 and value.dtype.kind in "iuf":
+    if not isinstance(value, (int, float)) and _is_numpy(value) and value.ndim == 0 and value.dtype.kind in "iuf":
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
@@ -162,7 +162,9 @@ def option(value: Any, name: str, logits: Array, read: Any) -> float | Array:
     :func:`option_poison` as NaN results.
     """
     low, high, open_low = _RANGES[name]
-    if not isinstance(value, (int, float)) and not _is_numpy(value) and _compat.is_array_api_obj(value):
+    if isinstance(value, float):  # the usual case
+        return number(value, name, low=low, high=high, open_low=open_low)
+    if not isinstance(value, int) and not _is_numpy(value) and _compat.is_array_api_obj(value):
         try:
             _compat.array_namespace(logits, value)
         except TypeError:

@@ -51,7 +51,10 @@ class Options:
     @property
     def arrays(self) -> tuple[Array, ...]:
         """The options that are arrays (not Python floats)."""
-        return tuple(v for v in (self.label_smoothing, self.softcap) if v is not None and not isinstance(v, float))
+        smoothing, cap = self.label_smoothing, self.softcap
+        if isinstance(smoothing, float) and (cap is None or isinstance(cap, float)):  # the usual case
+            return ()
+        return tuple(v for v in (smoothing, cap) if v is not None and not isinstance(v, float))
 
     def astype(self, dtype: Any, xp: Namespace) -> Options:
         """The array options cast to ``dtype`` (the compute dtype: an option never promotes the logits)."""
