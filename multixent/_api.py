@@ -32,7 +32,7 @@ def logsumexp(
     ``group``: ``axis`` is split over it (see :func:`cross_entropy`); the result
     is the whole axis's, the same on every member.
     """
-    xp = _checks.namespace(x, names=("x",))
+    xp, _ = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
     axis = _checks.class_axis(axis, x.ndim, "x")
     x, layout, group, class_offset = _local(x, axis, group, class_offset)
@@ -49,7 +49,7 @@ def log_softmax(x: Array, /, *, axis: int = -1, group: Any = None, class_offset:
     its own classes' log-probabilities (its gradient sums every member's through the
     shared ``logsumexp``: with torch, call backward on every member).
     """
-    xp = _checks.namespace(x, names=("x",))
+    xp, _ = _checks.namespace(x, names=("x",))
     _checks.floating(x, "x", xp)
     axis = _checks.class_axis(axis, x.ndim, "x")
     x, layout, group, class_offset = _local(x, axis, group, class_offset)
@@ -109,8 +109,10 @@ def _prepare(
     class_offset: Any = None,
 ) -> _Call:
     try:
-        xp = _checks.namespace(x, target, weight, names=(name, "target", "weight"))
-        _checks.floating(x, name, xp)
+        xp, (x, target, weight) = _checks.namespace(
+            x, target, weight, names=(name, "target", "weight"), numpy_inputs=adapter_for(x).NUMPY_INPUTS
+        )
+        _checks.floating(x, name, xp, target)
         axis = _checks.class_axis(axis, x.ndim, name)
         classes = _checks.num_classes(x.shape, axis)  # a DTensor's: the global C
         reduction = _checks.reduction(reduction)
@@ -126,11 +128,16 @@ def _prepare(
     if (dt := dtensor_adapter(x, target, weight)) is not None:  # DTensors: local shards here; results wrapped back
         x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name, group)
         group, class_offset = layout.class_group, layout.class_offset
+        if opts.arrays:  # their gradient would be split over the ranks (like a weight's; not summed)
+            raise NotImplementedError(
+                "multixent: label_smoothing or softcap as a tensor that requires grad, with DTensor logits "
+                "(pass a float, or a tensor autograd does not record)"
+            )
     local_classes = int(x.shape[axis])
     shard = _shard(group, class_offset, x, axis, target, weight)
     classes = classes if shard is None else shard.num_classes  # the global C
-    _checks.weight(weight, classes, xp)
     adapter = adapter_for(x)
+    _checks.weight(weight, classes, xp)
     may_ignore = is_index
     if is_index:
         flat = xp.reshape(target, (-1,))
@@ -196,6 +203,28 @@ def _index_target(
     return target, opts, True
 
 
+def _options(
+    logits: Array, ignore_index: Any, label_smoothing: Any, z_loss: Any, softcap: Any
+) -> tuple[_math.Options, float | Array]:
+    """The options of a call (:func:`multixent._checks.options`); array options are read by the logits' adapter."""
+    return _checks.options(
+        ignore_index, label_smoothing, z_loss, softcap, logits, lambda a: adapter_for(logits).scalar(a)
+    )
+
+
+def _poison(opts: _math.Options, z_loss: float | Array, like: Array, xp: Any) -> Array | None:
+    """1, or NaN when an array option is out of range (None without array options)."""
+    if isinstance(z_loss, float) and not opts.arrays:
+        return None
+    values = {"label_smoothing": opts.label_smoothing, "z_loss": z_loss, "softcap": opts.softcap}
+    return _checks.option_poison(values, xp, like.dtype, device(like))
+
+
+def _in_dtype(z_loss: float | Array, dtype: Any, xp: Any) -> float | Array:
+    """The z-loss coefficient in the compute dtype when it is an array (it never promotes the logits)."""
+    return z_loss if isinstance(z_loss, float) else xp.astype(z_loss, dtype)
+
+
 def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
     """``moveaxis`` as ``permute_dims`` (torch.func.vmap has a batching rule for the latter only)."""
     n = a.ndim
@@ -238,20 +267,24 @@ def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
     return out if call.layout is None else call.layout.wrap(out, rows_only)
 
 
-def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -> Array:
-    """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``."""
+def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype: Any) -> Array:
+    """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``; NaN for out-of-range array options."""
     xp = call.xp
+    z_loss = _in_dtype(z_loss, ce.dtype, xp)
+    poison = _poison(call.opts, z_loss, ce, xp)
     if call.reduction == "none":
-        per_row = ce + z_loss * lse * lse if z_loss else ce
+        per_row = ce + z_loss * lse * lse if _math.is_set(z_loss) else ce
+        per_row = per_row if poison is None else per_row * poison
         return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype))
     total = _across(call, xp.sum(ce), ce.dtype)
-    z_total = _across(call, xp.sum(lse * lse), ce.dtype) if z_loss else None
+    z_total = _across(call, xp.sum(lse * lse), ce.dtype) if _math.is_set(z_loss) else None
     if call.reduction == "mean":
         ce_count, z_count = _denominators(call, ce.dtype)
         total = _mean(total, ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
+    total = total if poison is None else total * poison
     return _wrap(call, generic.as_array(xp.astype(total, out_dtype)))
 
 
@@ -311,8 +344,10 @@ def cross_entropy(
         >>> round(float(multixent.cross_entropy(x, y)), 6)
         0.241951
     """
-    opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
-    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits", None, group, class_offset)
+    opts, z = _options(logits, ignore_index, label_smoothing, z_loss, softcap)
+    call = _prepare(
+        logits, target, weight, axis, opts.ignore_index, reduction, opts, "logits", None, group, class_offset
+    )
     with call.adapter.quiet():
         ce, lse = call.adapter.row_losses(
             call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard
@@ -349,23 +384,30 @@ def cross_entropy_and_grad(
     ``group``/``class_offset``: a class axis split over a group, as :func:`cross_entropy`;
     the gradient is this member's shard.
     """
-    opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
+    opts, z = _options(logits, ignore_index, label_smoothing, z_loss, softcap)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"multixent: cross_entropy_and_grad supports reduction 'mean' or 'sum'; got {reduction!r}")
-    call = _prepare(logits, target, weight, axis, ignore_index, reduction, opts, "logits", None, group, class_offset)
+    call = _prepare(
+        logits, target, weight, axis, opts.ignore_index, reduction, opts, "logits", None, group, class_offset
+    )
     xp = call.xp
     dtype = _math.compute_dtype(logits.dtype, xp)
     one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-    plan = call.adapter.plan(call.rows, call.target, call.weight, may_ignore=call.may_ignore, shard=call.shard)
+    z = _in_dtype(z, dtype, xp)
+    plan = call.adapter.plan(
+        call.rows, call.target, call.weight, *opts.arrays, may_ignore=call.may_ignore, shard=call.shard
+    )
     ce_scale, z_scale = one, one
     if reduction == "mean":
         ce_count, z_count = _denominators(call, dtype)
         ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
-            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts, plan, xp=xp
+            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts.astype(dtype, xp), plan, xp=xp
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
+        poison = _poison(call.opts, z, ce, xp)
+        grad = grad if poison is None else grad * xp.astype(poison, grad.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
     return loss, _wrap(call, grad, rows_only=False)
@@ -388,8 +430,8 @@ def nll_loss(
     "mean" divides by :math:`\sum w_{y_i}` over counted positions (0 when that is 0).
     DTensor ``log_probs`` sharded on the class axis: the target's entry comes from the rank holding it.
     """
-    opts = _math.Options(ignore_index)
-    call = _prepare(log_probs, target, weight, axis, ignore_index, reduction, opts, "log_probs", "nll_loss")
+    opts = _math.Options(_checks.integer(ignore_index, "ignore_index"))
+    call = _prepare(log_probs, target, weight, axis, opts.ignore_index, reduction, opts, "log_probs", "nll_loss")
     xp = call.xp
     dtype = _math.compute_dtype(log_probs.dtype, xp)
     local, shard = call.rows.shape[-1], call.shard
@@ -502,9 +544,18 @@ def linear_cross_entropy(
         >>> bool(np.isclose(loss, multixent.cross_entropy(h @ W.T, y)))
         True
     """
-    opts, z = _checks.options(ignore_index, label_smoothing, z_loss, softcap)
+    opts, z = _options(hidden, ignore_index, label_smoothing, z_loss, softcap)
+    ignore_index = opts.ignore_index
     try:
-        xp = _checks.namespace(hidden, classifier, target, bias, weight)
+        xp, (hidden, classifier, target, bias, weight) = _checks.namespace(
+            hidden,
+            classifier,
+            target,
+            bias,
+            weight,
+            names=("hidden", "classifier", "target", "bias", "weight"),
+            numpy_inputs=adapter_for(hidden).NUMPY_INPUTS,
+        )
         _checks.floating(hidden, "hidden", xp)
         _checks.floating(classifier, "classifier", xp)
         if bias is not None:
@@ -562,6 +613,9 @@ def linear_cross_entropy(
         if reduction == "mean":
             ce_count, z_count = _denominators(call, dtype)
             ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
-        lse_scale = (2.0 * z) * z_scale if z else None
+        z = _in_dtype(z, dtype, xp)
+        lse_scale = (2.0 * z) * z_scale if _math.is_set(z) else None
         loss = adapter.linear_scalar(linear, ce_scale, lse_scale)
+        poison = _poison(opts, z, loss, xp)
+        loss = loss if poison is None else loss * poison
         return xp.astype(loss, out_dtype, copy=False)

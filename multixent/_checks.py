@@ -8,6 +8,7 @@ tracing (``jax.jit``, ``torch.compile``) the math poisons the result with NaN.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy
@@ -37,23 +38,51 @@ def array(a: Any, name: str) -> None:
         )
 
 
-def namespace(*arrays: Array | None, names: tuple[str, ...] = ()) -> Namespace:
-    """The one array namespace of all arrays given (None skipped where optional).
+def namespace(
+    *arrays: Array | None, names: tuple[str, ...] = (), numpy_inputs: bool | str = False
+) -> tuple[Namespace, tuple[Array | None, ...]]:
+    """The one array namespace of all arrays given (None skipped where optional), and the arrays.
 
     ``names`` name the arguments in order; those named are checked with :func:`array`
-    (None allowed only for ``weight`` and ``bias``).
+    (None allowed only for ``weight`` and ``bias``). The first array leads: beside an
+    array of another library, NumPy arrays (and Python numbers) are converted to the
+    lead's library and device when ``numpy_inputs`` is True (its adapter's
+    ``NUMPY_INPUTS``: the framework's own functions take them, as ``jnp`` does); when it
+    is a string, that conversion (e.g. ``"torch.as_tensor"``) is named in the TypeError.
     """
+    lead = arrays[0]
+    adopt = numpy_inputs is True and any(_convertible(a) for a in arrays[1:]) and not _convertible(lead)
+    if adopt and _compat.is_array_api_obj(lead):
+        xp, dev = _compat.array_namespace(lead), _compat.device(lead)
+        arrays = (lead, *(xp.asarray(a, device=dev) if _convertible(a) else a for a in arrays[1:]))
     for a, name in zip(arrays, names, strict=False):
         if a is not None or name not in ("weight", "bias"):
             array(a, name)
     given = [a for a in arrays if a is not None]
     try:
-        return _compat.array_namespace(*given)
+        return _compat.array_namespace(*given), arrays
     except TypeError as err:
         kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__qualname__ for a in given}))
+        hint = ""
+        if isinstance(numpy_inputs, str) and not _is_numpy(lead):
+            numpy_names = [n for a, n in zip(arrays, names, strict=False) if a is not None and _is_numpy(a)]
+            if numpy_names:
+                lead_name = names[0] if names else "the first array"
+                hint = f"; convert NumPy arrays first: {numpy_inputs}({numpy_names[0]}, device={lead_name}.device)"
         raise TypeError(
-            f"multixent: all arrays of one call must come from one array library; got {kinds} ({err})"
+            f"multixent: all arrays of one call must come from one array library; got {kinds}{hint} ({err})"
         ) from None
+
+
+def _is_numpy(a: Any) -> bool:
+    return isinstance(a, (numpy.ndarray, numpy.generic))
+
+
+def _convertible(a: Any) -> bool:
+    """A plain NumPy array or scalar, or a Python number: what ``jnp`` functions take beside JAX arrays."""
+    if isinstance(a, (int, float)):
+        return not isinstance(a, bool)
+    return _is_numpy(a) and not isinstance(a, (numpy.ma.MaskedArray, numpy.matrix))
 
 
 _FLOATS = "float16, bfloat16, float32 or float64"
@@ -67,10 +96,17 @@ def is_floating(dtype: Any, xp: Namespace) -> bool:
         return bool(numpy.dtype(dtype).name == "bfloat16")
 
 
-def floating(x: Array, name: str, xp: Namespace) -> None:
-    """TypeError unless ``x`` holds float16, bfloat16, float32 or float64."""
+def floating(x: Array, name: str, xp: Namespace, target: Array | None = None) -> None:
+    """TypeError unless ``x`` holds float16, bfloat16, float32 or float64.
+
+    ``target``: the call's target, to say when the two look swapped (integer logits beside a
+    floating target shaped like logits with one more axis).
+    """
     if not is_floating(x.dtype, xp):
-        raise TypeError(f"multixent: {name} must have a real floating dtype ({_FLOATS}); got {x.dtype}")
+        hint = ""
+        if target is not None and is_floating(target.dtype, xp) and _one_more_axis(target.shape, x.shape):
+            hint = f" and target (shape {tuple(target.shape)}) looks like the logits: {_SWAPPED}"
+        raise TypeError(f"multixent: {name} must have a real floating dtype ({_FLOATS}); got {x.dtype}{hint}")
     if xp.finfo(x.dtype).bits < 16:
         raise TypeError(f"multixent: {name} must have dtype {_FLOATS}; got {x.dtype} (cast it first)")
 
@@ -98,14 +134,83 @@ def reduction(value: Any) -> str:
 
 
 def number(value: Any, name: str, *, low: float, high: float = math.inf, open_low: bool = False) -> float:
-    """A Python real in [low, high] (or (low, high] with ``open_low``)."""
+    """A real number (Python or NumPy) in [low, high] (or (low, high] with ``open_low``), as a Python float."""
+    if not isinstance(value, (int, float)) and _is_numpy(value) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"multixent: {name} must be a Python float; got {type(value).__name__}")
+        raise TypeError(
+            f"multixent: {name} must be a real number or a 0-d array of the logits' library; got {type(value).__name__}"
+        )
     ok = (value > low if open_low else value >= low) and value <= high
     if not ok:
         bracket = "(" if open_low else "["
         raise ValueError(f"multixent: {name} must lie in {bracket}{low}, {high}]; got {value!r}")
     return float(value)
+
+
+#: The options' ranges: (low, high, open_low).
+_RANGES = {"label_smoothing": (0.0, 1.0, False), "z_loss": (0.0, math.inf, False), "softcap": (0.0, math.inf, True)}
+
+
+def option(value: Any, name: str, logits: Array, read: Any) -> float | Array:
+    """A Python float, or a 0-d floating array of the logits' library kept as it is.
+
+    ``read(a)`` (the adapter's ``scalar``) gives a 0-d array's value when it is concrete and
+    not differentiated; such a value, a NumPy scalar or 0-d array and a Python number become a
+    range-checked float. An array that is traced (``jax.jit``, ``torch.compile``) or
+    differentiated (``requires_grad``, ``jax.grad``) stays an array: its range is checked by
+    :func:`option_poison` as NaN results.
+    """
+    low, high, open_low = _RANGES[name]
+    if isinstance(value, float):  # the usual case
+        return number(value, name, low=low, high=high, open_low=open_low)
+    if not isinstance(value, int) and not _is_numpy(value) and _compat.is_array_api_obj(value):
+        try:
+            _compat.array_namespace(logits, value)
+        except TypeError:
+            raise TypeError(
+                f"multixent: {name} must be a real number or a 0-d array of the logits' library; "
+                f"got {type(value).__module__}.{type(value).__qualname__}"
+            ) from None
+        xp = _compat.array_namespace(value)
+        if tuple(value.shape) != () or not is_floating(value.dtype, xp):
+            raise TypeError(
+                f"multixent: {name} as an array must be 0-d and real floating; got shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        concrete = read(value)
+        if concrete is None:
+            return value
+        value = concrete
+    return number(value, name, low=low, high=high, open_low=open_low)
+
+
+def option_poison(values: dict[str, Any], xp: Namespace, dtype: Any, device: Any) -> Array | None:
+    """1 where every array option lies in its range (:data:`_RANGES`), else NaN (None: no array option).
+
+    The results are multiplied by it, so an out-of-range traced option gives NaN values and gradients.
+    """
+    valid = None
+    for name, value in values.items():
+        if value is None or isinstance(value, float):
+            continue
+        low, high, open_low = _RANGES[name]
+        ok = ((value > low) if open_low else (value >= low)) & (value <= high)
+        valid = ok if valid is None else valid & ok
+    if valid is None:
+        return None
+    one, nan = (xp.asarray(v, dtype=dtype, device=device) for v in (1.0, math.nan))
+    return xp.where(valid, one, nan)
+
+
+def integer(value: Any, name: str) -> int:
+    """Any concrete integer scalar (Python, NumPy, a 0-d integer array) as a Python int (``operator.index``)."""
+    if not isinstance(value, bool) and not isinstance(value, numpy.bool_):
+        try:
+            return int(operator.index(value))
+        except TypeError:
+            pass
+    raise TypeError(f"multixent: {name} must be an integer (a concrete integer scalar); got {type(value).__name__}")
 
 
 def index_target(target: Array, xp: Namespace, function: str | None = None) -> bool:
@@ -129,27 +234,63 @@ def index_target(target: Array, xp: Namespace, function: str | None = None) -> b
     )
 
 
+_SWAPPED = (
+    "the arguments may be swapped: multixent takes (logits, target), Keras calls a loss as (y_true, y_pred) "
+    "(use multixent.keras.CrossEntropy there)"
+)
+
+
+def _one_more_axis(big: tuple[int, ...], small: tuple[int, ...]) -> bool:
+    """Whether ``big`` is ``small`` with one axis inserted (a class axis)."""
+    big, small = tuple(big), tuple(small)
+    return len(big) == len(small) + 1 and any(big[:i] + big[i + 1 :] == small for i in range(len(big)))
+
+
+def _integer_valued(x: Array) -> bool:
+    """Whether concrete, small ``x`` holds only integers (labels); False when unknown."""
+    try:
+        values = numpy.asarray(x) if math.prod(x.shape) <= 1 << 16 else None
+    except Exception:  # traced, or values on a device the host cannot read: unknown
+        return False
+    return values is not None and values.size > 0 and bool(numpy.all(values == numpy.round(values)))
+
+
 def target_shape(target: Array, logits: Array, axis: int, is_index: bool) -> None:
+    """ValueError naming both shapes; it says so when the arguments look swapped, or labels came as floats."""
     expected = tuple(logits.shape)
     kind = "class probabilities: the logits' shape"
     if is_index:
         expected = expected[:axis] + expected[axis + 1 :]
         kind = "class indices: the logits' shape without the class axis"
-    if tuple(target.shape) != expected:
-        raise ValueError(
-            f"multixent: target of shape {tuple(target.shape)} does not fit logits of shape "
-            f"{tuple(logits.shape)} with class axis {axis}; expected {expected} ({kind})"
+    if tuple(target.shape) == expected:
+        return
+    hint = ""
+    batch = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
+    if not is_index and tuple(target.shape) in (batch, (*batch, 1)):
+        hint = (
+            f"; a floating target of the logits' batch shape looks like class indices stored as floats (dtype "
+            f"{target.dtype}): cast it to an integer dtype (Keras casts y_true to float), squeezing a trailing "
+            f"axis of 1; or {_SWAPPED}"
         )
+    elif not is_index and (
+        _one_more_axis(target.shape, logits.shape)
+        or (target.ndim == logits.ndim and logits.shape[axis] == 1 and _one_more_axis(target.shape, batch))
+    ):
+        labels = " (and the logits hold only integers, like labels)" if _integer_valued(logits) else ""
+        hint = f"; target looks like logits of more classes{labels}: {_SWAPPED}"
+    raise ValueError(
+        f"multixent: target of shape {tuple(target.shape)} does not fit logits of shape "
+        f"{tuple(logits.shape)} with class axis {axis}; expected {expected} ({kind}){hint}"
+    )
 
 
 def ignore_index(value: Any, is_index: bool, default: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"multixent: ignore_index must be an int; got {type(value).__name__}")
+    value = integer(value, "ignore_index")
     if not is_index and value != default:
         raise ValueError(
             f"multixent: ignore_index={value} applies to class-index targets only; the target holds class probabilities"
         )
-    return value
+    return int(value)
 
 
 def weight(w: Array | None, classes: int, xp: Namespace) -> None:
@@ -231,13 +372,18 @@ def chunk_size(value: Any) -> int | None:
     return value
 
 
-def options(ignore_index: int, label_smoothing: Any, z_loss: Any, softcap: Any) -> tuple[Options, float]:
-    """The validated user options (hashable, built once per call) and the z-loss coefficient."""
-    smoothing = number(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    z = number(z_loss, "z_loss", low=0.0)
-    cap = None if softcap is None else number(softcap, "softcap", low=0.0, open_low=True)
-    cap = None if cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
-    return Options(ignore_index, smoothing, cap), z
+def options(
+    ignore_index: Any, label_smoothing: Any, z_loss: Any, softcap: Any, logits: Array, read: Any
+) -> tuple[Options, float | Array]:
+    """The validated user options (built once per call) and the z-loss coefficient.
+
+    Each of label_smoothing, z_loss and softcap is a Python float, or an array (see :func:`option`).
+    """
+    smoothing = option(label_smoothing, "label_smoothing", logits, read)
+    z = option(z_loss, "z_loss", logits, read)
+    cap = None if softcap is None else option(softcap, "softcap", logits, read)
+    cap = None if isinstance(cap, float) and cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
+    return Options(integer(ignore_index, "ignore_index"), smoothing, cap), z
 
 
 def group(value: Any, class_offset: Any) -> None:

@@ -134,6 +134,14 @@ def _logits(h: Array, w: Array, b: Array | None, dtype: Any, xp: Namespace) -> A
     return z if b is None else z + b
 
 
+def unchunked_logits(h: Array, w: Array, b: Array | None, xp: Namespace) -> Array:
+    """All the logits ``h @ W.T + b`` at once, in the compute dtype (the paths that differentiate them)."""
+    dtype = compute_dtype(h, w, b, xp)
+    return _logits(
+        h, xp.astype(w, dtype, copy=False), None if b is None else xp.astype(b, dtype, copy=False), dtype, xp
+    )
+
+
 def compute_dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
     dtypes = (h.dtype, w.dtype) if b is None else (h.dtype, w.dtype, b.dtype)
     return _math.compute_dtype(xp.result_type(*dtypes), xp)

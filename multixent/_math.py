@@ -50,8 +50,31 @@ class Options:
     """What the user asked: the validated, hashable options of one call (built once, in ``_checks``)."""
 
     ignore_index: int = -100
-    label_smoothing: float = 0.0
-    softcap: float | None = None
+    #: Python floats, or 0-d arrays of the logits' library (traced or differentiated): then the
+    #: adapters let the framework differentiate the math itself (no custom rule, :attr:`arrays`)
+    label_smoothing: float | Array = 0.0
+    softcap: float | Array | None = None
+
+    @property
+    def arrays(self) -> tuple[Array, ...]:
+        """The options that are arrays (not Python floats)."""
+        smoothing, cap = self.label_smoothing, self.softcap
+        if isinstance(smoothing, float) and (cap is None or isinstance(cap, float)):  # the usual case
+            return ()
+        return tuple(v for v in (smoothing, cap) if v is not None and not isinstance(v, float))
+
+    def astype(self, dtype: Any, xp: Namespace) -> Options:
+        """The array options cast to ``dtype`` (the compute dtype: an option never promotes the logits)."""
+
+        def cast(v: Any) -> Any:
+            return v if v is None or isinstance(v, float) else xp.astype(v, dtype)
+
+        return Options(self.ignore_index, cast(self.label_smoothing), cast(self.softcap)) if self.arrays else self
+
+
+def is_set(eps: float | Array) -> bool:
+    """Whether the smoothing term is computed: a nonzero float, or an array (its value unknown, maybe 0)."""
+    return not isinstance(eps, float) or eps != 0.0
 
 
 def _identity(a: Array) -> Array:
@@ -260,7 +283,7 @@ def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
 def _smoothed(t: Array, num_classes: int, opts: Options, weight: Array | None) -> Array:
     """``((1-ε) t + ε/C) · w`` for probability targets."""
     eps = opts.label_smoothing
-    if eps:
+    if is_set(eps):
         t = t * (1.0 - eps) + eps / num_classes
     return t if weight is None else t * weight
 
@@ -357,15 +380,15 @@ def _forward_block(
         ce = lse_s * tw_sum - tws
         lse = lse_s + m[:, 0]
         return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
-    w_sum = (num_classes if weight is None else xp.sum(weight)) if eps else None
+    w_sum = (num_classes if weight is None else xp.sum(weight)) if is_set(eps) else None
     smooth_sum = None
-    if eps and out is not None:  # before exp(s) overwrites s
+    if is_set(eps) and out is not None:  # before exp(s) overwrites s
         smooth_sum = _row_sum_weighted(s, w_local, xp)
-    elif eps:  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
+    elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
     sum_e, z_y, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), z_y, smooth_sum)
-    if eps and out is None:
+    if is_set(eps) and out is None:
         smooth_sum = smooth_sum - m[:, 0] * w_sum
     lse_s = xp.log(sum_e)
     s_y = z_y - m[:, 0]
@@ -404,10 +427,10 @@ def _grad_block(
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
         coef = targets.poison(ce_bar * total + lse_bar, xp)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
-        if eps:
+        if is_set(eps):
             smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
             g = _minus(g, smooth if weight is None else smooth * local_weight(weight, shard, e, xp), in_place)
-        if eps < 1:
+        if not isinstance(eps, float) or eps < 1:
             at_y = targets.mask(ce_bar * (1.0 - eps) * targets.weight_at_target, xp)
             if targets.here is not None:
                 at_y = xp.where(targets.here, at_y, 0.0)

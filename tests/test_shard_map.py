@@ -345,3 +345,48 @@ def test_linear_cross_entropy_column_parallel(option):
     expected = jax.grad(lambda *a: jnp.sum(scale * loss(*a)), argnums=argnums)(*args)
     for g, e in zip(grads, expected, strict=True):
         _close(g, e, "float64")
+
+
+@pytest.mark.parametrize("kind", ["indices", "probs"])
+def test_traced_options(kind):
+    """label_smoothing, z_loss and softcap as JAX arrays (issue 13) with group=: JAX differentiates the
+    plain math inside shard_map; the value and the gradients (logits and options) are the unsharded call's."""
+    data = _data()
+    mesh, group = _mesh()
+    target, spec = (data["target"], P()) if kind == "indices" else (data["probs"], P(None, group))
+    options = (jnp.asarray(0.2), jnp.asarray(1e-2), jnp.asarray(3.0))
+
+    def loss(x, t, o, **kw):
+        return mx.cross_entropy(x, t, weight=data["weight"], label_smoothing=o[0], z_loss=o[1], softcap=o[2], **kw)
+
+    sharded = jax.shard_map(
+        lambda x, t, o: loss(x, t, o, group=group), mesh=mesh, in_specs=(P(None, group), spec, P()), out_specs=P()
+    )
+    args = (data["x"], target, options)
+    _close(jax.jit(sharded)(*args), loss(*args), "float64")
+    grads = jax.jit(jax.grad(sharded, argnums=(0, 2)))(*args)
+    expected = jax.grad(loss, argnums=(0, 2))(*args)
+    _close(grads[0], expected[0], "float64")
+    _close(jnp.stack(grads[1]), jnp.stack(expected[1]), "float64")
+
+
+def test_traced_options_linear():
+    """linear_cross_entropy(group=) with array options: the unchunked plain math, per shard."""
+    rng = np.random.default_rng(3)
+    h, w = jnp.asarray(rng.normal(size=(N, 5))), jnp.asarray(rng.normal(size=(C, 5)))
+    target = jnp.asarray(np.where(TARGET < 0, 1, TARGET))
+    mesh, group = _mesh()
+    options = (jnp.asarray(0.2), jnp.asarray(1e-2), jnp.asarray(3.0))
+
+    def loss(h, w, o, **kw):
+        return mx.linear_cross_entropy(h, w, target, label_smoothing=o[0], z_loss=o[1], softcap=o[2], **kw)
+
+    sharded = jax.shard_map(
+        lambda h, w, o: loss(h, w, o, group=group), mesh=mesh, in_specs=(P(), P(group), P()), out_specs=P()
+    )
+    _close(sharded(h, w, options), loss(h, w, options), "float64")
+    grads = jax.grad(sharded, argnums=(0, 1, 2))(h, w, options)
+    expected = jax.grad(loss, argnums=(0, 1, 2))(h, w, options)
+    for g, e in zip(grads[:2], expected[:2], strict=True):
+        _close(g, e, "float64")
+    _close(jnp.stack(grads[2]), jnp.stack(expected[2]), "float64")

@@ -153,6 +153,25 @@ def _same(actual, expected) -> None:
         raise AssertionError(f"{actual} != {expected}")
 
 
+def _z_loss_gradient(half, x, target, rank: int, world) -> None:
+    """z_loss as a tensor requiring grad with a group: the loss, this rank's logits gradient and the
+    whole z_loss gradient (on every rank) equal the unsharded call's."""
+    import torch
+
+    import multixent as mx
+
+    z, z_ref = (torch.tensor(1e-2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    half = half.clone().requires_grad_()
+    full = x.clone().requires_grad_()
+    loss = mx.cross_entropy(half, target, group=world, z_loss=z, label_smoothing=0.1)
+    expected = mx.cross_entropy(full, target, z_loss=z_ref, label_smoothing=0.1)
+    loss.backward()
+    expected.backward()
+    _same(loss, expected)
+    _same(z.grad, z_ref.grad)
+    _same(half.grad, full.grad[:, 6 * rank : 6 * rank + 6])
+
+
 def _errors(rank: int, world_size: int) -> dict[str, str]:
     """Each case's error on this rank (type: message), or "none"."""
     import torch
@@ -186,6 +205,18 @@ def _errors(rank: int, world_size: int) -> dict[str, str]:
         "integer-logits-on-one-rank": lambda: mx.cross_entropy(half.long() if rank else half, target, group=world),
         "target-shape-on-one-rank": lambda: mx.cross_entropy(half, target[: 9 - rank], group=world),
         "negative-offset": lambda: mx.cross_entropy(half, target, group=world, class_offset=-1),
+        # array options (issue 13): a tensor autograd does not record is read as a float; z_loss as a tensor
+        # requiring grad gets the whole gradient on every rank; label_smoothing/softcap requiring grad are refused
+        "tensor-options-not-recorded": lambda: _same(
+            mx.cross_entropy(
+                half, target, group=world, label_smoothing=torch.tensor(0.1, dtype=x.dtype), softcap=x.new_tensor(3.0)
+            ),
+            mx.cross_entropy(x, target, label_smoothing=0.1, softcap=3.0),
+        ),
+        "z-loss-tensor-requiring-grad": lambda: _z_loss_gradient(half, x, target, rank, world),
+        "smoothing-tensor-requiring-grad": lambda: mx.cross_entropy(
+            half, target, group=world, label_smoothing=torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        ),
         "ok-after-the-errors": lambda: mx.cross_entropy(half, target, group=world),
     }
     out = {}
@@ -226,6 +257,12 @@ EXPECTED_ERRORS = {
         r"ValueError: .*target of shape \(8,\) does not fit",
     ),
     "negative-offset": ("ValueError: .*class_offset must be >= 0",) * 2,
+    "tensor-options-not-recorded": ("none",) * 2,
+    "z-loss-tensor-requiring-grad": ("none",) * 2,
+    "smoothing-tensor-requiring-grad": (
+        "NotImplementedError: .*label_smoothing or softcap as a tensor that requires grad, with group=",
+    )
+    * 2,
     "ok-after-the-errors": ("none",) * 2,
 }
 

@@ -22,6 +22,15 @@ from . import generic
 class Adapter(Protocol):
     """What every adapter module supplies."""
 
+    #: NumPy arrays (and Python numbers) passed beside this framework's arrays: True, converted to
+    #: it (its own functions take them, as ``jnp``'s do); else a string naming the conversion that
+    #: the TypeError suggests, or False.
+    NUMPY_INPUTS: bool | str
+
+    def scalar(self, a: Any) -> float | None:
+        """A 0-d array option's value as a Python float; None while traced or differentiated (it stays an array)."""
+        ...
+
     def quiet(self) -> AbstractContextManager[Any]:
         """A context without floating-point warnings."""
         ...

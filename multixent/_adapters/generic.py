@@ -21,8 +21,16 @@ def as_array(a: Any) -> Any:
     return numpy.asarray(a) if isinstance(a, numpy.generic) else a
 
 
+#: Arrays of one library only (NumPy's are NumPy's; array-api-strict and dask take no others).
+NUMPY_INPUTS: bool | str = False
+
+
 def concrete(a: Any) -> Any:
     return None if array_api_compat.is_lazy_array(a) else a
+
+
+def scalar(a: Any) -> float | None:
+    return None if array_api_compat.is_lazy_array(a) else float(a)
 
 
 def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:
@@ -37,6 +45,7 @@ def row_losses(
     x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
 ) -> tuple[Any, Any]:
     """No groups here (``shard`` is None: a group's arrays are its framework's, checked before)."""
+    opts = opts.astype(_math.compute_dtype(x.dtype, xp), xp)
     return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp)
 
 

@@ -27,6 +27,15 @@ from .. import _linear, _math
 quiet = contextlib.nullcontext
 
 
+#: NumPy arrays and Python numbers beside JAX arrays become JAX arrays, as in every ``jnp`` function.
+NUMPY_INPUTS: bool | str = True
+
+
+def scalar(a: Any) -> float | None:
+    """A concrete option's value; None for a tracer (``jit``, ``grad``: the option stays an array)."""
+    return None if isinstance(a, jax.core.Tracer) else float(a)
+
+
 def concrete(a: Any) -> Any:
     """A NumPy copy of a concrete array (operations on it inside ``jit`` would be traced)."""
     return None if isinstance(a, jax.core.Tracer) else np.asarray(a)
@@ -89,7 +98,11 @@ _row_losses.defjvp(_row_losses_jvp, symbolic_zeros=True)
 def row_losses(
     x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
 ) -> tuple[Any, Any]:
-    return _row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore, differentiable=True, shard=shard))
+    how = plan(x, may_ignore=may_ignore, differentiable=True, shard=shard)
+    if opts.arrays:  # traced options: JAX differentiates the math itself (no custom rule), options included;
+        # with a group too: shard_map's replication types sum the options' per-member cotangents
+        return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
+    return _row_losses(x, target, weight, opts, how)
 
 
 # --------------------------------------------------------------------------
@@ -181,11 +194,22 @@ def _spec(call: _linear.LinearCall) -> _linear.Spec:
     return _linear.Spec(call.opts, plan(call.w.T, may_ignore=call.may_ignore, shard=call.shard), call.chunk)
 
 
+def _unchunked_rows(call: _linear.LinearCall) -> tuple[Any, Any]:
+    """With traced options: the logits at once (their full memory), through :func:`row_losses`, which JAX
+    differentiates (options included)."""
+    z = _linear.unchunked_logits(call.h, call.w, call.b, call.xp)
+    return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard)
+
+
 def linear_rows(call: _linear.LinearCall) -> tuple[Any, Any]:
+    if call.opts.arrays:
+        return _unchunked_rows(call)
     return _linear_rows(call.h, call.w, call.b, call.target, call.weight, _spec(call))
 
 
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
+    if call.opts.arrays:
+        return _linear.scalar_loss(*_unchunked_rows(call), ce_scale, lse_scale, call.xp)
     return _linear_scalar(call.h, call.w, call.b, call.target, call.weight, ce_scale, lse_scale, _spec(call))
 
 

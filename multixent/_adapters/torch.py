@@ -34,6 +34,19 @@ from .. import _linear, _math
 quiet = contextlib.nullcontext
 
 
+#: torch functions refuse NumPy arrays beside tensors (``F.cross_entropy(tensor, ndarray)`` raises
+#: TypeError); so does multixent, naming the conversion.
+NUMPY_INPUTS: bool | str = "torch.as_tensor"
+
+
+def scalar(a: Any) -> float | None:
+    """A tensor option's value; None while compiling, under a transform, for meta tensors, or when
+    autograd records it (``requires_grad``): the option stays a tensor and gets its gradient."""
+    if torch.compiler.is_compiling() or _wrapped(a) or a.is_meta or (a.requires_grad and torch.is_grad_enabled()):
+        return None
+    return float(a)
+
+
 def concrete(a: Any) -> Any:
     """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor."""
     return None if torch.compiler.is_compiling() or _wrapped(a) else a
@@ -263,19 +276,29 @@ def row_losses(
     x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
 ) -> tuple[Any, Any]:
     if shard is not None:
-        _eager_group(x, target, weight)
+        _eager_group(x, target, weight, opts)
+    if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
+        how = plan(x, may_ignore=may_ignore, differentiable=True)
+        return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
     function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
     ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)  # type: ignore[no-untyped-call]
     return ce, lse
 
 
-def _eager_group(x: Any, target: Any, weight: Any) -> None:
+def _eager_group(x: Any, target: Any, weight: Any, opts: _math.Options) -> None:
     """NotImplementedError where a group is not supported: compiled, under a torch.func transform,
-    class weights requiring grad (each member would hold a part of their gradient)."""
+    class weights requiring grad (each member would hold a part of their gradient), label_smoothing
+    or softcap as tensors autograd records (likewise: their gradient mixes replicated and per-member
+    parts, which the group's autograd Functions do not tell apart)."""
     if torch.compiler.is_compiling() or _transformed(x, target, weight):
         raise NotImplementedError("multixent: group= under torch.compile or a torch.func transform")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("multixent: class weights that require grad with group=")
+    if opts.arrays:
+        raise NotImplementedError(
+            "multixent: label_smoothing or softcap as a tensor that requires grad, with group= (pass a float, "
+            "or a tensor autograd does not record)"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -511,22 +534,21 @@ def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
 
 
 def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
-    """Under a torch.func transform: the logits ``h @ W.T + b`` at once, through :class:`_RowLosses`.
+    """Under a torch.func transform, or with tensor options: the logits ``h @ W.T + b`` at once, through
+    :func:`row_losses`.
 
-    The custom ops that run the chunks have no batching rules; this path has torch.func's
-    transforms (and holds the full logits).
+    The custom ops that run the chunks have no batching rules and take options as floats; this path
+    has torch.func's transforms and differentiates the options (and holds the full logits).
     """
-    dtype = _compute_dtype(h, w, b)
-    z = h.to(dtype) @ w.to(dtype).T
-    z = z if b is None else z + b.to(dtype)
+    z = _linear.unchunked_logits(h, w, b, call.xp)
     return row_losses(z, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard)
 
 
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     if call.shard is not None:
-        _eager_group(h, call.target, None)
-    if _transformed(h, w, b, call.target, call.weight):
+        _eager_group(h, call.target, None, call.opts)
+    if call.opts.arrays or _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
 
@@ -535,8 +557,8 @@ def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> An
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
     if call.shard is not None:
-        _eager_group(h, t, None)
-    if _transformed(h, w, b, t, weight):
+        _eager_group(h, t, None, call.opts)
+    if call.opts.arrays or _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
     return _LinearScalar.apply(h, w, b, t, weight, ce_scale, lse_scale, _op_opts(call), xp, call)  # type: ignore[no-untyped-call]
