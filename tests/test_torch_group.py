@@ -204,6 +204,12 @@ def _errors(rank: int, world_size: int) -> dict[str, str]:
         ),
         "integer-logits-on-one-rank": lambda: mx.cross_entropy(half.long() if rank else half, target, group=world),
         "target-shape-on-one-rank": lambda: mx.cross_entropy(half, target[: 9 - rank], group=world),
+        "linear-hidden-shape-on-one-rank": lambda: mx.linear_cross_entropy(
+            torch.randn(9, 4 + rank, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), target, group=world
+        ),
+        "linear-target-out-of-range-on-one-rank": lambda: mx.linear_cross_entropy(
+            torch.randn(9, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), bad_target, group=world
+        ),
         "negative-offset": lambda: mx.cross_entropy(half, target, group=world, class_offset=-1),
         # array options (issue 13): a tensor autograd does not record is read as a float; z_loss as a tensor
         # requiring grad gets the whole gradient on every rank; label_smoothing/softcap requiring grad are refused
@@ -255,6 +261,14 @@ EXPECTED_ERRORS = {
     "target-shape-on-one-rank": (
         r"ValueError: .*member\(s\) \[1\] of the process group raised an error",
         r"ValueError: .*target of shape \(8,\) does not fit",
+    ),
+    "linear-hidden-shape-on-one-rank": (
+        r"ValueError: .*member\(s\) \[1\] of the process group raised an error",
+        r"ValueError: .*hidden of shape \(9, 5\) does not fit classifier",
+    ),
+    "linear-target-out-of-range-on-one-rank": (
+        "ValueError: multixent: another member of the process group raised an error",
+        r"IndexError: .*class index 12 .*0 <= index < 12",
     ),
     "negative-offset": ("ValueError: .*class_offset must be >= 0",) * 2,
     "tensor-options-not-recorded": ("none",) * 2,
