@@ -75,8 +75,13 @@ def distributed(session: nox.Session) -> None:
     before JAX starts: its own process."""
     session.install(*TEST, *JAX, TORCH, "dask[array]", "distributed")
     session.install(".")
+    # two workers, a test file each at a time (module fixtures run the torch ranks once per file)
     session.run(
         "pytest",
+        "-n",
+        "2",
+        "--dist",
+        "loadfile",
         "-p",
         "no:cacheprovider",
         "tests/test_jax_sharding.py",
