@@ -290,6 +290,18 @@ def test_errors():
         mx.cross_entropy(data["x"], data["target"], group=3)
     with pytest.raises(ValueError, match="class_offset applies with a group only"):
         mx.cross_entropy(data["x"], data["target"], class_offset=0)
+    with pytest.raises(ValueError, match=r"replicated over mesh axis 'model'.*in_specs"):  # logits not split
+        jax.shard_map(
+            lambda a: mx.cross_entropy(a, data["target"], group=group), mesh=mesh, in_specs=P(), out_specs=P()
+        )(data["x"])
+    with pytest.raises(ValueError, match=r"needs jax\.shard_map's replication types"):
+        jax.shard_map(
+            lambda a: mx.logsumexp(a, group=group),
+            mesh=mesh,
+            in_specs=P(None, group),
+            out_specs=P(),
+            check_vma=False,
+        )(data["x"])
     with pytest.raises(ValueError, match=r"weight must have shape \(12,\)"):  # the full weight, not the shard's
         jax.shard_map(
             lambda a: mx.cross_entropy(a, data["target"], group=group, weight=data["weight"][:3]),
@@ -297,6 +309,20 @@ def test_errors():
             in_specs=P(None, group),
             out_specs=P(),
         )(data["x"])
+
+
+def test_linear_classifier_not_split_is_an_error():
+    """group= with the classifier replicated over the axis (every member the whole vocabulary)."""
+    rng = np.random.default_rng(5)
+    h, w = jnp.asarray(rng.normal(size=(N, 5))), jnp.asarray(rng.normal(size=(C, 5)))
+    mesh, group = _mesh()
+    with pytest.raises(ValueError, match="classifier\\) is replicated over mesh axis 'model'"):
+        jax.shard_map(
+            lambda h, w: mx.linear_cross_entropy(h, w, jnp.asarray(TARGET), group=group),
+            mesh=mesh,
+            in_specs=(P(), P()),
+            out_specs=P(),
+        )(h, w)
 
 
 #: linear_cross_entropy options (weight: the full (V,) class weights)

@@ -66,6 +66,7 @@ def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays
         raise ValueError(
             f"multixent: group={axis!r} is not a mesh axis bound here: call inside jax.shard_map over it ({err})"
         ) from None
+    _check_split(axis, arrays[0])
     return _math.Shard(
         num_classes=size * num_local,
         offset=lambda: jax.lax.axis_index(axis) * num_local,
@@ -73,6 +74,36 @@ def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays
         sum=lambda a: jax.lax.psum(a, axis),  # type: ignore[no-untyped-call]
         spread=lambda a: jax.lax.pcast(a, axis, to="varying"),
     )
+
+
+def _varying(a: Any) -> frozenset[str]:
+    """The mesh axes ``a``'s value varies over inside ``jax.shard_map`` (its replication type)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9; earlier releases name it ``vma``
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _check_split(axis: str | tuple[str, ...], split: Any) -> None:
+    """``split`` (the logits, or the classifier) must hold a different class shard on each member of
+    ``axis``: logits replicated over it would count every class ``size`` times. shard_map's replication
+    types say which (``axis_index`` varies over ``axis`` exactly when they are on, ``check_vma=True``).
+    Without them that cannot be checked and a ``psum``'s cotangent is summed again (the classifier's
+    gradient comes out wrong), so ``check_vma=False`` is refused."""
+    axes = {axis} if isinstance(axis, str) else set(axis)
+    if not axes <= _varying(jax.lax.axis_index(axis)):
+        raise ValueError(
+            f"multixent: group={axis!r} needs jax.shard_map's replication types (its default check_vma=True); "
+            "with check_vma=False JAX does not track which values are replicated, and some gradients (e.g. "
+            "linear_cross_entropy's classifier) would come out wrong"
+        )
+    replicated = sorted(axes - _varying(split))
+    if replicated:
+        raise ValueError(
+            f"multixent: group={axis!r}: the class-split array (the logits, or linear_cross_entropy's classifier) "
+            f"is replicated over mesh axis {', '.join(map(repr, replicated))}, so no member holds its own class "
+            f"shard; split its class axis with the shard_map in_specs (e.g. P(None, {axis!r})), or drop group= "
+            "for replicated logits"
+        )
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
