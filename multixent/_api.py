@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _checks, _linear, _math
+from . import _checks, _compat, _linear, _math
 from ._adapters import Adapter, adapter_for, generic
 from ._compat import device
 
@@ -82,18 +82,36 @@ def _prepare(
     adapter = adapter_for(x)
     may_ignore = is_index
     if is_index:
-        target, opts, may_ignore = _index_target(xp.reshape(target, (-1,)), classes, opts, adapter, xp)
-    dtype = _math.compute_dtype(x.dtype, xp)
+        flat_target = target if target.ndim == 1 else xp.reshape(target, (-1,))
+        target, opts, may_ignore = _index_target(flat_target, classes, opts, adapter, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
-    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
+    rows = x if x.ndim == 2 and axis == 1 else xp.reshape(_move_axis(x, axis, -1, xp), (-1, classes))
     counted = None
     if not is_index:
         target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, classes))
     elif may_ignore:
         counted = target != opts.ignore_index
     if weight is not None:
-        weight = xp.astype(weight, dtype)
+        weight = xp.astype(weight, _math.compute_dtype(x.dtype, xp))
     return _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
+
+
+#: Per ``(namespace, device, target dtype)``: the index dtype, its ``(min, max)``, and the
+#: bits of an unsigned target as wide as it (0 otherwise); only for namespaces whose default
+#: dtypes are fixed (:func:`multixent._compat.fixed_defaults`).
+_INDEX_DTYPES: dict[tuple[Any, Any, Any], tuple[Any, int, int, int]] = {}
+
+
+def _index_dtype(target: Array, xp: Any) -> tuple[Any, int, int, int]:
+    def compute() -> tuple[Any, int, int, int]:
+        dtype = xp.__array_namespace_info__().default_dtypes(device=device(target))["indexing"]
+        info, src = xp.iinfo(dtype), xp.iinfo(target.dtype)
+        wrapped_bits = src.bits if src.min == 0 and src.bits >= info.bits else 0
+        return dtype, int(info.min), int(info.max), wrapped_bits
+
+    if not _compat.fixed_defaults(xp):
+        return compute()
+    return _compat.memo(_INDEX_DTYPES, (xp, device(target), target.dtype), compute)
 
 
 def _index_target(
@@ -108,12 +126,10 @@ def _index_target(
     reported with their true value; traced ones become ``poison`` (out of range: NaN). An
     ``ignore_index`` outside the index dtype matches nothing (a sentinel stands in for it).
     """
-    dtype = xp.__array_namespace_info__().default_dtypes(device=device(target))["indexing"]
-    info, src = xp.iinfo(dtype), xp.iinfo(target.dtype)
-    wrapped_bits = src.bits if src.min == 0 and src.bits >= info.bits else 0
+    dtype, low, high, wrapped_bits = _index_dtype(target, xp)
     ignore = opts.ignore_index
-    comparable = info.min <= ignore <= info.max
-    target = xp.astype(target, dtype, copy=False)
+    comparable = low <= ignore <= high
+    target = target if target.dtype == dtype else xp.astype(target, dtype)
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
         ignored = _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
@@ -122,8 +138,8 @@ def _index_target(
     if wrapped_bits:
         target = xp.where(target < 0, poison, target)
     if not comparable:
-        target = xp.where(target == info.min, poison, target)
-        opts = dataclasses.replace(opts, ignore_index=info.min)  # traced only: the sentinel
+        target = xp.where(target == low, poison, target)
+        opts = dataclasses.replace(opts, ignore_index=low)  # traced only: the sentinel
     return target, opts, True
 
 
@@ -172,7 +188,7 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
-    return generic.as_array(xp.astype(total, out_dtype))
+    return generic.as_array(total if total.dtype == out_dtype else xp.astype(total, out_dtype))
 
 
 def cross_entropy(

@@ -32,7 +32,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import device
+from ._compat import clip, device, memo, subtract_at_rows, take_along_axis
 
 Array = Any
 Namespace = Any
@@ -69,9 +69,33 @@ class Plan:
     stop_gradient: Callable[[Array], Array] | None = None
 
 
+#: Per ``(namespace, dtype)``: the compute dtype and its largest finite value.
+_COMPUTE: dict[tuple[Namespace, Any], tuple[Any, float]] = {}
+
+
+def _compute(dtype: Any, xp: Namespace) -> tuple[Any, float]:
+    def compute() -> tuple[Any, float]:
+        wide = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+        return wide, float(xp.finfo(wide).max)
+
+    return memo(_COMPUTE, (xp, dtype), compute)
+
+
 def compute_dtype(dtype: Any, xp: Namespace) -> Any:
     """float16/bfloat16 are computed in float32; wider floats as they are."""
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+    return _compute(dtype, xp)[0]
+
+
+def _finite_shift(top: Array, xp: Namespace) -> Array:
+    """The row max ``top`` clipped to the finite range, the shift of ``z - m``.
+
+    Finite maxima are unchanged; a ``±inf`` one becomes ``±max``, which gives the results
+    of SciPy's rule (shift by 0 where the max is not finite): ``+inf`` entries stay ``+inf``,
+    finite ones underflow to ``exp = 0``, a row of ``-inf`` gives ``log 0 = -inf``; NaN stays.
+    One operation, where ``where(isfinite(top), top, 0)`` is up to six (torch).
+    """
+    big = _compute(top.dtype, xp)[1]
+    return clip(top, -big, big, xp)
 
 
 def _shift_and_log1p(x: Array, axis: int, xp: Namespace) -> tuple[Array, Array]:
@@ -156,9 +180,8 @@ def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
     select summed along the row: elementwise and a row reduction, so it works
     on lazy arrays chunked along either axis.
     """
-    take = getattr(xp, "take_along_axis", None)
-    if take is not None:
-        return take(x, index[:, None], axis=-1)[:, 0]
+    if hasattr(xp, "take_along_axis"):
+        return take_along_axis(x, index[:, None], xp)[:, 0]
     classes = xp.arange(x.shape[-1], dtype=index.dtype, device=device(x))
     return xp.sum(xp.where(classes == index[:, None], x, 0.0), axis=-1)
 
@@ -237,13 +260,15 @@ def _forward_block(
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
-    m = xp.where(xp.isfinite(m), m, 0.0)
+    m = _finite_shift(m, xp)
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
-    if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
+    if cls is not None and out is None:  # gather from the input (XLA materialises a gather's operand)
         x_y = gather_rows(x, cls.index, xp)[:, None]
         s_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0] - m[:, 0]
     s, exp_s = _exp_shifted(z, m, out, xp)
+    if cls is not None and out is not None:  # in place: from s, before exp(s) overwrites it
+        s_y = gather_rows(s, cls.index, xp)
     eps = opts.label_smoothing
     if cls is None:
         tw = _smoothed(xp.astype(target, dtype), num_classes, opts, weight)
@@ -261,7 +286,8 @@ def _forward_block(
         smooth_sum = _row_sum_weighted(z, weight, xp) - m[:, 0] * w_sum
     e = exp_s()
     lse_s = xp.log(xp.sum(e, axis=-1))
-    ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
+    factor = (1.0 - eps) * cls.weight_at_target
+    ce = lse_s - s_y if isinstance(factor, float) and factor == 1.0 else factor * (lse_s - s_y)
     if smooth_sum is not None:
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     ce = cls.poison(ce, xp)
@@ -291,16 +317,16 @@ def _grad_block(
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
-        coef = targets.poison(ce_bar * total + lse_bar, xp)
+        coef = targets.poison(_plus(_scaled(ce_bar, total), lse_bar), xp)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         if eps:
             smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
             g = _minus(g, smooth if weight is None else smooth * weight, in_place)
         if eps < 1:
-            at_y = targets.mask(ce_bar * (1.0 - eps) * targets.weight_at_target, xp)
+            at_y = targets.mask(_scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
             g = _subtract_at(g, targets.index, at_y, in_place, xp)
     else:
-        coef = ce_bar * xp.sum(targets, axis=-1) + lse_bar
+        coef = _plus(ce_bar * xp.sum(targets, axis=-1), lse_bar)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         g = _minus(g, ce_bar[:, None] * targets, in_place)
     if th is not None:
@@ -309,6 +335,16 @@ def _grad_block(
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
         g[~targets.counted, ...] = 0.0
     return g
+
+
+def _scaled(a: Array, factor: Array | float) -> Array:
+    """``factor · a``, skipping a product by a Python 1.0 (no weights, no smoothing)."""
+    return a if isinstance(factor, float) and factor == 1.0 else factor * a
+
+
+def _plus(a: Array, b: Array | None) -> Array:
+    """``a + b``; ``b`` None is 0 (an output whose gradient autograd did not materialise)."""
+    return a if b is None else a + b
 
 
 def row_losses(
@@ -340,7 +376,7 @@ def row_losses(
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
     outs: list[tuple[Array, ...]] = []
     for a, b in blocks:
-        out = x[a:b, ...] if in_x else None if buffer is None else buffer[: b - a, ...]
+        out = x[a:b, ...] if in_x else None if buffer is None else _rows(buffer, 0, b - a)
         blk = _forward_block(
             _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
         )
@@ -461,10 +497,10 @@ def row_losses_vjp(
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
-            e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
-            e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
+            e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp)[1]()
+            e_scale = xp.exp(-_rows(lse_s, a, b))  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, weight)
-        lse_bar_blk = _rows(lse_bar, a, b)
+        lse_bar_blk = None if lse_bar is None else _rows(lse_bar, a, b)
         g = _grad_block(
             e, e_scale, th, targets, weight, ce_bar_blk, lse_bar_blk, opts, plan.in_place, xp, x_bar.dest(a, b)
         )
@@ -623,9 +659,8 @@ def _minus(a: Array, b: Array, in_place: bool) -> Array:
 
 def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
     """``g[i, index[i]] -= values[i]`` for every row ``i``."""
-    if in_place:  # setitem, as xpx.at(copy=False) would do after 30 us of Python per call
-        g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
-        return g
+    if in_place:
+        return subtract_at_rows(g, index, values, xp)
     classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
     return xp.where(classes == index[:, None], g - values[:, None], g)
 
