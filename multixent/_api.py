@@ -179,12 +179,15 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float, out_dtype: Any) -
     xp = call.xp
     if call.reduction == "none":
         per_row = ce + z_loss * lse * lse if z_loss else ce
-        return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype)
-    total = xp.sum(ce)
+        return xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype, copy=False)
     z_total = xp.sum(lse * lse) if z_loss else None
-    if call.reduction == "mean":
+    if call.reduction == "sum":
+        total = xp.sum(ce)
+    else:
         ce_count, z_count = _denominators(call, ce.dtype)
-        total = _mean(total, ce_count, xp)
+        # every row counts, with weight 1: the namespace's mean, one operation
+        whole = isinstance(ce_count, int) and ce_count == ce.shape[0] > 0
+        total = xp.mean(ce) if whole else _mean(xp.sum(ce), ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total

@@ -58,6 +58,8 @@ def take_along_axis(x: Any, indices: Any, xp: Any, axis: int = -1) -> Any:
     one more that wraps them)."""
     if is_torch_array(x):
         return x.gather(axis, indices)
+    if isinstance(x, numpy.ndarray) and x.ndim == 2 and axis in (-1, 1):  # NumPy's function: 10 us of Python
+        return x[numpy.arange(x.shape[0])[:, None], indices]
     return xp.take_along_axis(x, indices, axis=axis)
 
 
@@ -68,9 +70,12 @@ def host_ints(values: list[Any]) -> list[int]:
     return [int(v) for v in values]
 
 
+_FIXED: dict[Any, bool] = {}
+
+
 def fixed_defaults(xp: Any) -> bool:
     """Whether ``xp``'s default dtypes are fixed for the process (JAX's follow ``jax_enable_x64``)."""
-    return not array_api_compat.is_jax_namespace(xp)
+    return memo(_FIXED, xp, lambda: not array_api_compat.is_jax_namespace(xp))
 
 
 def clip(x: Any, low: float, high: float, xp: Any) -> Any:

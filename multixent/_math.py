@@ -201,7 +201,7 @@ def _prepare_logits(
 
     Returns the logits to use and ``tanh(x/s)`` (None without softcap).
     """
-    z = xp.astype(x, dtype, copy=False)
+    z = x if x.dtype == dtype else xp.astype(x, dtype)
     if counted is not None:
         z = xp.where(counted[:, None], z, 0.0)
     if opts.softcap is None:

@@ -57,8 +57,16 @@ def _row_losses_jvp(opts: _math.Options, plan: _math.Plan, primals: Any, tangent
 _row_losses.defjvp(_row_losses_jvp, symbolic_zeros=True)
 
 
+#: The same, compiled once per shapes, dtypes and options: an eager call (no tracer among
+#: the arrays) is then one dispatch, not one per operation.
+_row_losses_compiled = jax.jit(_row_losses, static_argnums=(3, 4))
+
+
 def row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any) -> tuple[Any, Any]:
-    return _row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore, differentiable=True))
+    how = plan(x, may_ignore=may_ignore, differentiable=True)
+    if any(isinstance(a, jax.core.Tracer) for a in (x, target, weight)):
+        return _row_losses(x, target, weight, opts, how)
+    return _row_losses_compiled(x, target, weight, opts, how)
 
 
 # --------------------------------------------------------------------------
