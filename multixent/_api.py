@@ -276,7 +276,7 @@ def cross_entropy_and_grad(
         ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
-            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts, plan, xp=xp
+            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale if z else 0.0, call.opts, plan, xp=xp
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])

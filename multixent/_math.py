@@ -342,6 +342,11 @@ def _scaled(a: Array, factor: Array | float) -> Array:
     return a if isinstance(factor, float) and factor == 1.0 else factor * a
 
 
+def _nonzero(a: Array | float) -> bool:
+    """False for a Python 0 (a term known to vanish, skipped), True for anything else."""
+    return not isinstance(a, (int, float)) or a != 0
+
+
 def _plus(a: Array, b: Array | None) -> Array:
     """``a + b``; ``b`` None is 0 (an output whose gradient autograd did not materialise)."""
     return a if b is None else a + b
@@ -539,7 +544,7 @@ def row_losses_and_grad(
         out = x_bar.scratch(a, b)
         blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=True, out=out)
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
-        lse_bar = lse_scale * blk.lse
+        lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) else None
         e_scale = xp.exp(-blk.lse_s)
         g = _grad_block(
             blk.e, e_scale, blk.tanh, blk.targets, weight, ce_bar, lse_bar, opts, plan.in_place, xp, x_bar.dest(a, b)
@@ -720,12 +725,12 @@ class _Output:
     def scratch(self, a: int, b: int) -> Array | None:
         """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
         if self.buffer is not None:
-            return self.buffer[: b - a, ...]
-        return self.array[a:b, ...] if self.direct else None
+            return _rows(self.buffer, 0, b - a)
+        return _rows(self.array, a, b) if self.direct else None
 
     def dest(self, a: int, b: int) -> Array | None:
         """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
-        return self.array[a:b, ...] if self.direct else None
+        return _rows(self.array, a, b) if self.direct else None
 
     def put(self, a: int, b: int, g: Array) -> Array:
         """Store block ``[a, b)`` (already there when direct); returns the output so far."""
