@@ -208,7 +208,7 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
     if flat.shape[0] == 0:
         return False
     ignore_is_class = comparable and 0 <= ignore < classes
-    stats = [xp.min(flat), xp.max(flat)]
+    stats = _compat.min_max(flat, xp)
     if ignore_is_class:
         stats.append(xp.astype(xp.any(flat == ignore), flat.dtype))
     low, high, *holds_ignore = _compat.host_ints(stats)

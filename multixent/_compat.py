@@ -63,6 +63,13 @@ def take_along_axis(x: Any, indices: Any, xp: Any, axis: int = -1) -> Any:
     return xp.take_along_axis(x, indices, axis=axis)
 
 
+def min_max(a: Any, xp: Any) -> list[Any]:
+    """``[min(a), max(a)]`` (0-d arrays or NumPy scalars); NumPy's methods skip its wrappers' 5 us."""
+    if isinstance(a, numpy.ndarray):
+        return [a.min(), a.max()]
+    return [xp.min(a), xp.max(a)]
+
+
 def host_ints(values: list[Any]) -> list[int]:
     """0-d integer arrays as Python ints: torch's in one device-to-host copy (one synchronisation)."""
     if is_torch_array(values[0]):

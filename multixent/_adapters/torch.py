@@ -40,7 +40,7 @@ def concrete(a: Any) -> Any:
     """
     if torch.compiler.is_compiling() or _wrapped(a):
         return None
-    return a.numpy() if a.device.type == "cpu" and not a.requires_grad else a
+    return a.numpy() if a.is_cpu and not a.requires_grad else a
 
 
 def _wrapped(a: Any) -> bool:
