@@ -35,12 +35,15 @@ quiet = contextlib.nullcontext
 def concrete(a: Any) -> Any:
     """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor.
 
-    A CPU tensor comes as a NumPy view (no copy): the index check's reductions then cost
-    NumPy's microsecond, not a torch operation's dispatch and a host read.
+    A plain CPU tensor comes as a NumPy view (no copy): the index check's reductions then cost
+    NumPy's microsecond, not a torch operation's dispatch and a host read. Not under an active
+    torch.func transform (there even an unwrapped tensor has no storage for ``numpy()``), nor
+    for a subclass (DTensor and others keep their own semantics): the tensor itself then.
     """
     if torch.compiler.is_compiling() or _wrapped(a):
         return None
-    return a.numpy() if a.is_cpu and not a.requires_grad else a
+    viewable = type(a) is torch.Tensor and a.is_cpu and a.layout == torch.strided and not a.requires_grad
+    return a.numpy() if viewable and not torch._C._are_functorch_transforms_active() else a
 
 
 def _wrapped(a: Any) -> bool:
