@@ -9,7 +9,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "distributed", "lowest", "lint"]
+nox.options.sessions = ["tests", "distributed", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 # The one place for the framework pins. torch must be exactly this CPU wheel on

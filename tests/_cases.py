@@ -164,3 +164,30 @@ def assert_result(
     assert backend.is_array(got), f"result is a {type(got)}, not an array of {backend.name}"
     assert backend.dtype_name(got) == dtype, f"result dtype {got.dtype}, expected {dtype}"
     assert_close(backend, got, want, dtype, factor=factor, scale=scale)
+
+
+def sharded_options(ignore_class: int) -> dict[str, dict[str, Any]]:
+    """The option specs of the sharded tests (shard_map, torch groups), keyed by name.
+
+    "weight": the full ``(C,)`` class weights; "probs": probability targets;
+    ``ignore_class``: a class used as ``ignore_index`` (chosen to fall on a shard's edge).
+    """
+    return {
+        "plain": {},
+        "weight": {"weight": True},
+        "label-smoothing": {"label_smoothing": 0.1},
+        "smoothing-weight": {"label_smoothing": 0.3, "weight": True},
+        "z-loss": {"z_loss": 1e-2},
+        "softcap": {"softcap": 3.0},
+        f"ignore-index-{ignore_class}": {"ignore_index": ignore_class, "weight": True},
+        "probs": {"probs": True},
+        "probs-smoothing-weight": {"probs": True, "label_smoothing": 0.2, "weight": True},
+        "every-option-sum": {
+            "weight": True,
+            "label_smoothing": 0.1,
+            "z_loss": 1e-3,
+            "softcap": 3.0,
+            "reduction": "sum",
+        },
+        "none": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "none"},
+    }

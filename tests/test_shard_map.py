@@ -16,6 +16,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
+from _cases import sharded_options  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -33,19 +34,7 @@ N, C = 10, 12
 TARGET = np.array([0, 2, 3, 5, 6, 8, 9, 11, -100, 4])
 
 #: cross_entropy options; "weight" means the full (C,) class weights, "probs" probability targets
-OPTIONS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "label-smoothing": {"label_smoothing": 0.1},
-    "smoothing-weight": {"label_smoothing": 0.3, "weight": True},
-    "z-loss": {"z_loss": 1e-2},
-    "softcap": {"softcap": 3.0},
-    "ignore-index-7": {"ignore_index": 7, "weight": True},
-    "probs": {"probs": True},
-    "probs-smoothing-weight": {"probs": True, "label_smoothing": 0.2, "weight": True},
-    "every-option-sum": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "reduction": "sum"},
-    "none": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "none"},
-}
+OPTIONS = sharded_options(ignore_class=7)
 
 #: mesh axes the classes are split over: one axis, and a tuple of two (2 x 2 devices)
 MESHES = {"axis": ((4,), ("model",), "model"), "two-axes": ((2, 2), ("a", "b"), ("a", "b"))}

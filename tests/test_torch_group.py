@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from _cases import sharded_options
 from _ranks import run_ranks
 
 C_EQUAL, C_UNEVEN = 12, 11
@@ -22,19 +23,7 @@ LAYOUTS = {
     "uneven": (C_UNEVEN, ((0, 5), (5, 6)), True),
     "uneven-swapped": (C_UNEVEN, ((6, 5), (0, 6)), True),  # rank 0 holds the upper classes
 }
-OPTIONS = {
-    "plain": {},
-    "weight": {"weight": True},
-    "label-smoothing": {"label_smoothing": 0.1},
-    "smoothing-weight": {"label_smoothing": 0.3, "weight": True},
-    "z-loss": {"z_loss": 1e-2},
-    "softcap": {"softcap": 3.0},
-    "ignore-index-4": {"ignore_index": 4, "weight": True},
-    "probs": {"probs": True},
-    "probs-smoothing-weight": {"probs": True, "label_smoothing": 0.2, "weight": True},
-    "every-option-sum": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "reduction": "sum"},
-    "none": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "none"},
-}
+OPTIONS = sharded_options(ignore_class=4)
 #: relative tolerance per dtype (values and gradients against the unsharded call in that dtype)
 TOL = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 2e-2}
 

@@ -38,7 +38,8 @@ def _raise_on_rank_1(rank: int, world_size: int) -> None:
 
 def test_a_rank_raising_fails_with_its_traceback() -> None:
     start = time.monotonic()
-    with pytest.raises(AssertionError, match=r"(?s)rank\(s\) \[1\].*ValueError: rank one refuses") as info:
+    # rank 0 may also be listed: its all-reduce can fail ("connection closed") before it is killed
+    with pytest.raises(AssertionError, match=r"(?s)rank\(s\) \[(0, )?1\].*ValueError: rank one refuses") as info:
         run_ranks(_raise_on_rank_1, 2, timeout=60)
     assert "_raise_on_rank_1" in str(info.value)  # the traceback names the function
     assert time.monotonic() - start < 30  # not held up by rank 0 waiting in the all-reduce
