@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _checks, _linear, _math
+from . import _checks, _compat, _linear, _math
 from ._adapters import Adapter, adapter_for, dtensor_adapter, generic, shard_for
 from ._compat import device
 
@@ -140,21 +140,38 @@ def _prepare(
     _checks.weight(weight, classes, xp)
     may_ignore = is_index
     if is_index:
-        flat = xp.reshape(target, (-1,))
+        flat = target if target.ndim == 1 else xp.reshape(target, (-1,))
         target, opts, may_ignore = _index_target(flat, classes, opts, adapter, xp, shard, layout)
-    dtype = _math.compute_dtype(x.dtype, xp)
     batch_shape = tuple(x.shape[:axis] + x.shape[axis + 1 :])
-    rows = xp.reshape(_move_axis(x, axis, -1, xp), (-1, local_classes))
+    rows = x if x.ndim == 2 and axis == 1 else xp.reshape(_move_axis(x, axis, -1, xp), (-1, local_classes))
     counted = None
     if not is_index:
         target = xp.reshape(_move_axis(target, axis, -1, xp), (-1, local_classes))
     elif may_ignore:
         counted = target != opts.ignore_index
     if weight is not None:
-        weight = xp.astype(weight, dtype)
+        weight = xp.astype(weight, _math.compute_dtype(x.dtype, xp))
     call = _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
     call.shard, call.layout = shard, layout
     return call
+
+
+#: Per ``(namespace, device, target dtype)``: the index dtype, its ``(min, max)``, and the
+#: bits of an unsigned target as wide as it (0 otherwise); only for namespaces whose default
+#: dtypes are fixed (:func:`multixent._compat.fixed_defaults`).
+_INDEX_DTYPES: dict[tuple[Any, Any, Any], tuple[Any, int, int, int]] = {}
+
+
+def _index_dtype(target: Array, xp: Any) -> tuple[Any, int, int, int]:
+    def compute() -> tuple[Any, int, int, int]:
+        dtype = xp.__array_namespace_info__().default_dtypes(device=device(target))["indexing"]
+        info, src = xp.iinfo(dtype), xp.iinfo(target.dtype)
+        wrapped_bits = src.bits if src.min == 0 and src.bits >= info.bits else 0
+        return dtype, int(info.min), int(info.max), wrapped_bits
+
+    if not _compat.fixed_defaults(xp):
+        return compute()
+    return _compat.memo(_INDEX_DTYPES, (xp, device(target), target.dtype), compute)
 
 
 def _index_target(
@@ -175,12 +192,10 @@ def _index_target(
     reported with their true value; traced ones become ``poison`` (out of range: NaN). An
     ``ignore_index`` outside the index dtype matches nothing (a sentinel stands in for it).
     """
-    dtype = xp.__array_namespace_info__().default_dtypes(device=device(target))["indexing"]
-    info, src = xp.iinfo(dtype), xp.iinfo(target.dtype)
-    wrapped_bits = src.bits if src.min == 0 and src.bits >= info.bits else 0
+    dtype, low, high, wrapped_bits = _index_dtype(target, xp)
     ignore = opts.ignore_index
-    comparable = info.min <= ignore <= info.max
-    target = xp.astype(target, dtype, copy=False)
+    comparable = low <= ignore <= high
+    target = target if target.dtype == dtype else xp.astype(target, dtype)
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
         check = functools.partial(_checks.class_indices, values, classes, ignore, wrapped_bits, comparable)
@@ -198,8 +213,8 @@ def _index_target(
     if wrapped_bits:
         target = xp.where(target < 0, poison, target)
     if not comparable:
-        target = xp.where(target == info.min, poison, target)
-        opts = dataclasses.replace(opts, ignore_index=info.min)  # traced only: the sentinel
+        target = xp.where(target == low, poison, target)
+        opts = dataclasses.replace(opts, ignore_index=low)  # traced only: the sentinel
     return target, opts, True
 
 
@@ -275,17 +290,22 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype
     if call.reduction == "none":
         per_row = ce + z_loss * lse * lse if _math.is_set(z_loss) else ce
         per_row = per_row if poison is None else per_row * poison
-        return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype))
-    total = _across(call, xp.sum(ce), ce.dtype)
+        return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype, copy=False))
     z_total = _across(call, xp.sum(lse * lse), ce.dtype) if _math.is_set(z_loss) else None
-    if call.reduction == "mean":
+    total: Array
+    if call.reduction == "sum":
+        total = _across(call, xp.sum(ce), ce.dtype)
+    else:
         ce_count, z_count = _denominators(call, ce.dtype)
-        total = _mean(total, ce_count, xp)
+        # every row counts, with weight 1, and none is on another rank (the count is then an int):
+        # the namespace's mean, one operation
+        whole = isinstance(ce_count, int) and ce_count == ce.shape[0] > 0
+        total = xp.mean(ce) if whole else _mean(_across(call, xp.sum(ce), ce.dtype), ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
     total = total if poison is None else total * poison
-    return _wrap(call, generic.as_array(xp.astype(total, out_dtype)))
+    return _wrap(call, generic.as_array(total if total.dtype == out_dtype else xp.astype(total, out_dtype)))
 
 
 def cross_entropy(
@@ -403,7 +423,14 @@ def cross_entropy_and_grad(
         ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
-            call.rows, call.target, call.weight, ce_scale, 2.0 * z * z_scale, call.opts.astype(dtype, xp), plan, xp=xp
+            call.rows,
+            call.target,
+            call.weight,
+            ce_scale,
+            2.0 * z * z_scale if _math.is_set(z) else 0.0,
+            call.opts.astype(dtype, xp),
+            plan,
+            xp=xp,
         )
         loss = _reduce(call, ce, lse, z, logits.dtype)
         poison = _poison(call.opts, z, ce, xp)

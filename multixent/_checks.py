@@ -88,27 +88,58 @@ def _convertible(a: Any) -> bool:
 _FLOATS = "float16, bfloat16, float32 or float64"
 
 
+#: Per ``(namespace, dtype)``: "floating", "integral" or "" (anything else).
+_KINDS: dict[tuple[Any, Any], str] = {}
+
+
+def _kind(dtype: Any, xp: Namespace) -> str:
+    """The dtype's kind, computed once per namespace and dtype."""
+
+    def compute() -> str:
+        try:
+            floating = bool(xp.isdtype(dtype, "real floating"))
+        except TypeError:  # NumPy's isdtype refuses the ml_dtypes types (bfloat16, float8_*)
+            floating = bool(numpy.dtype(dtype).name == "bfloat16")
+        return "floating" if floating else "integral" if xp.isdtype(dtype, "integral") else ""
+
+    return _compat.memo(_KINDS, (xp, dtype), compute)
+
+
 def is_floating(dtype: Any, xp: Namespace) -> bool:
     """``xp.isdtype(dtype, "real floating")``, true also for NumPy's ml_dtypes bfloat16."""
-    try:
-        return bool(xp.isdtype(dtype, "real floating"))
-    except TypeError:  # NumPy's isdtype refuses the ml_dtypes types (bfloat16, float8_*)
-        return bool(numpy.dtype(dtype).name == "bfloat16")
+    return _kind(dtype, xp) == "floating"
+
+
+#: Per ``(namespace, dtype)``: the error message of :func:`floating` ("" when the dtype is fine).
+_FLOATING: dict[tuple[Any, Any], str] = {}
 
 
 def floating(x: Array, name: str, xp: Namespace, target: Array | None = None) -> None:
-    """TypeError unless ``x`` holds float16, bfloat16, float32 or float64.
+    """TypeError unless ``x`` holds float16, bfloat16, float32 or float64 (the verdict is kept per dtype).
 
     ``target``: the call's target, to say when the two look swapped (integer logits beside a
     floating target shaped like logits with one more axis).
     """
-    if not is_floating(x.dtype, xp):
-        hint = ""
-        if target is not None and is_floating(target.dtype, xp) and _one_more_axis(target.shape, x.shape):
-            hint = f" and target (shape {tuple(target.shape)}) looks like the logits: {_SWAPPED}"
-        raise TypeError(f"multixent: {name} must have a real floating dtype ({_FLOATS}); got {x.dtype}{hint}")
-    if xp.finfo(x.dtype).bits < 16:
-        raise TypeError(f"multixent: {name} must have dtype {_FLOATS}; got {x.dtype} (cast it first)")
+
+    def compute() -> str:
+        if not is_floating(x.dtype, xp):
+            return "must have a real floating dtype ({floats}); got {dtype}"
+        if xp.finfo(x.dtype).bits < 16:
+            return "must have dtype {floats}; got {dtype} (cast it first)"
+        return ""
+
+    problem = _compat.memo(_FLOATING, (xp, x.dtype), compute)
+    if not problem:
+        return
+    hint = ""
+    if (
+        not is_floating(x.dtype, xp)
+        and target is not None
+        and is_floating(target.dtype, xp)
+        and _one_more_axis(target.shape, x.shape)
+    ):
+        hint = f" and target (shape {tuple(target.shape)}) looks like the logits: {_SWAPPED}"
+    raise TypeError(f"multixent: {name} " + problem.format(floats=_FLOATS, dtype=x.dtype) + hint)
 
 
 def class_axis(axis: Any, ndim: int, name: str = "logits") -> int:
@@ -218,7 +249,8 @@ def index_target(target: Array, xp: Namespace, function: str | None = None) -> b
 
     ``function`` names a function that takes class indices only (``nll_loss``).
     """
-    integral = not is_floating(target.dtype, xp) and xp.isdtype(target.dtype, "integral")
+    kind = _kind(target.dtype, xp)
+    integral = kind == "integral"
     if function is not None and not integral:
         raise TypeError(
             f"multixent: {function} needs class indices (an integer target, the logits' shape without the "
@@ -226,7 +258,7 @@ def index_target(target: Array, xp: Namespace, function: str | None = None) -> b
         )
     if integral:
         return True
-    if is_floating(target.dtype, xp):
+    if kind == "floating":
         return False
     raise TypeError(
         f"multixent: target must hold class indices (an integer dtype) or class "
@@ -296,7 +328,7 @@ def ignore_index(value: Any, is_index: bool, default: int) -> int:
 def weight(w: Array | None, classes: int, xp: Namespace) -> None:
     if w is None:
         return
-    if not (is_floating(w.dtype, xp) or xp.isdtype(w.dtype, "integral")):
+    if not _kind(w.dtype, xp):
         raise TypeError(f"multixent: weight must have a real dtype; got {w.dtype}")
     if tuple(w.shape) != (classes,):
         raise ValueError(f"multixent: weight must have shape ({classes},) (one per class); got {tuple(w.shape)}")
@@ -310,16 +342,26 @@ def readable(a: Array) -> bool:
 def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 0, comparable: bool = True) -> bool:
     """Whether concrete class indices hold ``ignore``; IndexError naming the first outside [0, C) that is not.
 
+    One host read of ``(min, max)`` (and of ``any(== ignore)`` when ``ignore`` is a class)
+    decides the usual case, indices in range; values outside ``[0, C)`` (ignored positions
+    or an error) take a second pass.
     ``comparable=False``: ``ignore`` lies outside the index dtype and matches nothing.
     ``wrapped_bits``: the target was unsigned of that many bits, cast to the signed type of
     that width, so a negative value ``v`` is really ``v + 2**bits`` (out of range, never
     ignored); the message names the true value.
     """
     xp = _compat.array_namespace(target)
-    flat = xp.reshape(target, (-1,))
+    flat = target if target.ndim == 1 else xp.reshape(target, (-1,))
+    if flat.shape[0] == 0:
+        return False
+    ignore_is_class = comparable and 0 <= ignore < classes
+    stats = _compat.min_max(flat, xp)
+    if ignore_is_class:
+        stats.append(xp.astype(xp.any(flat == ignore), flat.dtype))
+    low, high, *holds_ignore = _compat.host_ints(stats)
+    if low >= 0 and high < classes:  # the usual case: in range
+        return bool(holds_ignore and holds_ignore[0])
     outside = (flat < 0) | (flat >= classes)
-    if not bool(xp.any(outside)):  # the usual case: in range, and ignore_index (-100) is not
-        return comparable and 0 <= ignore < classes and bool(xp.any(flat == ignore))
     bad = outside & (flat != ignore) if comparable else outside
     if wrapped_bits:
         bad = bad | (flat < 0)

@@ -4,15 +4,21 @@ array-api-compat caches its type checks with ``functools.lru_cache``, and
 ``torch.compile`` warns of every such call it traces (19 warnings on a
 process's first compile of ``cross_entropy``). Torch tensors are recognised
 here with a plain ``isinstance`` (against torch once it is imported; nothing
-imports it); any other array goes to array-api-compat.
+imports it); any other array goes to array-api-compat, whose answer is kept
+per tuple of array types (it depends on the types only), so a call pays a
+dictionary lookup, not compat's checks.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import array_api_compat
+import numpy
+
+T = TypeVar("T")
 
 
 def is_torch_array(x: Any) -> bool:
@@ -24,13 +30,88 @@ def is_array_api_obj(x: Any) -> bool:
     return is_torch_array(x) or array_api_compat.is_array_api_obj(x)
 
 
+#: array-api-compat's namespace per tuple of (non-torch) array types.
+_NAMESPACES: dict[tuple[type, ...], Any] = {}
+
+
 def array_namespace(*xs: Any) -> Any:
     if xs and all(is_torch_array(x) for x in xs):
         import array_api_compat.torch as xp  # array_api_compat.array_namespace's answer
 
         return xp
-    return array_api_compat.array_namespace(*xs)
+    types = tuple(type(x) for x in xs)
+    found = _NAMESPACES.get(types)
+    if found is None:
+        found = array_api_compat.array_namespace(*xs)
+        if len(_NAMESPACES) < 256:  # types of tracers and array libraries: a handful per process
+            _NAMESPACES[types] = found
+    return found
 
 
 def device(x: Any) -> Any:
     return x.device if is_torch_array(x) else array_api_compat.device(x)
+
+
+def take_along_axis(x: Any, indices: Any, xp: Any, axis: int = -1) -> Any:
+    """``xp.take_along_axis`` for indices already in range: torch's ``gather`` for tensors
+    (compat's wrapper adds three operations that map negative indices; ``take_along_dim``
+    one more that wraps them)."""
+    if is_torch_array(x):
+        return x.gather(axis, indices)
+    if isinstance(x, numpy.ndarray) and x.ndim == 2 and axis in (-1, 1):  # NumPy's function: 10 us of Python
+        return x[numpy.arange(x.shape[0])[:, None], indices]
+    return xp.take_along_axis(x, indices, axis=axis)
+
+
+def min_max(a: Any, xp: Any) -> list[Any]:
+    """``[min(a), max(a)]`` (0-d arrays or NumPy scalars); NumPy's methods skip its wrappers' 5 us."""
+    if isinstance(a, numpy.ndarray):
+        return [a.min(), a.max()]
+    return [xp.min(a), xp.max(a)]
+
+
+def host_ints(values: list[Any]) -> list[int]:
+    """0-d integer arrays as Python ints: torch's in one device-to-host copy (one synchronisation)."""
+    if is_torch_array(values[0]):
+        return sys.modules["torch"].stack(values).tolist()  # type: ignore[no-any-return]
+    return [int(v) for v in values]
+
+
+_FIXED: dict[Any, bool] = {}
+
+
+def fixed_defaults(xp: Any) -> bool:
+    """Whether ``xp``'s default dtypes are fixed for the process (JAX's follow ``jax_enable_x64``)."""
+    return memo(_FIXED, xp, lambda: not array_api_compat.is_jax_namespace(xp))
+
+
+def clip(x: Any, low: float, high: float, xp: Any) -> Any:
+    """``xp.clip`` with Python bounds in one operation: compat's wrappers for torch and NumPy
+    check and broadcast the bounds (NumPy's takes ~20 us)."""
+    if is_torch_array(x):
+        return x.clamp(low, high)
+    if isinstance(x, numpy.ndarray):
+        return numpy.clip(x, low, high)
+    return xp.clip(x, low, high)
+
+
+def memo(table: dict[Any, T], key: Hashable, compute: Callable[[], T]) -> T:
+    """``table[key]``, computed once per key (keys hold namespaces and dtypes); computed afresh
+    while ``torch.compile`` traces, as dynamo cannot hash a module."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():
+        return compute()
+    found = table.get(key)
+    if found is None:
+        found = table[key] = compute()
+    return found
+
+
+def subtract_at_rows(g: Any, index: Any, values: Any, xp: Any) -> Any:
+    """``g[i, index[i]] -= values[i]`` for every row, in place: torch's ``scatter_add_`` (two
+    operations where the setitem is four), else setitem (as ``xpx.at(copy=False)`` would do
+    after 30 us of Python per call)."""
+    if is_torch_array(g):
+        return g.scatter_add_(1, index[:, None], -values[:, None])
+    g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
+    return g

@@ -39,7 +39,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import device
+from ._compat import clip, device, memo, subtract_at_rows, take_along_axis
 
 Array = Any
 Namespace = Any
@@ -161,9 +161,33 @@ class Plan:
     shard: Shard | None = None
 
 
+#: Per ``(namespace, dtype)``: the compute dtype and its largest finite value.
+_COMPUTE: dict[tuple[Namespace, Any], tuple[Any, float]] = {}
+
+
+def _compute(dtype: Any, xp: Namespace) -> tuple[Any, float]:
+    def compute() -> tuple[Any, float]:
+        wide = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+        return wide, float(xp.finfo(wide).max)
+
+    return memo(_COMPUTE, (xp, dtype), compute)
+
+
 def compute_dtype(dtype: Any, xp: Namespace) -> Any:
     """float16/bfloat16 are computed in float32; wider floats as they are."""
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+    return _compute(dtype, xp)[0]
+
+
+def _finite_shift(top: Array, xp: Namespace) -> Array:
+    """The row max ``top`` clipped to the finite range, the shift of ``z - m``.
+
+    Finite maxima are unchanged; a ``±inf`` one becomes ``±max``, which gives the results
+    of SciPy's rule (shift by 0 where the max is not finite): ``+inf`` entries stay ``+inf``,
+    finite ones underflow to ``exp = 0``, a row of ``-inf`` gives ``log 0 = -inf``; NaN stays.
+    One operation, where ``where(isfinite(top), top, 0)`` is up to six (torch).
+    """
+    big = _compute(top.dtype, xp)[1]
+    return clip(top, -big, big, xp)
 
 
 def _shift_and_log1p(x: Array, axis: int, xp: Namespace, shard: Shard | None = None) -> tuple[Array, Array]:
@@ -273,9 +297,8 @@ def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
     select summed along the row: elementwise and a row reduction, so it works
     on lazy arrays chunked along either axis.
     """
-    take = getattr(xp, "take_along_axis", None)
-    if take is not None:
-        return take(x, index[:, None], axis=-1)[:, 0]
+    if hasattr(xp, "take_along_axis"):
+        return take_along_axis(x, index[:, None], xp)[:, 0]
     classes = xp.arange(x.shape[-1], dtype=index.dtype, device=device(x))
     return xp.sum(xp.where(classes == index[:, None], x, 0.0), axis=-1)
 
@@ -295,7 +318,7 @@ def _prepare_logits(
 
     Returns the logits to use and ``tanh(x/s)`` (None without softcap).
     """
-    z = xp.astype(x, dtype, copy=False)
+    z = x if x.dtype == dtype else xp.astype(x, dtype)
     if counted is not None:
         z = xp.where(counted[:, None], z, 0.0)
     if opts.softcap is None:
@@ -362,14 +385,15 @@ def _forward_block(
     m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
-    m = _group_max(m, shard)
-    m = xp.where(xp.isfinite(m), m, 0.0)
-    if cls is not None:  # gather from the input (XLA materialises a gather's operand), before out is written
+    m = _finite_shift(_group_max(m, shard), xp)  # after the group's max: one shift on every member
+    if cls is not None and out is None:  # gather from the input (XLA materialises a gather's operand)
         x_y = gather_rows(x, cls.index, xp)[:, None]
-        z_y = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]
-        if cls.here is not None:  # the target's logit: from the one shard holding it
-            z_y = xp.where(cls.here, z_y, 0.0)
+        y_term = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]  # z_y
     s, exp_s = _exp_shifted(z, m, out, xp)
+    if cls is not None and out is not None:  # in place: s_y from s, before exp(s) overwrites it
+        y_term = gather_rows(s, cls.index, xp)
+    if cls is not None and cls.here is not None:  # the target's term: from the one shard holding it
+        y_term = xp.where(cls.here, y_term, 0.0)
     eps = opts.label_smoothing
     if cls is None:
         tw = _smoothed(xp.astype(target, dtype), num_classes, opts, w_local)
@@ -387,12 +411,12 @@ def _forward_block(
     elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
-    sum_e, z_y, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), z_y, smooth_sum)
+    sum_e, y_term, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), y_term, smooth_sum)
     if is_set(eps) and out is None:
         smooth_sum = smooth_sum - m[:, 0] * w_sum
     lse_s = xp.log(sum_e)
-    s_y = z_y - m[:, 0]
-    ce = (1.0 - eps) * cls.weight_at_target * (lse_s - s_y)
+    s_y = y_term if out is not None else y_term - m[:, 0]
+    ce = _scaled(lse_s - s_y, (1.0 - eps) * cls.weight_at_target)
     if smooth_sum is not None:
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     ce = cls.poison(ce, xp)
@@ -425,19 +449,19 @@ def _grad_block(
     if isinstance(targets, _ClassTargets):
         w_sum = num_classes if weight is None else xp.sum(weight)
         total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
-        coef = targets.poison(ce_bar * total + lse_bar, xp)
+        coef = targets.poison(_plus(_scaled(ce_bar, total), lse_bar), xp)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         if is_set(eps):
             smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
             g = _minus(g, smooth if weight is None else smooth * local_weight(weight, shard, e, xp), in_place)
         if not isinstance(eps, float) or eps < 1:
-            at_y = targets.mask(ce_bar * (1.0 - eps) * targets.weight_at_target, xp)
+            at_y = targets.mask(_scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
             if targets.here is not None:
                 at_y = xp.where(targets.here, at_y, 0.0)
             g = _subtract_at(g, targets.index, at_y, in_place, xp)
     else:
         (t_sum,) = _group_sums(shard, xp, xp.sum(targets, axis=-1))
-        coef = ce_bar * t_sum + lse_bar
+        coef = _plus(ce_bar * t_sum, lse_bar)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         g = _minus(g, ce_bar[:, None] * targets, in_place)
     if th is not None:
@@ -446,6 +470,21 @@ def _grad_block(
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
         g[~targets.counted, ...] = 0.0
     return g
+
+
+def _scaled(a: Array, factor: Array | float) -> Array:
+    """``factor · a``, skipping a product by a Python 1.0 (no weights, no smoothing)."""
+    return a if isinstance(factor, float) and factor == 1.0 else factor * a
+
+
+def _nonzero(a: Array | float) -> bool:
+    """False for a Python 0 (a term known to vanish, skipped), True for anything else."""
+    return not isinstance(a, (int, float)) or a != 0
+
+
+def _plus(a: Array, b: Array | None) -> Array:
+    """``a + b``; ``b`` None is 0 (an output whose gradient autograd did not materialise)."""
+    return a if b is None else a + b
 
 
 def row_losses(
@@ -477,7 +516,7 @@ def row_losses(
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
     outs: list[tuple[Array, ...]] = []
     for a, b in blocks:
-        out = x[a:b, ...] if in_x else None if buffer is None else buffer[: b - a, ...]
+        out = x[a:b, ...] if in_x else None if buffer is None else _rows(buffer, 0, b - a)
         blk = _forward_block(
             _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
         )
@@ -604,10 +643,10 @@ def row_losses_vjp(
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
-            e = _exp_shifted(z, shift[a:b, None], scratch, xp)[1]()
-            e_scale = xp.exp(-lse_s[a:b])  # softmax = e·e_scale
+            e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp)[1]()
+            e_scale = xp.exp(-_rows(lse_s, a, b))  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, w_local)
-        lse_bar_blk = _rows(lse_bar, a, b)
+        lse_bar_blk = None if lse_bar is None else _rows(lse_bar, a, b)
         g = _grad_block(
             e, e_scale, th, targets, weight, ce_bar_blk, lse_bar_blk, opts, plan.in_place, xp, x_bar.dest(a, b), shard
         )
@@ -646,7 +685,7 @@ def row_losses_and_grad(
         out = x_bar.scratch(a, b)
         blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=True, out=out)
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
-        lse_bar = lse_scale * blk.lse
+        lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) else None
         e_scale = xp.exp(-blk.lse_s)
         g = _grad_block(
             blk.e,
@@ -785,9 +824,8 @@ def _minus(a: Array, b: Array, in_place: bool) -> Array:
 
 def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
     """``g[i, index[i]] -= values[i]`` for every row ``i``."""
-    if in_place:  # setitem, as xpx.at(copy=False) would do after 30 us of Python per call
-        g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
-        return g
+    if in_place:
+        return subtract_at_rows(g, index, values, xp)
     classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
     return xp.where(classes == index[:, None], g - values[:, None], g)
 
@@ -847,12 +885,12 @@ class _Output:
     def scratch(self, a: int, b: int) -> Array | None:
         """Where block ``[a, b)``'s ``exp(s)`` is computed (None: a new array)."""
         if self.buffer is not None:
-            return self.buffer[: b - a, ...]
-        return self.array[a:b, ...] if self.direct else None
+            return _rows(self.buffer, 0, b - a)
+        return _rows(self.array, a, b) if self.direct else None
 
     def dest(self, a: int, b: int) -> Array | None:
         """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
-        return self.array[a:b, ...] if self.direct else None
+        return _rows(self.array, a, b) if self.direct else None
 
     def put(self, a: int, b: int, g: Array) -> Array:
         """Store block ``[a, b)`` (already there when direct); returns the output so far."""

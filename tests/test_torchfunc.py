@@ -94,6 +94,19 @@ def test_transform_matches_native(torch_backend, kind, option, reduction, transf
     _assert_all_close(tb, got, want)
 
 
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "hessian", "jvp"])
+@pytest.mark.parametrize("option", ["plain", "ignore", "all"])
+def test_transform_with_captured_index_target(torch_backend, option, transform):
+    """(N, C) logits and a plain 1-D index tensor captured by the transformed function (the
+    layout the class-index check reads directly; no reshape on the way), against the native loss."""
+    tb = torch_backend
+    torch = tb.modules["torch"]
+    x, t, kw = _case(option, "index", layout="2d").on(tb)
+    got = _apply(torch, transform, lambda z: multixent.cross_entropy(z, t, **kw), x)
+    want = _apply(torch, transform, lambda z: tb.native.cross_entropy(z, t, **kw), x)
+    _assert_all_close(tb, got, want)
+
+
 @pytest.mark.parametrize("transform", ["grad", "jacfwd", "vmap_grad"])
 @pytest.mark.parametrize("option", ["plain", "weight", "smoothing", "all"])
 def test_transform_probability_target(torch_backend, option, transform):

@@ -126,6 +126,11 @@ def _row_losses_jvp(opts: _math.Options, plan: _math.Plan, primals: Any, tangent
 _row_losses.defjvp(_row_losses_jvp, symbolic_zeros=True)
 
 
+#: The same, compiled once per shapes, dtypes and options: an eager call (no tracer among
+#: the arrays) is then one dispatch, not one per operation.
+_row_losses_compiled = jax.jit(_row_losses, static_argnums=(3, 4))
+
+
 def row_losses(
     x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
 ) -> tuple[Any, Any]:
@@ -133,7 +138,9 @@ def row_losses(
     if opts.arrays:  # traced options: JAX differentiates the math itself (no custom rule), options included;
         # with a group too: shard_map's replication types sum the options' per-member cotangents
         return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
-    return _row_losses(x, target, weight, opts, how)
+    if shard is not None or any(isinstance(a, jax.core.Tracer) for a in (x, target, weight)):
+        return _row_losses(x, target, weight, opts, how)
+    return _row_losses_compiled(x, target, weight, opts, how)  # eager, float options, no group
 
 
 # --------------------------------------------------------------------------

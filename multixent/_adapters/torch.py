@@ -48,8 +48,17 @@ def scalar(a: Any) -> float | None:
 
 
 def concrete(a: Any) -> Any:
-    """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor."""
-    return None if torch.compiler.is_compiling() or _wrapped(a) else a
+    """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor.
+
+    A plain CPU tensor comes as a NumPy view (no copy): the index check's reductions then cost
+    NumPy's microsecond, not a torch operation's dispatch and a host read. Not under an active
+    torch.func transform (there even an unwrapped tensor has no storage for ``numpy()``), nor
+    for a subclass (DTensor and others keep their own semantics): the tensor itself then.
+    """
+    if torch.compiler.is_compiling() or _wrapped(a):
+        return None
+    viewable = type(a) is torch.Tensor and a.is_cpu and a.layout == torch.strided and not a.requires_grad
+    return a.numpy() if viewable and not torch._C._are_functorch_transforms_active() else a
 
 
 def _wrapped(a: Any) -> bool:
@@ -232,6 +241,8 @@ class _RowLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
         x, target, weight, shift, lse_shifted = ctx.saved_tensors
+        if ce_bar is None:  # only lse used (the eager Function does not materialise unused gradients)
+            ce_bar = torch.zeros_like(shift)
         # create_graph=True or a transform: recompute lse and stay out of place, in one block
         differentiable = torch.is_grad_enabled() or _transformed(x, ce_bar, lse_bar)
         if differentiable and ctx.shard is not None:
@@ -272,6 +283,28 @@ class _RowLossesJvp(_RowLosses):
         return ce_dot, lse_dot, None, None
 
 
+class _RowLossesEager(torch.autograd.Function):
+    """:class:`_RowLossesJvp` with ``forward(ctx, ...)``, for eager autograd outside torch.func:
+    ``apply`` binds a ``setup_context`` Function's arguments with ``inspect.signature`` on every call."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, target: Any, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any) -> Any:
+        output = _RowLosses.forward(x, target, weight, opts, may_ignore, xp, shard)
+        _RowLosses.setup_context(ctx, (x, target, weight, opts, may_ignore, xp, shard), output)
+        ctx.set_materialize_grads(False)  # no zeros for the outputs the loss does not use (lse, stats)
+        return output
+
+    backward = staticmethod(_RowLosses.backward)
+    jvp = staticmethod(_RowLossesJvp.jvp)
+
+
+def _recorded(*arrays: Any) -> bool:
+    """Whether autograd (reverse or forward mode) may record an operation on ``arrays``."""
+    if torch.autograd.forward_ad._current_level >= 0:  # a dual level: any tensor may carry a tangent
+        return True
+    return torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays)
+
+
 def row_losses(
     x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
 ) -> tuple[Any, Any]:
@@ -280,8 +313,18 @@ def row_losses(
     if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
         how = plan(x, may_ignore=may_ignore, differentiable=True)
         return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
-    function = _RowLosses if torch.compiler.is_compiling() else _RowLossesJvp
-    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)  # type: ignore[no-untyped-call]
+    if torch.compiler.is_compiling():
+        function: Any = _RowLosses
+    elif _transformed(x, target, weight):
+        function = _RowLossesJvp
+    elif not _recorded(x, target, weight):  # nothing to differentiate: the math alone, blocks in place
+        how = _math.Plan(
+            block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore, shard=shard
+        )
+        return _math.row_losses(x, target, weight, opts, how, xp=xp)  # type: ignore[return-value]
+    else:
+        function = _RowLossesEager
+    ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)
     return ce, lse
 
 
