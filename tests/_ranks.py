@@ -35,7 +35,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 HOST = "127.0.0.1"
+
+#: The multi-process tests run in ``nox -s distributed`` only (it sets ``MULTIXENT_DISTRIBUTED=1``),
+#: not again in the per-backend sessions: ``pytestmark = ONLY_DISTRIBUTED`` in their modules.
+ONLY_DISTRIBUTED = pytest.mark.skipif(
+    os.environ.get("MULTIXENT_DISTRIBUTED") != "1",
+    reason="multi-process runs: nox -s distributed, or MULTIXENT_DISTRIBUTED=1",
+)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 120.0, args: tuple = ()) -> list[Any]:

@@ -16,7 +16,6 @@ skipped otherwise, so that the torch session does not run it a second time).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -24,12 +23,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.tensor")
 
-from _ranks import run_ranks
+from _ranks import ONLY_DISTRIBUTED, run_ranks
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("MULTIXENT_DISTRIBUTED") != "1",
-    reason="2-process runs (~3 min): nox -s distributed, or MULTIXENT_DISTRIBUTED=1",
-)
+pytestmark = ONLY_DISTRIBUTED
 
 IGNORE = -100
 

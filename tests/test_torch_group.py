@@ -14,7 +14,9 @@ import pytest
 pytest.importorskip("torch")
 
 from _cases import sharded_options
-from _ranks import run_ranks
+from _ranks import ONLY_DISTRIBUTED, run_ranks
+
+pytestmark = ONLY_DISTRIBUTED
 
 C_EQUAL, C_UNEVEN = 12, 11
 #: layout -> (global C, (offset, C_local) of rank 0 and rank 1, pass class_offset)

@@ -10,7 +10,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _ranks import run_ranks
+from _ranks import ONLY_DISTRIBUTED, run_ranks
+
+pytestmark = ONLY_DISTRIBUTED
 
 
 def _all_reduce_rank(rank: int, world_size: int, scale: float) -> tuple[int, float, int]:
