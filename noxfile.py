@@ -9,7 +9,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "distributed", "lint"]
+nox.options.sessions = ["tests", "lowest", "distributed", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 # The one place for the framework pins. torch must be exactly this CPU wheel on
@@ -44,28 +44,58 @@ def _suite(session: nox.Session, backends: str, *pytest_args: str) -> None:
     session.run(*args, env={"MULTIXENT_BACKENDS": backends})
 
 
-def _floors() -> list[str]:
-    """``name==floor`` for each ``name>=floor`` of pyproject's dependencies and jax extra."""
+def _floors(*extras: str) -> list[str]:
+    """``name==floor`` for each ``name>=floor`` of pyproject's dependencies and these extras; a name
+    declared twice gets its higher floor (the jax extra raises numpy's: JAX's floor needs NumPy 2)."""
     import tomllib
+    from packaging.version import Version
 
     with open("pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
-    declared = [*project["dependencies"], *project["optional-dependencies"]["jax"]]
-    return [d.replace(">=", "==") for d in declared]
+    floors: dict[str, str] = {}
+    for declared in [*project["dependencies"], *(d for e in extras for d in project["optional-dependencies"][e])]:
+        name, floor = declared.split(">=")
+        floors[name] = max(floor, floors.get(name, floor), key=Version)
+    return [f"{name}=={floor}" for name, floor in floors.items()]
+
+
+#: the lowest-versions runs: the extras whose floors join the dependencies', the backends tested. Two
+#: environments, since the jax floor needs NumPy >= 2 and the dependencies' floor is NumPy 1.26.
+LOWEST = {"core": ((), "numpy,array-api-strict,torch"), "jax": (("jax",), "jax")}
+SHARDED_JAX = ["tests/test_shard_map.py", "tests/test_jax_sharding.py"]
 
 
 @nox.session
-def lowest(session: nox.Session) -> None:
-    """The suite on every backend with the lowest declared versions (torch stays at TORCH, the only one here).
+@nox.parametrize("floors", list(LOWEST))
+def lowest(session: nox.Session, floors: str) -> None:
+    """The suite with the lowest declared versions (torch stays at TORCH, the only one here): the
+    dependencies' floors with numpy, array-api-strict and torch arrays; the jax extra's with JAX
+    arrays, then the shard_map and NamedSharding tests on 4 simulated devices.
 
     pip resolves the test tools (optax, scipy, array-api-strict, ...) to versions compatible with those pins.
     The tests marked ``slow`` (torch.func and gradcheck matrices, which exercise torch, pinned in both runs)
     are left to the `tests` sessions, so that the default run stays within CI's time.
     """
-    session.install(*_floors(), *TEST, TORCH, "optax", "array-api-strict")
+    extras, backends = LOWEST[floors]
+    framework = [TORCH] if "torch" in backends else ["optax"]
+    session.install(*_floors(*extras), *TEST, *framework, "array-api-strict")
     session.install("--no-deps", ".")
     session.run("pip", "list", silent=False)
-    _suite(session, "numpy,array-api-strict,torch,jax", "-m", "not slow")
+    _suite(session, backends, "-m", "not slow")
+    if "jax" in backends:
+        session.run(
+            "pytest",
+            "-n",
+            "2",
+            "-p",
+            "no:cacheprovider",
+            *SHARDED_JAX,
+            env={
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                "MULTIXENT_DISTRIBUTED": "1",
+                "MULTIXENT_BACKENDS": "jax",
+            },
+        )
 
 
 @nox.session

@@ -97,10 +97,13 @@ def _kind(dtype: Any, xp: Namespace) -> str:
 
     def compute() -> str:
         try:
-            floating = bool(xp.isdtype(dtype, "real floating"))
-        except TypeError:  # NumPy's isdtype refuses the ml_dtypes types (bfloat16, float8_*)
-            floating = bool(numpy.dtype(dtype).name == "bfloat16")
-        return "floating" if floating else "integral" if xp.isdtype(dtype, "integral") else ""
+            floating, integral = bool(xp.isdtype(dtype, "real floating")), bool(xp.isdtype(dtype, "integral"))
+        except TypeError:  # NumPy 2's isdtype refuses the ml_dtypes types (bfloat16, float8_*)
+            floating = integral = False
+        # and NumPy 1.x's (array-api-compat's issubdtype) answers False for them: bfloat16 by its name
+        if floating or (isinstance(dtype, numpy.dtype) and dtype.name == "bfloat16"):
+            return "floating"
+        return "integral" if integral else ""
 
     return _compat.memo(_KINDS, (xp, dtype), compute)
 
@@ -124,7 +127,7 @@ def floating(x: Array, name: str, xp: Namespace, target: Array | None = None) ->
     def compute() -> str:
         if not is_floating(x.dtype, xp):
             return "must have a real floating dtype ({floats}); got {dtype}"
-        if xp.finfo(x.dtype).bits < 16:
+        if _compat.float_bits(x.dtype, xp) < 16:
             return "must have dtype {floats}; got {dtype} (cast it first)"
         return ""
 

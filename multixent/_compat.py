@@ -115,3 +115,8 @@ def subtract_at_rows(g: Any, index: Any, values: Any, xp: Any) -> Any:
         return g.scatter_add_(1, index[:, None], -values[:, None])
     g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
     return g
+
+
+def float_bits(dtype: Any, xp: Any) -> int:
+    """``xp.finfo(dtype).bits``; a NumPy dtype's from its item size (NumPy 1.x's finfo refuses ml_dtypes' bfloat16)."""
+    return 8 * dtype.itemsize if isinstance(dtype, numpy.dtype) else int(xp.finfo(dtype).bits)

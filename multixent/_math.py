@@ -39,7 +39,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import clip, device, memo, subtract_at_rows, take_along_axis
+from ._compat import clip, device, float_bits, memo, subtract_at_rows, take_along_axis
 
 Array = Any
 Namespace = Any
@@ -167,7 +167,7 @@ _COMPUTE: dict[tuple[Namespace, Any], tuple[Any, float]] = {}
 
 def _compute(dtype: Any, xp: Namespace) -> tuple[Any, float]:
     def compute() -> tuple[Any, float]:
-        wide = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+        wide = xp.float32 if float_bits(dtype, xp) < 32 else dtype
         return wide, float(xp.finfo(wide).max)
 
     return memo(_COMPUTE, (xp, dtype), compute)
