@@ -59,37 +59,48 @@ def _floors(*extras: str) -> list[str]:
     return [f"{name}=={floor}" for name, floor in floors.items()]
 
 
-#: the lowest-versions runs: the extras whose floors join the dependencies', the backends tested. Two
-#: environments, since the jax floor needs NumPy >= 2 and the dependencies' floor is NumPy 1.26.
-LOWEST = {"core": ((), "numpy,array-api-strict,torch"), "jax": (("jax",), "jax")}
-SHARDED_JAX = ["tests/test_shard_map.py", "tests/test_jax_sharding.py"]
+#: The files run at the floors on torch and JAX arrays: those that go through every dependency API
+#: multixent calls (namespaces, dtypes, indexing, validation, compile, shard_map) — values, errors,
+#: habits, the compiled paths. The whole suite at the floors took 35 min (2026-12-02), beyond CI's
+#: budget; the autodiff/torch.func/linear/Keras matrices repeat those calls on more shapes.
+FLOOR_FILES = ["tests/test_values.py", "tests/test_contract.py", "tests/test_errors.py", "tests/test_habits.py"]
+FLOOR_FILES += ["tests/test_compiled_paths.py"]
+
+#: the lowest-versions runs: the extras whose floors join the dependencies', and per backend list the
+#: files run (empty: the whole suite). Two environments, since the jax floor needs NumPy >= 2 and the
+#: dependencies' floor is NumPy 1.26.
+LOWEST = {
+    "core": ((), {"numpy,array-api-strict": [], "torch": FLOOR_FILES}),
+    "jax": (("jax",), {"jax": [*FLOOR_FILES, "tests/test_readme.py"]}),
+}
 
 
 @nox.session
 @nox.parametrize("floors", list(LOWEST))
 def lowest(session: nox.Session, floors: str) -> None:
-    """The suite with the lowest declared versions (torch stays at TORCH, the only one here): the
-    dependencies' floors with numpy, array-api-strict and torch arrays; the jax extra's with JAX
-    arrays, then the shard_map and NamedSharding tests on 4 simulated devices.
+    """Tests with the lowest declared versions (torch stays at TORCH, the only one here): the
+    dependencies' floors with the whole suite on numpy and array-api-strict arrays and
+    :data:`FLOOR_FILES` on torch's; the jax extra's with those files (and the README's blocks) on
+    JAX arrays, then the shard_map tests (``lax.pcast``, ``axis_size``, ``check_vma``: the reason
+    for the jax floor) on 4 simulated devices. Tests marked ``slow`` are left to `tests`.
 
     pip resolves the test tools (optax, scipy, array-api-strict, ...) to versions compatible with those pins.
-    The tests marked ``slow`` (torch.func and gradcheck matrices, which exercise torch, pinned in both runs)
-    are left to the `tests` sessions, so that the default run stays within CI's time.
     """
-    extras, backends = LOWEST[floors]
-    framework = [TORCH] if "torch" in backends else ["optax"]
+    extras, runs = LOWEST[floors]
+    framework = [TORCH] if "torch" in runs else ["optax"]
     session.install(*_floors(*extras), *TEST, *framework, "array-api-strict")
     session.install("--no-deps", ".")
     session.run("pip", "list", silent=False)
-    _suite(session, backends, "-m", "not slow")
-    if "jax" in backends:
+    for backends, files in runs.items():
+        _suite(session, backends, "-m", "not slow", *files)
+    if floors == "jax":
         session.run(
             "pytest",
             "-n",
             "2",
             "-p",
             "no:cacheprovider",
-            *SHARDED_JAX,
+            "tests/test_shard_map.py",
             env={
                 "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                 "MULTIXENT_DISTRIBUTED": "1",
