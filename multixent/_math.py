@@ -361,8 +361,10 @@ def _forward_block(
     *,
     for_grad: bool,
     out: Array | None = None,
+    reuse: bool = False,
 ) -> _Block:
-    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``).
+    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``),
+    or with ``reuse`` (in place, one block) over ``s``, a fresh array: no buffer.
 
     ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
     inf never reaches a gradient (in place, :func:`_grad_block` zeroes those
@@ -379,6 +381,7 @@ def _forward_block(
         )
     w_local = local_weight(weight, shard, x, xp)
     counted = None if cls is None or not for_grad or plan.in_place else cls.counted
+    owned = out is not None or reuse  # exp(s) overwrites s: s_y and the smoothing sum come from s first
     z, th = _logits_for(x, out, counted, opts, dtype, xp)
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
@@ -386,11 +389,11 @@ def _forward_block(
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
     m = _finite_shift(_group_max(m, shard), xp)  # after the group's max: one shift on every member
-    if cls is not None and out is None:  # gather from the input (XLA materialises a gather's operand)
+    if cls is not None and not owned:  # gather from the input (XLA materialises a gather's operand)
         x_y = gather_rows(x, cls.index, xp)[:, None]
         y_term = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]  # z_y
-    s, exp_s = _exp_shifted(z, m, out, xp)
-    if cls is not None and out is not None:  # in place: s_y from s, before exp(s) overwrites it
+    s, exp_s = _exp_shifted(z, m, out, xp, reuse)
+    if cls is not None and owned:  # in place: s_y from s, before exp(s) overwrites it
         y_term = gather_rows(s, cls.index, xp)
     if cls is not None and cls.here is not None:  # the target's term: from the one shard holding it
         y_term = xp.where(cls.here, y_term, 0.0)
@@ -403,25 +406,25 @@ def _forward_block(
         lse_s = xp.log(sum_e)
         ce = lse_s * tw_sum - tws
         lse = lse_s + m[:, 0]
-        return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
+        return _Block(ce, lse, None if owned else s, m[:, 0], lse_s, e, th, tw)
     w_sum = (num_classes if weight is None else xp.sum(weight)) if is_set(eps) else None
     smooth_sum = None
-    if is_set(eps) and out is not None:  # before exp(s) overwrites s
+    if is_set(eps) and owned:  # before exp(s) overwrites s
         smooth_sum = _row_sum_weighted(s, w_local, xp)
     elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
     sum_e, y_term, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), y_term, smooth_sum)
-    if is_set(eps) and out is None:
+    if is_set(eps) and not owned:
         smooth_sum = smooth_sum - m[:, 0] * w_sum
     lse_s = xp.log(sum_e)
-    s_y = y_term if out is not None else y_term - m[:, 0]
+    s_y = y_term if owned else y_term - m[:, 0]
     ce = _scaled(lse_s - s_y, (1.0 - eps) * cls.weight_at_target)
     if smooth_sum is not None:
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     ce = cls.poison(ce, xp)
     lse = cls.mask(lse_s + m[:, 0], xp)
-    return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, cls)
+    return _Block(ce, lse, None if owned else s, m[:, 0], lse_s, e, th, cls)
 
 
 def _grad_block(
@@ -509,8 +512,13 @@ def row_losses(
     temporary of the caller's, which may be overwritten.
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = _blocks(x.shape[0], plan.block_rows)
     in_x = plan.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
+    if _one_block(x, plan):  # the shortest route: exp(s) over s (or over x), no buffer
+        blk = _forward_block(
+            x, target, weight, opts, plan, dtype, xp, for_grad=False, out=x if in_x else None, reuse=plan.in_place
+        )
+        return (blk.ce, blk.lse, *_stats(blk, xp)) if keep_stats else (blk.ce, blk.lse)
+    blocks = _blocks(x.shape[0], plan.block_rows)
     buffer: Array = None
     if plan.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
@@ -520,16 +528,18 @@ def row_losses(
         blk = _forward_block(
             _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
         )
-        result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
-        if keep_stats:
-            stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
-            if isinstance(blk.targets, _ClassTargets):  # ignored rows' logits are zeroed for the gradient
-                stats = tuple(blk.targets.mask(v, xp) for v in stats)
-            result += stats
-        outs.append(result)
+        outs.append((blk.ce, blk.lse, *_stats(blk, xp)) if keep_stats else (blk.ce, blk.lse))
+        # and let the block's logits-sized temporaries go
     if len(outs) == 1:
         return outs[0]
     return tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
+
+
+def _stats(blk: _Block, xp: Namespace) -> tuple[Array, Array]:
+    """The per-row ``(shift m, log Σ exp(z - m))`` the backward takes, 0 on ignored rows (zeroed for the gradient)."""
+    if isinstance(blk.targets, _ClassTargets) and blk.targets.counted is not None:
+        return blk.targets.mask(blk.shift, xp), blk.targets.mask(blk.lse_s, xp)
+    return blk.shift, blk.lse_s
 
 
 def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
@@ -629,7 +639,8 @@ def row_losses_vjp(
         if stats is None or target_grad:
             # the target's gradient needs s, which an in-place exp would overwrite
             scratch = None if target_grad else x_bar.scratch(a, b)
-            blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch)
+            reuse = x_bar.fresh and not target_grad
+            blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch, reuse=reuse)
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar_blk, w_local, opts), target.dtype)
@@ -643,7 +654,7 @@ def row_losses_vjp(
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
             shift, lse_s = stats
-            e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp)[1]()
+            e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp, x_bar.fresh)[1]()
             e_scale = xp.exp(-_rows(lse_s, a, b))  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, w_local)
         lse_bar_blk = None if lse_bar is None else _rows(lse_bar, a, b)
@@ -682,8 +693,10 @@ def row_losses_and_grad(
     ces, lses = [], []
     g: Array = None
     for a, b in blocks:
-        out = x_bar.scratch(a, b)
-        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=True, out=out)
+        out, t_blk = x_bar.scratch(a, b), _rows(target, a, b)
+        blk = _forward_block(
+            _rows(x, a, b), t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=out, reuse=x_bar.fresh
+        )
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) else None
         e_scale = xp.exp(-blk.lse_s)
@@ -788,11 +801,12 @@ def _in_buffer(z: Array, out: Array | None) -> Array:
     return out
 
 
-def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
-    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
+def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace, reuse: bool = False) -> tuple[Array, Array]:
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given
+    (``reuse``: ``exp(s)`` over the fresh ``s``)."""
     if out is None:
         s = z - m
-        return s, lambda: xp.exp(s)
+        return s, (lambda: xp.exp(s, out=s)) if reuse else (lambda: xp.exp(s))
     s = xp.subtract(_in_buffer(z, out), m, out=out)
     return s, lambda: xp.exp(s, out=s)
 
@@ -830,6 +844,11 @@ def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Name
     return xp.where(classes == index[:, None], g - values[:, None], g)
 
 
+def _one_block(x: Array, plan: Plan) -> bool:
+    """Whether the rows of ``x`` are one block of ``plan``."""
+    return plan.block_rows is None or x.shape[0] <= plan.block_rows
+
+
 def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
     step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
     return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
@@ -856,6 +875,8 @@ class _Output:
     runs between the two). A compute dtype wider than the result's always
     takes the buffer and is cast in. With ``overwrite`` (the logits are a
     temporary of the caller's) the gradient is computed over the logits.
+    One block (``fresh``), in place and without ``overwrite``: neither, the
+    block's ``exp(s)`` is computed over its fresh ``s`` and becomes the result.
     """
 
     def __init__(
@@ -870,7 +891,8 @@ class _Output:
         overwrite: bool = False,
     ):
         self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
-        self.direct = in_place and dtype == like.dtype
+        self.fresh = in_place and len(blocks) == 1 and not overwrite
+        self.direct = in_place and dtype == like.dtype and not self.fresh
         overwrite = overwrite and self.direct
         self.array: Array = None
         if overwrite:
@@ -878,7 +900,7 @@ class _Output:
         elif self.direct or len(blocks) > 1:
             self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
         self.buffer: Array = None
-        if in_place and not overwrite and (scratch or not self.direct):
+        if in_place and not overwrite and not self.fresh and (scratch or not self.direct):
             rows = max(b - a for a, b in blocks)
             self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
 
