@@ -362,9 +362,11 @@ def _forward_block(
     for_grad: bool,
     out: Array | None = None,
     reuse: bool = False,
+    tanh_out: Array | None = None,
 ) -> _Block:
     """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``),
-    or with ``reuse`` (in place, one block) over ``s``, a fresh array: no buffer.
+    or with ``reuse`` (in place, one block) over ``s``, a fresh array: no buffer. ``tanh_out``: where
+    ``tanh(x/softcap)`` is kept for the gradient when ``out`` is given.
 
     ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
     inf never reaches a gradient (in place, :func:`_grad_block` zeroes those
@@ -382,10 +384,11 @@ def _forward_block(
     w_local = local_weight(weight, shard, x, xp)
     counted = None if cls is None or not for_grad or plan.in_place else cls.counted
     owned = out is not None or reuse  # exp(s) overwrites s: s_y and the smoothing sum come from s first
-    z, th = _logits_for(x, out, counted, opts, dtype, xp)
+    z, th = _logits_for(x, out, counted, opts, dtype, xp, tanh_out)
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
-    m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
+    m = xp.max(z, axis=-1, keepdims=True) if z is out else None
+    m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0] if m is None else m
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
     m = _finite_shift(_group_max(m, shard), xp)  # after the group's max: one shift on every member
@@ -467,7 +470,12 @@ def _grad_block(
         coef = _plus(ce_bar * t_sum, lse_bar)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         g = _minus(g, ce_bar[:, None] * targets, in_place)
-    if th is not None:
+    if th is not None and in_place:  # 1 - tanh² over tanh (the block's own): no temporary
+        th *= th
+        th *= -1.0
+        th += 1.0
+        g = _times(g, th, in_place)
+    elif th is not None:
         g = _times(g, 1.0 - th * th, in_place)
     if in_place and isinstance(targets, _ClassTargets) and targets.counted is not None:
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
@@ -640,7 +648,19 @@ def row_losses_vjp(
             # the target's gradient needs s, which an in-place exp would overwrite
             scratch = None if target_grad else x_bar.scratch(a, b)
             reuse = x_bar.fresh and not target_grad
-            blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch, reuse=reuse)
+            blk = _forward_block(
+                x_blk,
+                t_blk,
+                weight,
+                opts,
+                plan,
+                dtype,
+                xp,
+                for_grad=True,
+                out=scratch,
+                reuse=reuse,
+                tanh_out=x_bar.tanh_scratch(b - a, opts),
+            )
             e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar_blk, w_local, opts), target.dtype)
@@ -652,7 +672,7 @@ def row_losses_vjp(
                 )
             counted = None if cls is None or plan.in_place else cls.counted
             scratch = x_bar.scratch(a, b)
-            z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
+            z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp, x_bar.tanh_scratch(b - a, opts))
             shift, lse_s = stats
             e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp, x_bar.fresh)[1]()
             e_scale = xp.exp(-_rows(lse_s, a, b))  # softmax = e·e_scale
@@ -695,7 +715,17 @@ def row_losses_and_grad(
     for a, b in blocks:
         out, t_blk = x_bar.scratch(a, b), _rows(target, a, b)
         blk = _forward_block(
-            _rows(x, a, b), t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=out, reuse=x_bar.fresh
+            _rows(x, a, b),
+            t_blk,
+            weight,
+            opts,
+            plan,
+            dtype,
+            xp,
+            for_grad=True,
+            out=out,
+            reuse=x_bar.fresh,
+            tanh_out=x_bar.tanh_scratch(b - a, opts),
         )
         ce_bar = xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) else None
@@ -811,11 +841,26 @@ def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace, reuse: bo
     return s, lambda: xp.exp(s, out=s)
 
 
-def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
-    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
-    if out is not None and counted is None and opts.softcap is None:
+def _logits_for(
+    x: Array,
+    out: Array | None,
+    counted: Array | None,
+    opts: Options,
+    dtype: Any,
+    xp: Namespace,
+    tanh_out: Array | None = None,
+) -> Any:
+    """:func:`_prepare_logits`, except that logits going into ``out`` are computed there: unchanged ones
+    are cast there, softcapped ones are ``s·tanh(x/s)`` written there (``tanh`` kept in ``tanh_out``
+    when given, else not kept: a forward alone), with no block-sized temporary."""
+    if out is None or counted is not None:
+        return _prepare_logits(x, counted, opts, dtype, xp)
+    cap = opts.softcap
+    if cap is None:
         return x, None
-    return _prepare_logits(x, counted, opts, dtype, xp)
+    th = out if tanh_out is None else tanh_out
+    th = xp.tanh(xp.divide(_in_buffer(x, th), cap, out=th), out=th)
+    return xp.multiply(th, cap, out=out), None if tanh_out is None else th
 
 
 def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
@@ -891,6 +936,7 @@ class _Output:
         overwrite: bool = False,
     ):
         self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
+        self.like, self.compute, self.rows, self.tanh = like, dtype, max(b - a for a, b in blocks), None
         self.fresh = in_place and len(blocks) == 1 and not overwrite
         self.direct = in_place and dtype == like.dtype and not self.fresh
         overwrite = overwrite and self.direct
@@ -909,6 +955,16 @@ class _Output:
         if self.buffer is not None:
             return _rows(self.buffer, 0, b - a)
         return _rows(self.array, a, b) if self.direct else None
+
+    def tanh_scratch(self, rows: int, opts: Options) -> Array | None:
+        """Where a block of ``rows`` keeps ``tanh(x/softcap)`` (None: a new array): one buffer for
+        every block, in place with softcap (the block's temporaries would fragment the heap)."""
+        if opts.softcap is None or not self.in_place or self.fresh:
+            return None
+        if self.tanh is None:
+            shape = (self.rows, self.like.shape[-1])
+            self.tanh = self.xp.empty(shape, dtype=self.compute, device=device(self.like))
+        return _rows(self.tanh, 0, rows)
 
     def dest(self, a: int, b: int) -> Array | None:
         """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""
