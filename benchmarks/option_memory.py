@@ -18,8 +18,7 @@ def _status(field: str) -> int:
 
 
 def measure(option: str, impl: str) -> float:
-    from cases.options import ACCEPT, logits_bytes, torch_loss  # type: ignore[import-not-found]
-    from cases.options import TorchOptionsMemory
+    from cases.options import ACCEPT, TorchOptionsMemory, logits_bytes  # type: ignore[import-not-found]
 
     case = TorchOptionsMemory()
     case.setup(option, impl)
@@ -40,8 +39,9 @@ if __name__ == "__main__":
     print(f"{'option':16} {'multixent':>10} {'native':>8}")
     for option in OPTIONS:
         figures = [
-            subprocess.run([sys.executable, __file__, option, impl], capture_output=True, text=True, check=True)
-            .stdout.strip()
+            subprocess.run(
+                [sys.executable, __file__, option, impl], capture_output=True, text=True, check=True
+            ).stdout.strip()
             for impl in ("multixent", "native")
         ]
         print(f"{option:16} {figures[0]:>10} {figures[1]:>8}")

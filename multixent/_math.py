@@ -39,7 +39,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import clip, device, memo, subtract_at_rows, take_along_axis
+from ._compat import clip, device, memo, row_max, row_sum, subtract_at_rows, take_along_axis
 
 Array = Any
 Namespace = Any
@@ -159,6 +159,17 @@ class Plan:
     stop_gradient: Callable[[Array], Array] | None = None
     #: The class axis split over a group (None: all classes here).
     shard: Shard | None = None
+
+
+#: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore)``.
+_EAGER_PLANS: dict[tuple[int | None, bool, bool], Plan] = {}
+
+
+def eager_plan(num_classes: int | None, in_place: bool, may_ignore: bool) -> Plan:
+    """The plan of an eager call without autodiff or group: blocks of rows for ``num_classes``
+    (:func:`block_rows_for`; None: one block), in place or not; built once per kind."""
+    rows = None if num_classes is None else block_rows_for(num_classes)
+    return memo(_EAGER_PLANS, (rows, in_place, may_ignore), lambda: Plan(rows, in_place, may_ignore))
 
 
 #: Per ``(namespace, dtype)``: the compute dtype and its largest finite value.
@@ -341,9 +352,10 @@ class _Block:
     """Forward quantities of one block of rows, kept for its gradient."""
 
     ce: Array  # (n,)
-    lse: Array  # (n,), 0 on ignored rows
+    lse: Array | None  # (n,), 0 on ignored rows (None: not asked for)
     s: Array | None  # (n, C) logits minus their finite row max (None: overwritten by e)
-    shift: Array  # (n,) the finite row max m, s = z - m
+    shift: Array  # (n, 1) the finite row max m, s = z - m
+    sum_e: Array  # (n,) Σ exp(s), lse_s = log(sum_e)
     lse_s: Array  # (n,) log Σ exp(s)
     e: Array  # (n, C) exp(s)
     tanh: Array | None  # tanh(x/softcap), or None
@@ -363,10 +375,11 @@ def _forward_block(
     out: Array | None = None,
     reuse: bool = False,
     tanh_out: Array | None = None,
+    need_lse: bool = True,
 ) -> _Block:
     """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``),
     or with ``reuse`` (in place, one block) over ``s``, a fresh array: no buffer. ``tanh_out``: where
-    ``tanh(x/softcap)`` is kept for the gradient when ``out`` is given.
+    ``tanh(x/softcap)`` is kept for the gradient when ``out`` is given. ``need_lse=False``: no ``lse``.
 
     ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
     inf never reaches a gradient (in place, :func:`_grad_block` zeroes those
@@ -387,8 +400,8 @@ def _forward_block(
     z, th = _logits_for(x, out, counted, opts, dtype, xp, tanh_out)
     z = _in_buffer(z, out)
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
-    m = xp.max(z, axis=-1, keepdims=True) if z is out else None
-    m = _prepare_logits(xp.max(x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0] if m is None else m
+    m = row_max(z, xp) if z is out else None
+    m = _prepare_logits(row_max(x, xp), counted, opts, dtype, xp)[0] if m is None else m
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
     m = _finite_shift(_group_max(m, shard), xp)  # after the group's max: one shift on every member
@@ -405,11 +418,11 @@ def _forward_block(
         tw = _smoothed(xp.astype(target, dtype), num_classes, opts, w_local)
         tws = xp.sum(xp.where(tw == 0, 0.0, tw * s), axis=-1)  # before exp(s) may overwrite s
         e = exp_s()
-        sum_e, tws, tw_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), tws, xp.sum(tw, axis=-1))
+        sum_e, tws, tw_sum = _group_sums(shard, xp, row_sum(e, xp), tws, row_sum(tw, xp))
         lse_s = xp.log(sum_e)
         ce = lse_s * tw_sum - tws
-        lse = lse_s + m[:, 0]
-        return _Block(ce, lse, None if owned else s, m[:, 0], lse_s, e, th, tw)
+        lse = lse_s + m[:, 0] if need_lse else None
+        return _Block(ce, lse, None if owned else s, m, sum_e, lse_s, e, th, tw)
     w_sum = (num_classes if weight is None else xp.sum(weight)) if is_set(eps) else None
     smooth_sum = None
     if is_set(eps) and owned:  # before exp(s) overwrites s
@@ -417,7 +430,7 @@ def _forward_block(
     elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
-    sum_e, y_term, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), y_term, smooth_sum)
+    sum_e, y_term, smooth_sum = _group_sums(shard, xp, row_sum(e, xp), y_term, smooth_sum)
     if is_set(eps) and not owned:
         smooth_sum = smooth_sum - m[:, 0] * w_sum
     lse_s = xp.log(sum_e)
@@ -426,8 +439,8 @@ def _forward_block(
     if smooth_sum is not None:
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     ce = cls.poison(ce, xp)
-    lse = cls.mask(lse_s + m[:, 0], xp)
-    return _Block(ce, lse, None if owned else s, m[:, 0], lse_s, e, th, cls)
+    lse = cls.mask(lse_s + m[:, 0], xp) if need_lse else None
+    return _Block(ce, lse, None if owned else s, m, sum_e, lse_s, e, th, cls)
 
 
 def _grad_block(
@@ -508,6 +521,7 @@ def row_losses(
     xp: Namespace,
     keep_stats: bool = False,
     overwrite: bool = False,
+    need_lse: bool = True,
 ) -> tuple[Array, ...]:
     """Per-row ``(ce, lse)`` of 2-D logits ``x``, in the compute dtype.
 
@@ -517,13 +531,24 @@ def row_losses(
     also returns the per-row ``(shift m, log Σ exp(z - m))`` that
     :func:`row_losses_vjp` takes: ``exp(z - lse)`` would lose float32's
     precision at large logits (1e4 and beyond). ``overwrite``: ``x`` is a
-    temporary of the caller's, which may be overwritten.
+    temporary of the caller's, which may be overwritten. ``need_lse=False``: ``lse`` is None
+    (one operation less per block).
     """
     dtype = compute_dtype(x.dtype, xp)
     in_x = plan.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
     if _one_block(x, plan):  # the shortest route: exp(s) over s (or over x), no buffer
         blk = _forward_block(
-            x, target, weight, opts, plan, dtype, xp, for_grad=False, out=x if in_x else None, reuse=plan.in_place
+            x,
+            target,
+            weight,
+            opts,
+            plan,
+            dtype,
+            xp,
+            for_grad=False,
+            out=x if in_x else None,
+            reuse=plan.in_place,
+            need_lse=need_lse or keep_stats,
         )
         return (blk.ce, blk.lse, *_stats(blk, xp)) if keep_stats else (blk.ce, blk.lse)
     blocks = _blocks(x.shape[0], plan.block_rows)
@@ -534,20 +559,29 @@ def row_losses(
     for a, b in blocks:
         out = x[a:b, ...] if in_x else None if buffer is None else _rows(buffer, 0, b - a)
         blk = _forward_block(
-            _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
+            _rows(x, a, b),
+            _rows(target, a, b),
+            weight,
+            opts,
+            plan,
+            dtype,
+            xp,
+            for_grad=False,
+            out=out,
+            need_lse=need_lse,
         )
         outs.append((blk.ce, blk.lse, *_stats(blk, xp)) if keep_stats else (blk.ce, blk.lse))
         # and let the block's logits-sized temporaries go
     if len(outs) == 1:
         return outs[0]
-    return tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
+    return tuple(None if parts[0] is None else xp.concat(parts) for parts in zip(*outs, strict=True))
 
 
 def _stats(blk: _Block, xp: Namespace) -> tuple[Array, Array]:
     """The per-row ``(shift m, log Σ exp(z - m))`` the backward takes, 0 on ignored rows (zeroed for the gradient)."""
     if isinstance(blk.targets, _ClassTargets) and blk.targets.counted is not None:
-        return blk.targets.mask(blk.shift, xp), blk.targets.mask(blk.lse_s, xp)
-    return blk.shift, blk.lse_s
+        return blk.targets.mask(blk.shift[:, 0], xp), blk.targets.mask(blk.lse_s, xp)
+    return blk.shift[:, 0], blk.lse_s
 
 
 def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
@@ -661,7 +695,7 @@ def row_losses_vjp(
                 reuse=reuse,
                 tanh_out=x_bar.tanh_scratch(b - a, opts),
             )
-            e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
+            e, e_scale, th, targets = blk.e, 1.0 / blk.sum_e, blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar_blk, w_local, opts), target.dtype)
         else:
@@ -700,8 +734,10 @@ def row_losses_and_grad(
     *,
     xp: Namespace,
     overwrite: bool = False,
+    need_lse: bool = True,
 ) -> tuple[Array, Array, Array]:
-    """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``.
+    """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``
+    (``need_lse=False`` and ``lse_scale`` 0: ``lse`` is None).
 
     This is the gradient of ``ce_scale·Σce + lse_scale/2·Σlse²`` (sum and mean
     reductions), reusing each block's ``exp(s)`` for the softmax. ``overwrite``:
@@ -726,10 +762,11 @@ def row_losses_and_grad(
             out=out,
             reuse=x_bar.fresh,
             tanh_out=x_bar.tanh_scratch(b - a, opts),
+            need_lse=need_lse or _nonzero(lse_scale),
         )
-        ce_bar = xp.zeros_like(blk.ce) + ce_scale
-        lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) else None
-        e_scale = xp.exp(-blk.lse_s)
+        ce_bar = xp.full_like(blk.ce, ce_scale) if isinstance(ce_scale, float) else xp.zeros_like(blk.ce) + ce_scale
+        lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) and blk.lse is not None else None
+        e_scale = 1.0 / blk.sum_e
         g = _grad_block(
             blk.e,
             e_scale,
@@ -749,7 +786,7 @@ def row_losses_and_grad(
         lses.append(blk.lse)
     if len(blocks) == 1:
         return ces[0], lses[0], g
-    return xp.concat(ces), xp.concat(lses), g
+    return xp.concat(ces), None if lses[0] is None else xp.concat(lses), g
 
 
 def row_losses_jvp(
