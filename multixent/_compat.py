@@ -67,20 +67,24 @@ def take_along_axis(x: Any, indices: Any, xp: Any, axis: int = -1) -> Any:
 
 def mean(a: Any, xp: Any) -> Any:
     """``xp.mean(a)`` of a non-empty 1-d array: NumPy's as its sum over its length (what ``numpy.mean``
-    computes, without its 5 us of wrappers)."""
+    computes, without its 5 us of wrappers); torch's method (compat's wrapper checks its arguments)."""
     if isinstance(a, numpy.ndarray):
         return a.sum() / a.dtype.type(a.shape[0])
-    return xp.mean(a)
+    return a.mean() if is_torch_array(a) else xp.mean(a)
 
 
 def row_sum(a: Any, xp: Any) -> Any:
-    """``xp.sum(a, axis=-1)``; NumPy's method skips the namespace's and NumPy's wrappers."""
-    return a.sum(axis=-1) if isinstance(a, numpy.ndarray) else xp.sum(a, axis=-1)
+    """``xp.sum(a, axis=-1)``; NumPy's and torch's methods skip the namespace's wrappers."""
+    if isinstance(a, numpy.ndarray) or is_torch_array(a):
+        return a.sum(-1)
+    return xp.sum(a, axis=-1)
 
 
 def row_max(a: Any, xp: Any) -> Any:
-    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's method skips the wrappers."""
-    return a.max(axis=-1, keepdims=True) if isinstance(a, numpy.ndarray) else xp.max(a, axis=-1, keepdims=True)
+    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's and torch's methods skip the wrappers."""
+    if isinstance(a, numpy.ndarray):
+        return a.max(axis=-1, keepdims=True)
+    return a.amax(-1, keepdim=True) if is_torch_array(a) else xp.max(a, axis=-1, keepdims=True)
 
 
 def min_max(a: Any, xp: Any) -> list[Any]:
