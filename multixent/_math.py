@@ -399,6 +399,8 @@ def _forward_block(
     owned = out is not None or reuse  # exp(s) overwrites s: s_y and the smoothing sum come from s first
     z, th = _logits_for(x, out, counted, opts, dtype, xp, tanh_out)
     z = _in_buffer(z, out)
+    if reuse and out is None and z is not x:  # z is a fresh array of ours (a cast, a softcap): s goes over it
+        out = z
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = row_max(z, xp) if z is out else None
     m = _prepare_logits(row_max(x, xp), counted, opts, dtype, xp)[0] if m is None else m
@@ -708,6 +710,8 @@ def row_losses_vjp(
             scratch = x_bar.scratch(a, b)
             z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp, x_bar.tanh_scratch(b - a, opts))
             shift, lse_s = stats
+            if x_bar.fresh and z is not x_blk:  # z is a fresh array of ours (a cast, a softcap): s goes over it
+                scratch = z
             e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp, x_bar.fresh)[1]()
             e_scale = xp.exp(-_rows(lse_s, a, b))  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, w_local)
