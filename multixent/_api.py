@@ -71,6 +71,8 @@ def _local(x: Array, axis: int, group: Any, class_offset: Any) -> tuple[Array, A
 
 def _shard(group: Any, class_offset: Any, x: Array, axis: int, *others: Array | None) -> _math.Shard | None:
     """The class axis ``axis`` of ``x`` split over ``group`` (None: not split)."""
+    if group is None and class_offset is None:
+        return None
     _checks.group(group, class_offset)
     return shard_for(group, class_offset, int(x.shape[axis]), (x, *others))
 
@@ -108,15 +110,12 @@ def _prepare(
     group: Any = None,
     class_offset: Any = None,
 ) -> _Call:
+    adapter = adapter_for(x)
     try:
-        xp, (x, target, weight) = _checks.namespace(
-            x, target, weight, names=(name, "target", "weight"), numpy_inputs=adapter_for(x).NUMPY_INPUTS
-        )
-        _checks.floating(x, name, xp, target)
+        xp, (x, target, weight), is_index = _checks.arrays(x, target, weight, name, indices_only, adapter.NUMPY_INPUTS)
         axis = _checks.class_axis(axis, x.ndim, name)
         classes = _checks.num_classes(x.shape, axis)  # a DTensor's: the global C
         reduction = _checks.reduction(reduction)
-        is_index = _checks.index_target(target, xp, indices_only)
         _checks.target_shape(target, x, axis, is_index)
         _checks.ignore_index(ignore_index, is_index, _IGNORE_DEFAULT)
     except (TypeError, ValueError) as err:  # raised on every member of a group, none left waiting
@@ -136,7 +135,6 @@ def _prepare(
     local_classes = int(x.shape[axis])
     shard = _shard(group, class_offset, x, axis, target, weight)
     classes = classes if shard is None else shard.num_classes  # the global C
-    adapter = adapter_for(x)
     _checks.weight(weight, classes, xp)
     may_ignore = is_index
     if is_index:
@@ -249,8 +247,9 @@ def _move_axis(a: Array, source: int, destination: int, xp: Any) -> Array:
     return a if order == tuple(range(n)) else xp.permute_dims(a, order)
 
 
-def _mean(total: Array, count: Array | int, xp: Any) -> Array:
-    """``total / count``, and 0 (with a zero gradient) where ``count`` is 0."""
+def _mean(total: Array | float, count: Array | int, xp: Any) -> Array | float:
+    """``total / count``, and 0 (with a zero gradient) where ``count`` is 0 (an int count: the empty
+    sum's ``total`` itself; a float ``total`` takes an int ``count``)."""
     if isinstance(count, int):  # known now; no rows: total is the empty sum, 0
         return total / count if count else total
     nonzero = count != 0
@@ -300,7 +299,7 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype
         # every row counts, with weight 1, and none is on another rank (the count is then an int):
         # the namespace's mean, one operation
         whole = isinstance(ce_count, int) and ce_count == ce.shape[0] > 0
-        total = xp.mean(ce) if whole else _mean(_across(call, xp.sum(ce), ce.dtype), ce_count, xp)
+        total = _compat.mean(ce, xp) if whole else _mean(_across(call, xp.sum(ce), ce.dtype), ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
@@ -368,11 +367,61 @@ def cross_entropy(
     call = _prepare(
         logits, target, weight, axis, opts.ignore_index, reduction, opts, "logits", None, group, class_offset
     )
+    dtype = logits.dtype
+    if reduction != "none" and isinstance(z, float) and not opts.arrays and call.shard is None and call.layout is None:
+        # "mean"/"sum" that autograd records for the logits alone, in one block: the loss and its
+        # gradient in one pass (cross_entropy_and_grad's), the backward scales the gradient
+        fused = call.adapter.fused(
+            call.rows,
+            call.target,
+            call.weight,
+            lambda: _loss_and_grad(call, z, dtype),
+            lambda rows: _loss(dataclasses.replace(call, rows=rows), z, dtype),
+        )
+        if fused is not None:
+            return fused
+    return _loss(call, z, dtype)
+
+
+def _loss(call: _Call, z: float | Array, out_dtype: Any) -> Array:
+    """The reduced loss of a prepared call, through the adapter's ``row_losses``."""
     with call.adapter.quiet():
         ce, lse = call.adapter.row_losses(
-            call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard
+            call.rows, call.target, call.weight, call.opts, call.may_ignore, call.xp, call.shard, _math.is_set(z)
         )
-        return _reduce(call, ce, lse, z, logits.dtype)
+        return _reduce(call, ce, lse, z, out_dtype)
+
+
+def _loss_and_grad(call: _Call, z: float | Array, out_dtype: Any) -> tuple[Array, Array]:
+    """The reduced loss ("mean" or "sum") and its gradient with respect to ``call.rows``, in one pass."""
+    xp = call.xp
+    dtype = _math.compute_dtype(call.rows.dtype, xp)
+    z = _in_dtype(z, dtype, xp)
+    arrays = call.opts.arrays
+    plan = call.adapter.plan(call.rows, call.target, call.weight, *arrays, may_ignore=call.may_ignore, shard=call.shard)
+    ce_scale: Array | float = 1.0
+    z_scale: Array | float = 1.0
+    if call.reduction == "mean":
+        counts = _denominators(call, dtype)
+        one = None
+        if not all(isinstance(c, int) for c in counts):
+            one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
+        ce_scale, z_scale = (_mean(1.0 if one is None else one, c, xp) for c in counts)
+    with call.adapter.quiet():
+        ce, lse, grad = _math.row_losses_and_grad(
+            call.rows,
+            call.target,
+            call.weight,
+            ce_scale,
+            2.0 * z * z_scale if _math.is_set(z) else 0.0,
+            call.opts.astype(dtype, xp) if arrays else call.opts,
+            plan,
+            xp=xp,
+            need_lse=_math.is_set(z),
+        )
+        loss = _reduce(call, ce, lse, z, out_dtype)
+        poison = _poison(call.opts, z, ce, xp)
+        return loss, grad if poison is None else grad * xp.astype(poison, grad.dtype)
 
 
 def cross_entropy_and_grad(
@@ -411,30 +460,7 @@ def cross_entropy_and_grad(
         logits, target, weight, axis, opts.ignore_index, reduction, opts, "logits", None, group, class_offset
     )
     xp = call.xp
-    dtype = _math.compute_dtype(logits.dtype, xp)
-    one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-    z = _in_dtype(z, dtype, xp)
-    plan = call.adapter.plan(
-        call.rows, call.target, call.weight, *opts.arrays, may_ignore=call.may_ignore, shard=call.shard
-    )
-    ce_scale, z_scale = one, one
-    if reduction == "mean":
-        ce_count, z_count = _denominators(call, dtype)
-        ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
-    with call.adapter.quiet():
-        ce, lse, grad = _math.row_losses_and_grad(
-            call.rows,
-            call.target,
-            call.weight,
-            ce_scale,
-            2.0 * z * z_scale if _math.is_set(z) else 0.0,
-            call.opts.astype(dtype, xp),
-            plan,
-            xp=xp,
-        )
-        loss = _reduce(call, ce, lse, z, logits.dtype)
-        poison = _poison(call.opts, z, ce, xp)
-        grad = grad if poison is None else grad * xp.astype(poison, grad.dtype)
+    loss, grad = _loss_and_grad(call, z, logits.dtype)
     moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
     grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
     return loss, _wrap(call, grad, rows_only=False)

@@ -328,13 +328,46 @@ def ignore_index(value: Any, is_index: bool, default: int) -> int:
     return int(value)
 
 
+def weight_dtype(w: Array | None, xp: Namespace) -> None:
+    if w is not None and not _kind(w.dtype, xp):
+        raise TypeError(f"multixent: weight must have a real dtype; got {w.dtype}")
+
+
 def weight(w: Array | None, classes: int, xp: Namespace) -> None:
     if w is None:
         return
-    if not _kind(w.dtype, xp):
-        raise TypeError(f"multixent: weight must have a real dtype; got {w.dtype}")
+    weight_dtype(w, xp)
     if tuple(w.shape) != (classes,):
         raise ValueError(f"multixent: weight must have shape ({classes},) (one per class); got {tuple(w.shape)}")
+
+
+#: Per the types, dtypes and layouts of a call's ``(logits, target, weight)`` and the function:
+#: ``(namespace, target holds class indices)``, kept once :func:`arrays` passed for them.
+_ARRAYS: dict[tuple[Any, ...], tuple[Namespace, bool]] = {}
+
+
+def _signature(a: Any) -> tuple[Any, ...]:
+    return (type(a), getattr(a, "dtype", None), getattr(a, "layout", None))
+
+
+def arrays(
+    x: Array, target: Array, w: Array | None, name: str, indices_only: str | None, numpy_inputs: bool | str
+) -> tuple[Namespace, tuple[Array, Array, Array | None], bool]:
+    """:func:`namespace`, :func:`floating`, :func:`index_target` and the weight's dtype, checked once per
+    kind of call (what they read is the arrays' types, dtypes and layouts): the namespace, the arrays
+    (NumPy ones converted, see :func:`namespace`) and whether the target holds class indices."""
+    key = (name, indices_only, _signature(x), _signature(target), None if w is None else _signature(w))
+    found = _ARRAYS.get(key)
+    if found is not None:
+        return found[0], (x, target, w), found[1]
+    xp, given = namespace(x, target, w, names=(name, "target", "weight"), numpy_inputs=numpy_inputs)
+    floating(given[0], name, xp, given[1])
+    is_index = index_target(given[1], xp, indices_only)
+    weight_dtype(given[2], xp)
+    unchanged = all(a is b for a, b in zip(given, (x, target, w), strict=True))
+    if unchanged and len(_ARRAYS) < 256 and not _compat.compiling():
+        _ARRAYS[key] = (xp, is_index)
+    return xp, given, is_index  # type: ignore[return-value]
 
 
 def readable(a: Array) -> bool:
@@ -420,15 +453,30 @@ def chunk_size(value: Any) -> int | None:
 def options(
     ignore_index: Any, label_smoothing: Any, z_loss: Any, softcap: Any, logits: Array, read: Any
 ) -> tuple[Options, float | Array]:
-    """The validated user options (built once per call) and the z-loss coefficient.
+    """The validated user options and the z-loss coefficient (kept per Python values: built once).
 
     Each of label_smoothing, z_loss and softcap is a Python float, or an array (see :func:`option`).
     """
+    given = (ignore_index, label_smoothing, z_loss, softcap)
+    key = None
+    if all(type(v) in _PLAIN for v in given):  # type too: False == 0 but is refused
+        key = (*given, *map(type, given))
+        found = _OPTIONS.get(key)
+        if found is not None:
+            return found
     smoothing = option(label_smoothing, "label_smoothing", logits, read)
     z = option(z_loss, "z_loss", logits, read)
     cap = None if softcap is None else option(softcap, "softcap", logits, read)
     cap = None if isinstance(cap, float) and cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
-    return Options(integer(ignore_index, "ignore_index"), smoothing, cap), z
+    result = Options(integer(ignore_index, "ignore_index"), smoothing, cap), z
+    if key is not None and len(_OPTIONS) < 256:
+        _OPTIONS[key] = result
+    return result
+
+
+_PLAIN = (int, float, type(None))
+#: :func:`options`' results per Python values (and their types).
+_OPTIONS: dict[tuple[Any, ...], tuple[Options, float | Array]] = {}
 
 
 def group(value: Any, class_offset: Any) -> None:

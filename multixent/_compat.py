@@ -49,6 +49,8 @@ def array_namespace(*xs: Any) -> Any:
 
 
 def device(x: Any) -> Any:
+    if isinstance(x, numpy.ndarray):
+        return "cpu"  # array_api_compat.device's answer
     return x.device if is_torch_array(x) else array_api_compat.device(x)
 
 
@@ -61,6 +63,28 @@ def take_along_axis(x: Any, indices: Any, xp: Any, axis: int = -1) -> Any:
     if isinstance(x, numpy.ndarray) and x.ndim == 2 and axis in (-1, 1):  # NumPy's function: 10 us of Python
         return x[numpy.arange(x.shape[0])[:, None], indices]
     return xp.take_along_axis(x, indices, axis=axis)
+
+
+def mean(a: Any, xp: Any) -> Any:
+    """``xp.mean(a)`` of a non-empty 1-d array: NumPy's as its sum over its length (what ``numpy.mean``
+    computes, without its 5 us of wrappers); torch's method (compat's wrapper checks its arguments)."""
+    if isinstance(a, numpy.ndarray):
+        return a.sum() / a.dtype.type(a.shape[0])
+    return a.mean() if is_torch_array(a) else xp.mean(a)
+
+
+def row_sum(a: Any, xp: Any) -> Any:
+    """``xp.sum(a, axis=-1)``; NumPy's and torch's methods skip the namespace's wrappers."""
+    if isinstance(a, numpy.ndarray) or is_torch_array(a):
+        return a.sum(-1)
+    return xp.sum(a, axis=-1)
+
+
+def row_max(a: Any, xp: Any) -> Any:
+    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's and torch's methods skip the wrappers."""
+    if isinstance(a, numpy.ndarray):
+        return a.max(axis=-1, keepdims=True)
+    return a.amax(-1, keepdim=True) if is_torch_array(a) else xp.max(a, axis=-1, keepdims=True)
 
 
 def min_max(a: Any, xp: Any) -> list[Any]:
@@ -90,9 +114,15 @@ def clip(x: Any, low: float, high: float, xp: Any) -> Any:
     check and broadcast the bounds (NumPy's takes ~20 us)."""
     if is_torch_array(x):
         return x.clamp(low, high)
-    if isinstance(x, numpy.ndarray):
-        return numpy.clip(x, low, high)
+    if isinstance(x, numpy.ndarray):  # two ufuncs; numpy.clip's wrappers take 5 us
+        return numpy.minimum(numpy.maximum(x, low), high)
     return xp.clip(x, low, high)
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing (False when torch is not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
 
 
 def memo(table: dict[Any, T], key: Hashable, compute: Callable[[], T]) -> T:

@@ -39,7 +39,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import clip, device, float_bits, memo, subtract_at_rows, take_along_axis
+from ._compat import clip, device, float_bits, memo, row_max, row_sum, subtract_at_rows, take_along_axis
 
 Array = Any
 Namespace = Any
@@ -159,6 +159,17 @@ class Plan:
     stop_gradient: Callable[[Array], Array] | None = None
     #: The class axis split over a group (None: all classes here).
     shard: Shard | None = None
+
+
+#: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore)``.
+_EAGER_PLANS: dict[tuple[int | None, bool, bool], Plan] = {}
+
+
+def eager_plan(num_classes: int | None, in_place: bool, may_ignore: bool) -> Plan:
+    """The plan of an eager call without autodiff or group: blocks of rows for ``num_classes``
+    (:func:`block_rows_for`; None: one block), in place or not; built once per kind."""
+    rows = None if num_classes is None else block_rows_for(num_classes)
+    return memo(_EAGER_PLANS, (rows, in_place, may_ignore), lambda: Plan(rows, in_place, may_ignore))
 
 
 #: Per ``(namespace, dtype)``: the compute dtype and its largest finite value.
@@ -341,9 +352,10 @@ class _Block:
     """Forward quantities of one block of rows, kept for its gradient."""
 
     ce: Array  # (n,)
-    lse: Array  # (n,), 0 on ignored rows
+    lse: Array | None  # (n,), 0 on ignored rows (None: not asked for)
     s: Array | None  # (n, C) logits minus their finite row max (None: overwritten by e)
-    shift: Array  # (n,) the finite row max m, s = z - m
+    shift: Array  # (n, 1) the finite row max m, s = z - m
+    sum_e: Array  # (n,) Σ exp(s), lse_s = log(sum_e)
     lse_s: Array  # (n,) log Σ exp(s)
     e: Array  # (n, C) exp(s)
     tanh: Array | None  # tanh(x/softcap), or None
@@ -361,8 +373,13 @@ def _forward_block(
     *,
     for_grad: bool,
     out: Array | None = None,
+    reuse: bool = False,
+    tanh_out: Array | None = None,
+    need_lse: bool = True,
 ) -> _Block:
-    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``).
+    """Forward of one block of rows; ``exp(s)`` is written into ``out`` when given (which may be ``x``),
+    or with ``reuse`` (in place, one block) over ``s``, a fresh array: no buffer. ``tanh_out``: where
+    ``tanh(x/softcap)`` is kept for the gradient when ``out`` is given. ``need_lse=False``: no ``lse``.
 
     ``for_grad`` zeroes the ignored rows' logits first, so that their NaN or
     inf never reaches a gradient (in place, :func:`_grad_block` zeroes those
@@ -379,18 +396,22 @@ def _forward_block(
         )
     w_local = local_weight(weight, shard, x, xp)
     counted = None if cls is None or not for_grad or plan.in_place else cls.counted
-    z, th = _logits_for(x, out, counted, opts, dtype, xp)
+    owned = out is not None or reuse  # exp(s) overwrites s: s_y and the smoothing sum come from s first
+    z, th = _logits_for(x, out, counted, opts, dtype, xp, tanh_out)
     z = _in_buffer(z, out)
+    if reuse and out is None and z is not x:  # z is a fresh array of ours (a cast, a softcap): s goes over it
+        out = z
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
-    m = _prepare_logits(xp.max(z if z is out else x, axis=-1, keepdims=True), counted, opts, dtype, xp)[0]
+    m = row_max(z, xp) if z is out else None
+    m = _prepare_logits(row_max(x, xp), counted, opts, dtype, xp)[0] if m is None else m
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
     m = _finite_shift(_group_max(m, shard), xp)  # after the group's max: one shift on every member
-    if cls is not None and out is None:  # gather from the input (XLA materialises a gather's operand)
+    if cls is not None and not owned:  # gather from the input (XLA materialises a gather's operand)
         x_y = gather_rows(x, cls.index, xp)[:, None]
         y_term = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]  # z_y
-    s, exp_s = _exp_shifted(z, m, out, xp)
-    if cls is not None and out is not None:  # in place: s_y from s, before exp(s) overwrites it
+    s, exp_s = _exp_shifted(z, m, out, xp, reuse)
+    if cls is not None and owned:  # in place: s_y from s, before exp(s) overwrites it
         y_term = gather_rows(s, cls.index, xp)
     if cls is not None and cls.here is not None:  # the target's term: from the one shard holding it
         y_term = xp.where(cls.here, y_term, 0.0)
@@ -399,29 +420,29 @@ def _forward_block(
         tw = _smoothed(xp.astype(target, dtype), num_classes, opts, w_local)
         tws = xp.sum(xp.where(tw == 0, 0.0, tw * s), axis=-1)  # before exp(s) may overwrite s
         e = exp_s()
-        sum_e, tws, tw_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), tws, xp.sum(tw, axis=-1))
+        sum_e, tws, tw_sum = _group_sums(shard, xp, row_sum(e, xp), tws, row_sum(tw, xp))
         lse_s = xp.log(sum_e)
         ce = lse_s * tw_sum - tws
-        lse = lse_s + m[:, 0]
-        return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, tw)
+        lse = lse_s + m[:, 0] if need_lse else None
+        return _Block(ce, lse, None if owned else s, m, sum_e, lse_s, e, th, tw)
     w_sum = (num_classes if weight is None else xp.sum(weight)) if is_set(eps) else None
     smooth_sum = None
-    if is_set(eps) and out is not None:  # before exp(s) overwrites s
+    if is_set(eps) and owned:  # before exp(s) overwrites s
         smooth_sum = _row_sum_weighted(s, w_local, xp)
     elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
-    sum_e, y_term, smooth_sum = _group_sums(shard, xp, xp.sum(e, axis=-1), y_term, smooth_sum)
-    if is_set(eps) and out is None:
+    sum_e, y_term, smooth_sum = _group_sums(shard, xp, row_sum(e, xp), y_term, smooth_sum)
+    if is_set(eps) and not owned:
         smooth_sum = smooth_sum - m[:, 0] * w_sum
     lse_s = xp.log(sum_e)
-    s_y = y_term if out is not None else y_term - m[:, 0]
+    s_y = y_term if owned else y_term - m[:, 0]
     ce = _scaled(lse_s - s_y, (1.0 - eps) * cls.weight_at_target)
     if smooth_sum is not None:
         ce = ce + eps / num_classes * (w_sum * lse_s - smooth_sum)
     ce = cls.poison(ce, xp)
-    lse = cls.mask(lse_s + m[:, 0], xp)
-    return _Block(ce, lse, None if out is not None else s, m[:, 0], lse_s, e, th, cls)
+    lse = cls.mask(lse_s + m[:, 0], xp) if need_lse else None
+    return _Block(ce, lse, None if owned else s, m, sum_e, lse_s, e, th, cls)
 
 
 def _grad_block(
@@ -464,7 +485,12 @@ def _grad_block(
         coef = _plus(ce_bar * t_sum, lse_bar)
         g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
         g = _minus(g, ce_bar[:, None] * targets, in_place)
-    if th is not None:
+    if th is not None and in_place:  # 1 - tanh² over tanh (the block's own): no temporary
+        th *= th
+        th *= -1.0
+        th += 1.0
+        g = _times(g, th, in_place)
+    elif th is not None:
         g = _times(g, 1.0 - th * th, in_place)
     if in_place and isinstance(targets, _ClassTargets) and targets.counted is not None:
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
@@ -497,6 +523,7 @@ def row_losses(
     xp: Namespace,
     keep_stats: bool = False,
     overwrite: bool = False,
+    need_lse: bool = True,
 ) -> tuple[Array, ...]:
     """Per-row ``(ce, lse)`` of 2-D logits ``x``, in the compute dtype.
 
@@ -506,11 +533,27 @@ def row_losses(
     also returns the per-row ``(shift m, log Σ exp(z - m))`` that
     :func:`row_losses_vjp` takes: ``exp(z - lse)`` would lose float32's
     precision at large logits (1e4 and beyond). ``overwrite``: ``x`` is a
-    temporary of the caller's, which may be overwritten.
+    temporary of the caller's, which may be overwritten. ``need_lse=False``: ``lse`` is None
+    (one operation less per block).
     """
     dtype = compute_dtype(x.dtype, xp)
-    blocks = _blocks(x.shape[0], plan.block_rows)
     in_x = plan.in_place and overwrite and x.dtype == dtype  # each block's exp(s) over its logits
+    if _one_block(x, plan):  # the shortest route: exp(s) over s (or over x), no buffer
+        blk = _forward_block(
+            x,
+            target,
+            weight,
+            opts,
+            plan,
+            dtype,
+            xp,
+            for_grad=False,
+            out=x if in_x else None,
+            reuse=plan.in_place,
+            need_lse=need_lse or keep_stats,
+        )
+        return (blk.ce, blk.lse, *_stats(blk, xp)) if keep_stats else (blk.ce, blk.lse)
+    blocks = _blocks(x.shape[0], plan.block_rows)
     buffer: Array = None
     if plan.in_place and not in_x:  # one block-sized buffer for every block's exp(s)
         buffer = xp.empty((max(b - a for a, b in blocks), x.shape[-1]), dtype=dtype, device=device(x))
@@ -518,18 +561,29 @@ def row_losses(
     for a, b in blocks:
         out = x[a:b, ...] if in_x else None if buffer is None else _rows(buffer, 0, b - a)
         blk = _forward_block(
-            _rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=False, out=out
+            _rows(x, a, b),
+            _rows(target, a, b),
+            weight,
+            opts,
+            plan,
+            dtype,
+            xp,
+            for_grad=False,
+            out=out,
+            need_lse=need_lse,
         )
-        result: tuple[Array, ...] = (blk.ce, blk.lse)  # and let the block's logits-sized temporaries go
-        if keep_stats:
-            stats: tuple[Array, ...] = (blk.shift, blk.lse_s)
-            if isinstance(blk.targets, _ClassTargets):  # ignored rows' logits are zeroed for the gradient
-                stats = tuple(blk.targets.mask(v, xp) for v in stats)
-            result += stats
-        outs.append(result)
+        outs.append((blk.ce, blk.lse, *_stats(blk, xp)) if keep_stats else (blk.ce, blk.lse))
+        # and let the block's logits-sized temporaries go
     if len(outs) == 1:
         return outs[0]
-    return tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
+    return tuple(None if parts[0] is None else xp.concat(parts) for parts in zip(*outs, strict=True))
+
+
+def _stats(blk: _Block, xp: Namespace) -> tuple[Array, Array]:
+    """The per-row ``(shift m, log Σ exp(z - m))`` the backward takes, 0 on ignored rows (zeroed for the gradient)."""
+    if isinstance(blk.targets, _ClassTargets) and blk.targets.counted is not None:
+        return blk.targets.mask(blk.shift[:, 0], xp), blk.targets.mask(blk.lse_s, xp)
+    return blk.shift[:, 0], blk.lse_s
 
 
 def _target_grad(blk: _Block, ce_bar: Array, weight: Array | None, opts: Options) -> Array:
@@ -629,8 +683,21 @@ def row_losses_vjp(
         if stats is None or target_grad:
             # the target's gradient needs s, which an in-place exp would overwrite
             scratch = None if target_grad else x_bar.scratch(a, b)
-            blk = _forward_block(x_blk, t_blk, weight, opts, plan, dtype, xp, for_grad=True, out=scratch)
-            e, e_scale, th, targets = blk.e, xp.exp(-blk.lse_s), blk.tanh, blk.targets
+            reuse = x_bar.fresh and not target_grad
+            blk = _forward_block(
+                x_blk,
+                t_blk,
+                weight,
+                opts,
+                plan,
+                dtype,
+                xp,
+                for_grad=True,
+                out=scratch,
+                reuse=reuse,
+                tanh_out=x_bar.tanh_scratch(b - a, opts),
+            )
+            e, e_scale, th, targets = blk.e, 1.0 / blk.sum_e, blk.tanh, blk.targets
             if target_grad:
                 tg = xp.astype(_target_grad(blk, ce_bar_blk, w_local, opts), target.dtype)
         else:
@@ -641,9 +708,11 @@ def row_losses_vjp(
                 )
             counted = None if cls is None or plan.in_place else cls.counted
             scratch = x_bar.scratch(a, b)
-            z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp)
+            z, th = _logits_for(x_blk, scratch, counted, opts, dtype, xp, x_bar.tanh_scratch(b - a, opts))
             shift, lse_s = stats
-            e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp)[1]()
+            if x_bar.fresh and z is not x_blk:  # z is a fresh array of ours (a cast, a softcap): s goes over it
+                scratch = z
+            e = _exp_shifted(z, _rows(shift, a, b)[:, None], scratch, xp, x_bar.fresh)[1]()
             e_scale = xp.exp(-_rows(lse_s, a, b))  # softmax = e·e_scale
             targets = cls if cls is not None else _smoothed(xp.astype(t_blk, dtype), num_classes, opts, w_local)
         lse_bar_blk = None if lse_bar is None else _rows(lse_bar, a, b)
@@ -669,8 +738,10 @@ def row_losses_and_grad(
     *,
     xp: Namespace,
     overwrite: bool = False,
+    need_lse: bool = True,
 ) -> tuple[Array, Array, Array]:
-    """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``.
+    """``(ce, lse, x̄)`` in one pass, for ``ce_bar = ce_scale`` and ``lse_bar = lse_scale·lse``
+    (``need_lse=False`` and ``lse_scale`` 0: ``lse`` is None).
 
     This is the gradient of ``ce_scale·Σce + lse_scale/2·Σlse²`` (sum and mean
     reductions), reusing each block's ``exp(s)`` for the softmax. ``overwrite``:
@@ -682,11 +753,24 @@ def row_losses_and_grad(
     ces, lses = [], []
     g: Array = None
     for a, b in blocks:
-        out = x_bar.scratch(a, b)
-        blk = _forward_block(_rows(x, a, b), _rows(target, a, b), weight, opts, plan, dtype, xp, for_grad=True, out=out)
-        ce_bar = xp.zeros_like(blk.ce) + ce_scale
-        lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) else None
-        e_scale = xp.exp(-blk.lse_s)
+        out, t_blk = x_bar.scratch(a, b), _rows(target, a, b)
+        blk = _forward_block(
+            _rows(x, a, b),
+            t_blk,
+            weight,
+            opts,
+            plan,
+            dtype,
+            xp,
+            for_grad=True,
+            out=out,
+            reuse=x_bar.fresh,
+            tanh_out=x_bar.tanh_scratch(b - a, opts),
+            need_lse=need_lse or _nonzero(lse_scale),
+        )
+        ce_bar = xp.full_like(blk.ce, ce_scale) if isinstance(ce_scale, float) else xp.zeros_like(blk.ce) + ce_scale
+        lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) and blk.lse is not None else None
+        e_scale = 1.0 / blk.sum_e
         g = _grad_block(
             blk.e,
             e_scale,
@@ -706,7 +790,7 @@ def row_losses_and_grad(
         lses.append(blk.lse)
     if len(blocks) == 1:
         return ces[0], lses[0], g
-    return xp.concat(ces), xp.concat(lses), g
+    return xp.concat(ces), None if lses[0] is None else xp.concat(lses), g
 
 
 def row_losses_jvp(
@@ -788,20 +872,36 @@ def _in_buffer(z: Array, out: Array | None) -> Array:
     return out
 
 
-def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> tuple[Array, Array]:
-    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given."""
+def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace, reuse: bool = False) -> tuple[Array, Array]:
+    """``s = z - m`` and a function giving ``exp(s)``, both in ``out`` when it is given
+    (``reuse``: ``exp(s)`` over the fresh ``s``)."""
     if out is None:
         s = z - m
-        return s, lambda: xp.exp(s)
+        return s, (lambda: xp.exp(s, out=s)) if reuse else (lambda: xp.exp(s))
     s = xp.subtract(_in_buffer(z, out), m, out=out)
     return s, lambda: xp.exp(s, out=s)
 
 
-def _logits_for(x: Array, out: Array | None, counted: Array | None, opts: Options, dtype: Any, xp: Namespace) -> Any:
-    """:func:`_prepare_logits`, except that logits going into ``out`` unchanged are cast there."""
-    if out is not None and counted is None and opts.softcap is None:
+def _logits_for(
+    x: Array,
+    out: Array | None,
+    counted: Array | None,
+    opts: Options,
+    dtype: Any,
+    xp: Namespace,
+    tanh_out: Array | None = None,
+) -> Any:
+    """:func:`_prepare_logits`, except that logits going into ``out`` are computed there: unchanged ones
+    are cast there, softcapped ones are ``s·tanh(x/s)`` written there (``tanh`` kept in ``tanh_out``
+    when given, else not kept: a forward alone), with no block-sized temporary."""
+    if out is None or counted is not None:
+        return _prepare_logits(x, counted, opts, dtype, xp)
+    cap = opts.softcap
+    if cap is None:
         return x, None
-    return _prepare_logits(x, counted, opts, dtype, xp)
+    th = out if tanh_out is None else tanh_out
+    th = xp.tanh(xp.divide(_in_buffer(x, th), cap, out=th), out=th)
+    return xp.multiply(th, cap, out=out), None if tanh_out is None else th
 
 
 def _times(a: Array, b: Array, in_place: bool, out: Array | None = None, xp: Namespace = None) -> Array:
@@ -830,6 +930,11 @@ def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Name
     return xp.where(classes == index[:, None], g - values[:, None], g)
 
 
+def _one_block(x: Array, plan: Plan) -> bool:
+    """Whether the rows of ``x`` are one block of ``plan``."""
+    return plan.block_rows is None or x.shape[0] <= plan.block_rows
+
+
 def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
     step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
     return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
@@ -856,6 +961,8 @@ class _Output:
     runs between the two). A compute dtype wider than the result's always
     takes the buffer and is cast in. With ``overwrite`` (the logits are a
     temporary of the caller's) the gradient is computed over the logits.
+    One block (``fresh``), in place and without ``overwrite``: neither, the
+    block's ``exp(s)`` is computed over its fresh ``s`` and becomes the result.
     """
 
     def __init__(
@@ -870,7 +977,9 @@ class _Output:
         overwrite: bool = False,
     ):
         self.xp, self.dtype, self.in_place = xp, like.dtype, in_place
-        self.direct = in_place and dtype == like.dtype
+        self.like, self.compute, self.rows, self.tanh = like, dtype, max(b - a for a, b in blocks), None
+        self.fresh = in_place and len(blocks) == 1 and not overwrite
+        self.direct = in_place and dtype == like.dtype and not self.fresh
         overwrite = overwrite and self.direct
         self.array: Array = None
         if overwrite:
@@ -878,7 +987,7 @@ class _Output:
         elif self.direct or len(blocks) > 1:
             self.array = xp.empty(like.shape, dtype=like.dtype, device=device(like))
         self.buffer: Array = None
-        if in_place and not overwrite and (scratch or not self.direct):
+        if in_place and not overwrite and not self.fresh and (scratch or not self.direct):
             rows = max(b - a for a, b in blocks)
             self.buffer = xp.empty((rows, like.shape[-1]), dtype=dtype, device=device(like))
 
@@ -887,6 +996,16 @@ class _Output:
         if self.buffer is not None:
             return _rows(self.buffer, 0, b - a)
         return _rows(self.array, a, b) if self.direct else None
+
+    def tanh_scratch(self, rows: int, opts: Options) -> Array | None:
+        """Where a block of ``rows`` keeps ``tanh(x/softcap)`` (None: a new array): one buffer for
+        every block, in place with softcap (the block's temporaries would fragment the heap)."""
+        if opts.softcap is None or not self.in_place or self.fresh:
+            return None
+        if self.tanh is None:
+            shape = (self.rows, self.like.shape[-1])
+            self.tanh = self.xp.empty(shape, dtype=self.compute, device=device(self.like))
+        return _rows(self.tanh, 0, rows)
 
     def dest(self, a: int, b: int) -> Array | None:
         """Where block ``[a, b)``'s gradient is written by its first product (None: anywhere)."""

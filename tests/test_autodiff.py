@@ -156,6 +156,27 @@ def test_torch_only_target_requires_grad_and_no_grad(torch_backend):
     assert_close(tb, g, ref.cross_entropy_target_grad(case.x, case.target, **case.options))
 
 
+@pytest.mark.parametrize("option", ["plain", "weight-ignore-smoothing", "softcap", "all"])
+def test_torch_retained_graph_and_upstreams(torch_backend, option):
+    """A recorded "mean" (its gradient computed in the forward): backward twice through a retained
+    graph, with upstream 3 then 1, accumulates ``4·∂loss/∂x`` in ``.grad``; a third call through
+    ``autograd.grad`` with ``create_graph=True`` differentiates again. Against ``F.cross_entropy``."""
+    tb = torch_backend
+    torch = tb.modules["torch"]
+    case = _case(option, "index", "2d", seed=6)
+    x, t, kw = case.on(tb)
+    _, (want,), _ = _torch_run(tb, tb.native.cross_entropy, x, t, kw, "mean", None, target_grad=False)
+    xr = x.detach().clone().requires_grad_()
+    loss = multixent.cross_entropy(xr, t, **kw)
+    (3 * loss).backward(retain_graph=True)
+    assert_close(tb, xr.grad, 3 * tb.to_numpy(want))
+    loss.backward(retain_graph=True)
+    assert_close(tb, xr.grad, 4 * tb.to_numpy(want))
+    (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+    assert g.requires_grad
+    assert_close(tb, g, tb.to_numpy(want))
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["plain", "weight", "ignore-class1", "weight-ignore-smoothing"])
 def test_torch_nll_loss_autograd(torch_backend, option, reduction):

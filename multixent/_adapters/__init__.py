@@ -10,6 +10,7 @@ array-api-compat recognises torch and JAX arrays without importing them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,11 +50,31 @@ class Adapter(Protocol):
         ...
 
     def row_losses(
-        self, x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+        self,
+        x: Any,
+        target: Any,
+        weight: Any,
+        opts: _math.Options,
+        may_ignore: bool,
+        xp: Any,
+        shard: Any = None,
+        need_lse: bool = True,
     ) -> tuple[Any, Any]:
         """Per-row ``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable by the framework.
 
         ``shard``: the class axis split over a group (:class:`multixent._math.Shard`), or None.
+        ``need_lse=False``: the caller does not use ``lse``, which may then be None.
+        """
+        ...
+
+    def fused(
+        self, x: Any, target: Any, weight: Any, compute: Callable[[], Any], recompute: Callable[[Any], Any]
+    ) -> Any:
+        """A scalar loss whose gradient with respect to ``x`` was computed with it, or None (the usual route).
+
+        ``compute()`` gives ``(loss, ∂loss/∂x)`` in one pass; ``recompute(x)`` the loss through the usual,
+        differentiable route (for a second or a double backward). Used where autograd records ``x``
+        alone, eagerly and in one block: the backward then only scales the gradient.
         """
         ...
 
@@ -113,7 +134,21 @@ def dtensor_adapter(*arrays: Any) -> Any:
     return dtensor
 
 
+#: :func:`adapter_for`'s answer per array type (it reads the type only).
+_ADAPTERS: dict[type, Adapter] = {}
+
+
 def adapter_for(x: Any) -> Adapter:
+    """The adapter module of ``x``'s framework (kept per type)."""
+    found = _ADAPTERS.get(type(x))
+    if found is None:
+        found = _adapter_for(x)
+        if len(_ADAPTERS) < 256 and not _compat.compiling():
+            _ADAPTERS[type(x)] = found
+    return found
+
+
+def _adapter_for(x: Any) -> Adapter:
     if _compat.is_torch_array(x):
         from . import torch
 

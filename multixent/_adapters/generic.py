@@ -36,17 +36,29 @@ def scalar(a: Any) -> float | None:
 def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:
     """Blocks of rows (one for lazy arrays, which dask chunks itself); in place for NumPy
     (``out=`` and integer-array setitem). No autodiff here: ``differentiable`` changes nothing."""
-    in_place = array_api_compat.is_numpy_array(x)
-    rows = None if array_api_compat.is_lazy_array(x) else _math.block_rows_for(x.shape[-1])
-    return _math.Plan(block_rows=rows, in_place=in_place, may_ignore=may_ignore)
+    if isinstance(x, numpy.ndarray):
+        return _math.eager_plan(x.shape[-1], True, may_ignore)
+    return _math.eager_plan(None if array_api_compat.is_lazy_array(x) else x.shape[-1], False, may_ignore)
 
 
 def row_losses(
-    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+    x: Any,
+    target: Any,
+    weight: Any,
+    opts: _math.Options,
+    may_ignore: bool,
+    xp: Any,
+    shard: Any = None,
+    need_lse: bool = True,
 ) -> tuple[Any, Any]:
     """No groups here (``shard`` is None: a group's arrays are its framework's, checked before)."""
     opts = opts.astype(_math.compute_dtype(x.dtype, xp), xp)
-    return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp)
+    return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp, need_lse=need_lse)
+
+
+def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any:
+    """None: no autodiff here."""
+    return None
 
 
 # --------------------------------------------------------------------------

@@ -132,8 +132,16 @@ _row_losses_compiled = jax.jit(_row_losses, static_argnums=(3, 4))
 
 
 def row_losses(
-    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+    x: Any,
+    target: Any,
+    weight: Any,
+    opts: _math.Options,
+    may_ignore: bool,
+    xp: Any,
+    shard: Any = None,
+    need_lse: bool = True,
 ) -> tuple[Any, Any]:
+    """``need_lse`` changes nothing: under ``jit`` XLA drops an unused ``lse``."""
     how = plan(x, may_ignore=may_ignore, differentiable=True, shard=shard)
     if opts.arrays:  # traced options: JAX differentiates the math itself (no custom rule), options included;
         # with a group too: shard_map's replication types sum the options' per-member cotangents
@@ -141,6 +149,11 @@ def row_losses(
     if shard is not None or any(isinstance(a, jax.core.Tracer) for a in (x, target, weight)):
         return _row_losses(x, target, weight, opts, how)
     return _row_losses_compiled(x, target, weight, opts, how)  # eager, float options, no group
+
+
+def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any:
+    """None: the custom_jvp shares ``exp(z - m)`` between the loss and its gradient already."""
+    return None
 
 
 # --------------------------------------------------------------------------

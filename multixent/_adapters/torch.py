@@ -96,7 +96,7 @@ def plan(
         how = _math.Plan(may_ignore=may_ignore)
     else:
         recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
-        how = _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=not recorded, may_ignore=may_ignore)
+        how = _math.eager_plan(x.shape[-1], not recorded, may_ignore)
     return how if shard is None else dataclasses.replace(how, shard=shard)
 
 
@@ -306,8 +306,16 @@ def _recorded(*arrays: Any) -> bool:
 
 
 def row_losses(
-    x: Any, target: Any, weight: Any, opts: _math.Options, may_ignore: bool, xp: Any, shard: Any = None
+    x: Any,
+    target: Any,
+    weight: Any,
+    opts: _math.Options,
+    may_ignore: bool,
+    xp: Any,
+    shard: Any = None,
+    need_lse: bool = True,
 ) -> tuple[Any, Any]:
+    """``need_lse=False``: without autograd, ``lse`` is not computed (None)."""
     if shard is not None:
         _eager_group(x, target, weight, opts)
     if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
@@ -318,14 +326,47 @@ def row_losses(
     elif _transformed(x, target, weight):
         function = _RowLossesJvp
     elif not _recorded(x, target, weight):  # nothing to differentiate: the math alone, blocks in place
-        how = _math.Plan(
-            block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore, shard=shard
-        )
-        return _math.row_losses(x, target, weight, opts, how, xp=xp)  # type: ignore[return-value]
+        how = _math.eager_plan(x.shape[-1], True, may_ignore)
+        if shard is not None:
+            how = dataclasses.replace(how, shard=shard)
+        return _math.row_losses(x, target, weight, opts, how, xp=xp, need_lse=need_lse)  # type: ignore[return-value]
     else:
         function = _RowLossesEager
     ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)
     return ce, lse
+
+
+class _Fused(torch.autograd.Function):
+    """A loss computed with its gradient (:func:`fused`): the backward scales the gradient, or gives it
+    away as it is for the usual upstream 1 (autograd then keeps it as ``x.grad`` without a copy)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, compute: Any, recompute: Any) -> Any:
+        loss, ctx.grad = compute()
+        ctx.x, ctx.recompute = x, recompute  # the input itself: a double backward differentiates through it
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: Any) -> Any:
+        grad, ctx.grad = ctx.grad, None
+        if grad is None or torch.is_grad_enabled():  # a second backward, or create_graph=True: the usual route
+            with torch.enable_grad():
+                (x_bar,) = torch.autograd.grad(ctx.recompute(ctx.x), ctx.x, g, create_graph=torch.is_grad_enabled())
+            return x_bar, None, None
+        unit = not (torch.compiler.is_compiling() or _wrapped(g)) and bool(g == 1)
+        return grad if unit else grad * g.to(grad.dtype), None, None
+
+
+def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any:
+    """:class:`_Fused` when autograd records the logits alone (not the target nor the weights; no forward
+    mode), eagerly (not compiled, no torch.func transform), and the logits are one block; else None."""
+    if not (x.requires_grad and torch.is_grad_enabled()) or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    if target.requires_grad or (weight is not None and weight.requires_grad):
+        return None
+    if x.shape[0] > _math.block_rows_for(x.shape[-1]) or torch.compiler.is_compiling() or _transformed(x, target):
+        return None
+    return _Fused.apply(x, compute, recompute)  # type: ignore[no-untyped-call]
 
 
 def _eager_group(x: Any, target: Any, weight: Any, opts: _math.Options) -> None:
