@@ -196,6 +196,8 @@ def _index_target(
     target = target if target.dtype == dtype else xp.astype(target, dtype)
     values = adapter.concrete(target) if _checks.readable(target) else None
     if values is not None:
+        if shard is None and layout is None:  # the usual call
+            return target, opts, _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
         check = functools.partial(_checks.class_indices, values, classes, ignore, wrapped_bits, comparable)
         if layout is not None:  # a batch-sharded DTensor target: agreed over the batch ranks
             check = functools.partial(layout.agree, check)
@@ -284,6 +286,13 @@ def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
 def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype: Any) -> Array:
     """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``; NaN for out-of-range array options."""
     xp = call.xp
+    # the usual call (no z-loss, array option, ignored row or DTensor): "sum" and a "mean" over every row
+    # (not empty; without class weights for class indices) are one reduction
+    plain = isinstance(z_loss, float) and z_loss == 0.0 and not call.opts.arrays and call.layout is None
+    whole = ce.shape[0] and call.counted is None and (call.weight is None or not call.is_index)
+    if plain and (call.reduction == "sum" or (call.reduction == "mean" and whole)):
+        total = xp.sum(ce) if call.reduction == "sum" else _compat.mean(ce, xp)
+        return generic.as_array(total if total.dtype == out_dtype else xp.astype(total, out_dtype))
     z_loss = _in_dtype(z_loss, ce.dtype, xp)
     poison = _poison(call.opts, z_loss, ce, xp)
     if call.reduction == "none":

@@ -391,6 +391,8 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
     if flat.shape[0] == 0:
         return False
     ignore_is_class = comparable and 0 <= ignore < classes
+    if not ignore_is_class and _compat.in_range(flat, classes):  # the usual case, in one reduction
+        return False
     stats = _compat.min_max(flat, xp)
     if ignore_is_class:
         stats.append(xp.astype(xp.any(flat == ignore), flat.dtype))

@@ -94,6 +94,14 @@ def min_max(a: Any, xp: Any) -> list[Any]:
     return [xp.min(a), xp.max(a)]
 
 
+def in_range(a: Any, high: int) -> bool:
+    """Whether every entry of integer ``a`` lies in ``[0, high)``, known for NumPy arrays in one reduction
+    (the maximum of their unsigned view: a negative entry is larger than any index); False otherwise."""
+    if not isinstance(a, numpy.ndarray) or a.dtype.kind not in "iu":
+        return False
+    return bool(a.view(a.dtype.str.replace("i", "u")).max() < high)
+
+
 def host_ints(values: list[Any]) -> list[int]:
     """0-d integer arrays as Python ints: torch's in one device-to-host copy (one synchronisation)."""
     if is_torch_array(values[0]):

@@ -770,7 +770,7 @@ def row_losses_and_grad(
         )
         ce_bar = xp.full_like(blk.ce, ce_scale) if isinstance(ce_scale, float) else xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) and blk.lse is not None else None
-        e_scale = 1.0 / blk.sum_e
+        e_scale = blk.sum_e**-1.0  # one operation; 1.0 / sum_e is two in torch (reciprocal, then a product)
         g = _grad_block(
             blk.e,
             e_scale,
