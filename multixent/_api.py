@@ -290,6 +290,7 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype
     # (not empty; without class weights for class indices) are one reduction
     plain = isinstance(z_loss, float) and z_loss == 0.0 and not call.opts.arrays and call.layout is None
     whole = ce.shape[0] and call.counted is None and (call.weight is None or not call.is_index)
+    total: Array
     if plain and (call.reduction == "sum" or (call.reduction == "mean" and whole)):
         total = xp.sum(ce) if call.reduction == "sum" else _compat.mean(ce, xp)
         return generic.as_array(total if total.dtype == out_dtype else xp.astype(total, out_dtype))
@@ -300,7 +301,6 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype
         per_row = per_row if poison is None else per_row * poison
         return _wrap(call, xp.astype(xp.reshape(per_row, call.batch_shape), out_dtype, copy=False))
     z_total = _across(call, xp.sum(lse * lse), ce.dtype) if _math.is_set(z_loss) else None
-    total: Array
     if call.reduction == "sum":
         total = _across(call, xp.sum(ce), ce.dtype)
     else:
@@ -470,8 +470,9 @@ def cross_entropy_and_grad(
     )
     xp = call.xp
     loss, grad = _loss_and_grad(call, z, logits.dtype)
-    moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
-    grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
+    if len(call.batch_shape) != 1 or call.axis != 1:  # (rows, C) logits are the rows themselves
+        moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
+        grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
     return loss, _wrap(call, grad, rows_only=False)
 
 

@@ -386,12 +386,12 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
     that width, so a negative value ``v`` is really ``v + 2**bits`` (out of range, never
     ignored); the message names the true value.
     """
+    ignore_is_class = comparable and 0 <= ignore < classes
+    if not ignore_is_class and _compat.in_range(target, classes):  # the usual case, in one reduction
+        return False
     xp = _compat.array_namespace(target)
     flat = target if target.ndim == 1 else xp.reshape(target, (-1,))
     if flat.shape[0] == 0:
-        return False
-    ignore_is_class = comparable and 0 <= ignore < classes
-    if not ignore_is_class and _compat.in_range(flat, classes):  # the usual case, in one reduction
         return False
     stats = _compat.min_max(flat, xp)
     if ignore_is_class:

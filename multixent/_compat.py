@@ -54,15 +54,16 @@ def device(x: Any) -> Any:
     return x.device if is_torch_array(x) else array_api_compat.device(x)
 
 
-def take_along_axis(x: Any, indices: Any, xp: Any, axis: int = -1) -> Any:
-    """``xp.take_along_axis`` for indices already in range: torch's ``gather`` for tensors
-    (compat's wrapper adds three operations that map negative indices; ``take_along_dim``
-    one more that wraps them)."""
+def take_rows(x: Any, index: Any, xp: Any) -> Any:
+    """``x[i, index[i]]`` for each row ``i`` of 2-D ``x`` (``xp.take_along_axis`` along the last axis), for
+    indices already in range: torch's ``gather`` by methods (compat's wrapper adds three operations that
+    map negative indices; ``take_along_dim`` one more that wraps them), NumPy's integer-array indexing
+    (its function takes 10 us of Python)."""
     if is_torch_array(x):
-        return x.gather(axis, indices)
-    if isinstance(x, numpy.ndarray) and x.ndim == 2 and axis in (-1, 1):  # NumPy's function: 10 us of Python
-        return x[numpy.arange(x.shape[0])[:, None], indices]
-    return xp.take_along_axis(x, indices, axis=axis)
+        return x.gather(1, index.unsqueeze(1)).squeeze(1)
+    if isinstance(x, numpy.ndarray):
+        return x[numpy.arange(x.shape[0]), index]
+    return xp.take_along_axis(x, index[:, None], axis=-1)[:, 0]
 
 
 def mean(a: Any, xp: Any) -> Any:
@@ -97,9 +98,9 @@ def min_max(a: Any, xp: Any) -> list[Any]:
 def in_range(a: Any, high: int) -> bool:
     """Whether every entry of integer ``a`` lies in ``[0, high)``, known for NumPy arrays in one reduction
     (the maximum of their unsigned view: a negative entry is larger than any index); False otherwise."""
-    if not isinstance(a, numpy.ndarray) or a.dtype.kind not in "iu":
+    if not isinstance(a, numpy.ndarray) or a.dtype.kind not in "iu" or a.size == 0:
         return False
-    return bool(a.view(a.dtype.str.replace("i", "u")).max() < high)
+    return bool(numpy.maximum.reduce(a.view(a.dtype.str.replace("i", "u")), axis=None) < high)
 
 
 def host_ints(values: list[Any]) -> list[int]:
@@ -150,9 +151,15 @@ def subtract_at_rows(g: Any, index: Any, values: Any, xp: Any) -> Any:
     operations where the setitem is four), else setitem (as ``xpx.at(copy=False)`` would do
     after 30 us of Python per call)."""
     if is_torch_array(g):
-        return g.scatter_add_(1, index[:, None], -values[:, None])
-    g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)), index] -= values
+        return g.scatter_add_(1, index.unsqueeze(1), values.neg().unsqueeze(1))
+    rows = numpy.arange(g.shape[0]) if isinstance(g, numpy.ndarray) else None  # compat's arange: 5 us
+    g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)) if rows is None else rows, index] -= values
     return g
+
+
+def full_like(a: Any, value: float, xp: Any) -> Any:
+    """``xp.full_like(a, value)``; NumPy's own function (compat's wrapper checks the device first)."""
+    return numpy.full_like(a, value) if isinstance(a, numpy.ndarray) else xp.full_like(a, value)
 
 
 def float_bits(dtype: Any, xp: Any) -> int:

@@ -39,7 +39,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import clip, device, float_bits, memo, row_max, row_sum, subtract_at_rows, take_along_axis
+from ._compat import clip, device, float_bits, full_like, memo, row_max, row_sum, subtract_at_rows, take_rows
 
 Array = Any
 Namespace = Any
@@ -309,7 +309,7 @@ def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
     on lazy arrays chunked along either axis.
     """
     if hasattr(xp, "take_along_axis"):
-        return take_along_axis(x, index[:, None], xp)[:, 0]
+        return take_rows(x, index, xp)
     classes = xp.arange(x.shape[-1], dtype=index.dtype, device=device(x))
     return xp.sum(xp.where(classes == index[:, None], x, 0.0), axis=-1)
 
@@ -768,7 +768,7 @@ def row_losses_and_grad(
             tanh_out=x_bar.tanh_scratch(b - a, opts),
             need_lse=need_lse or _nonzero(lse_scale),
         )
-        ce_bar = xp.full_like(blk.ce, ce_scale) if isinstance(ce_scale, float) else xp.zeros_like(blk.ce) + ce_scale
+        ce_bar = full_like(blk.ce, ce_scale, xp) if isinstance(ce_scale, float) else xp.zeros_like(blk.ce) + ce_scale
         lse_bar = lse_scale * blk.lse if _nonzero(lse_scale) and blk.lse is not None else None
         e_scale = blk.sum_e**-1.0  # one operation; 1.0 / sum_e is two in torch (reciprocal, then a product)
         g = _grad_block(

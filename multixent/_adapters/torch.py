@@ -61,19 +61,22 @@ def concrete(a: Any) -> Any:
     return a.numpy() if viewable and not torch._C._are_functorch_transforms_active() else a
 
 
+_functorch_wrapped, _legacy_batched = (
+    torch._C._functorch.is_functorch_wrapped_tensor,
+    torch._C._functorch.is_legacy_batchedtensor,
+)
+
+
 def _wrapped(a: Any) -> bool:
     """A tensor of a torch.func transform, or of the legacy vmap behind ``is_grads_batched``."""
-    functorch = torch._C._functorch
-    return isinstance(a, torch.Tensor) and (
-        functorch.is_functorch_wrapped_tensor(a) or functorch.is_legacy_batchedtensor(a)
-    )
+    return isinstance(a, torch.Tensor) and (_functorch_wrapped(a) or _legacy_batched(a))
 
 
 def _transformed(*arrays: Any) -> bool:
     """Under a transform (not compiling): no ``out=``, no setitem into views, no in-place update of a batched tensor."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._are_functorch_transforms_active() or any(_wrapped(a) for a in arrays)
+    return torch._C._are_functorch_transforms_active() or any(map(_wrapped, arrays))
 
 
 def plan(
