@@ -460,9 +460,10 @@ def options(
     Each of label_smoothing, z_loss and softcap is a Python float, or an array (see :func:`option`).
     """
     given = (ignore_index, label_smoothing, z_loss, softcap)
+    types = tuple(map(type, given))
     key = None
-    if all(type(v) in _PLAIN for v in given):  # type too: False == 0 but is refused
-        key = (*given, *map(type, given))
+    if _PLAIN.issuperset(types):  # type too: False == 0 but is refused
+        key = (*given, *types)
         found = _OPTIONS.get(key)
         if found is not None:
             return found
@@ -476,7 +477,7 @@ def options(
     return result
 
 
-_PLAIN = (int, float, type(None))
+_PLAIN = frozenset((int, float, type(None)))
 #: :func:`options`' results per Python values (and their types).
 _OPTIONS: dict[tuple[Any, ...], tuple[Options, float | Array]] = {}
 

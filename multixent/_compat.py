@@ -67,24 +67,27 @@ def take_rows(x: Any, index: Any, xp: Any) -> Any:
 
 
 def mean(a: Any, xp: Any) -> Any:
-    """``xp.mean(a)`` of a non-empty 1-d array: NumPy's as its sum over its length (what ``numpy.mean``
-    computes, without its 5 us of wrappers); torch's method (compat's wrapper checks its arguments)."""
+    """``xp.mean(a)`` of a non-empty 1-d array: NumPy's as its sum (the ufunc's reduction, which
+    ``a.sum()`` calls) over its length, what ``numpy.mean`` computes without its 5 us of wrappers;
+    torch's method (compat's wrapper checks its arguments)."""
     if isinstance(a, numpy.ndarray):
-        return a.sum() / a.dtype.type(a.shape[0])
+        return numpy.add.reduce(a) / a.dtype.type(a.shape[0])
     return a.mean() if is_torch_array(a) else xp.mean(a)
 
 
 def row_sum(a: Any, xp: Any) -> Any:
-    """``xp.sum(a, axis=-1)``; NumPy's and torch's methods skip the namespace's wrappers."""
-    if isinstance(a, numpy.ndarray) or is_torch_array(a):
+    """``xp.sum(a, axis=-1)``; NumPy's ufunc and torch's method skip the namespace's wrappers."""
+    if isinstance(a, numpy.ndarray):
+        return numpy.add.reduce(a, axis=-1)
+    if is_torch_array(a):
         return a.sum(-1)
     return xp.sum(a, axis=-1)
 
 
 def row_max(a: Any, xp: Any) -> Any:
-    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's and torch's methods skip the wrappers."""
+    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's ufunc and torch's method skip the wrappers."""
     if isinstance(a, numpy.ndarray):
-        return a.max(axis=-1, keepdims=True)
+        return numpy.maximum.reduce(a, axis=-1, keepdims=True)
     return a.amax(-1, keepdim=True) if is_torch_array(a) else xp.max(a, axis=-1, keepdims=True)
 
 
