@@ -101,9 +101,12 @@ def min_max(a: Any, xp: Any) -> list[Any]:
 def in_range(a: Any, high: int) -> bool:
     """Whether every entry of integer ``a`` lies in ``[0, high)``, known for NumPy arrays in one reduction
     (the maximum of their unsigned view: a negative entry is larger than any index); False otherwise."""
-    if not isinstance(a, numpy.ndarray) or a.dtype.kind not in "iu" or a.size == 0:
-        return False
-    return bool(numpy.maximum.reduce(a.view(a.dtype.str.replace("i", "u")), axis=None) < high)
+    unsigned = _UNSIGNED.get(a.dtype) if isinstance(a, numpy.ndarray) else None
+    return unsigned is not None and a.size > 0 and bool(numpy.maximum.reduce(a.view(unsigned), axis=None) < high)
+
+
+#: The unsigned integer dtype of each integer dtype's width (native byte order).
+_UNSIGNED = {numpy.dtype(f"{k}{n}"): numpy.dtype(f"u{n}") for k in "iu" for n in (1, 2, 4, 8)}
 
 
 def host_ints(values: list[Any]) -> list[int]:
@@ -113,12 +116,9 @@ def host_ints(values: list[Any]) -> list[int]:
     return [int(v) for v in values]
 
 
-_FIXED: dict[Any, bool] = {}
-
-
 def fixed_defaults(xp: Any) -> bool:
     """Whether ``xp``'s default dtypes are fixed for the process (JAX's follow ``jax_enable_x64``)."""
-    return memo(_FIXED, xp, lambda: not array_api_compat.is_jax_namespace(xp))
+    return not array_api_compat.is_jax_namespace(xp)
 
 
 def clip(x: Any, low: float, high: float, xp: Any) -> Any:
