@@ -411,11 +411,11 @@ def _loss_and_grad(call: _Call, z: float | Array, out_dtype: Any) -> tuple[Array
     ce_scale: Array | float = 1.0
     z_scale: Array | float = 1.0
     if call.reduction == "mean":
-        counts = _denominators(call, dtype)
-        one = None
-        if not all(isinstance(c, int) for c in counts):
+        ce_count, z_count = _denominators(call, dtype)
+        one: Array | float = 1.0
+        if not (isinstance(ce_count, int) and isinstance(z_count, int)):
             one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-        ce_scale, z_scale = (_mean(1.0 if one is None else one, c, xp) for c in counts)
+        ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
             call.rows,

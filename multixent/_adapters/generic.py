@@ -52,7 +52,7 @@ def row_losses(
     need_lse: bool = True,
 ) -> tuple[Any, Any]:
     """No groups here (``shard`` is None: a group's arrays are its framework's, checked before)."""
-    opts = opts.astype(_math.compute_dtype(x.dtype, xp), xp)
+    opts = opts.astype(_math.compute_dtype(x.dtype, xp), xp) if opts.arrays else opts
     return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp, need_lse=need_lse)
 
 
