@@ -40,7 +40,8 @@ def tests(session: nox.Session, backend: str) -> None:
 
 def _suite(session: nox.Session, backends: str, *pytest_args: str) -> None:
     """The parametrized suite on these backends (MULTIXENT_BACKENDS, comma-separated)."""
-    args = ["pytest", "-n", "2", "-p", "no:cacheprovider", *pytest_args, *session.posargs]
+    # worksteal: a worker left idle takes the other's queued tests (the slow ones cluster by file)
+    args = ["pytest", "-n", "2", "--dist", "worksteal", "-p", "no:cacheprovider", *pytest_args, *session.posargs]
     session.run(*args, env={"MULTIXENT_BACKENDS": backends})
 
 
@@ -66,6 +67,20 @@ def _floors(*extras: str) -> list[str]:
 FLOOR_FILES = ["tests/test_values.py", "tests/test_contract.py", "tests/test_errors.py", "tests/test_habits.py"]
 FLOOR_FILES += ["tests/test_compiled_paths.py"]
 
+#: The shard_map tests run at the jax floor: one of each JAX API ``group=`` relies on (``lax.pcast``, ``psum``/
+#: ``pmax`` over two axes, ``vmap`` inside ``shard_map`` -- 0.8.2 and 0.8.3 fail it --, the replication
+#: types behind the errors, traced options, ``linear_cross_entropy``'s column parallelism). The whole file
+#: took 170 s there (2026-12-02); the rest repeats those calls on more options, and runs in `distributed`.
+FLOOR_SHARD_MAP = [
+    "test_value_and_grad_equal_the_unsharded_call[every-option-sum-float64-two-axes]",
+    "test_vmap_inside_shard_map",
+    "test_errors",
+    "test_linear_classifier_not_split_is_an_error",
+    "test_linear_cross_entropy_column_parallel[every-option]",
+    "test_traced_options[indices]",
+    "test_out_of_range_target_is_nan_when_traced",
+]
+
 #: the lowest-versions runs: the extras whose floors join the dependencies', and per backend list the
 #: files run (empty: the whole suite). Two environments, since the jax floor needs NumPy >= 2 and the
 #: dependencies' floor is NumPy 1.26.
@@ -80,9 +95,9 @@ LOWEST = {
 def lowest(session: nox.Session, floors: str) -> None:
     """Tests with the lowest declared versions (torch stays at TORCH, the only one here): the
     dependencies' floors with the whole suite on numpy and array-api-strict arrays and
-    :data:`FLOOR_FILES` on torch's; the jax extra's with those files on JAX arrays, then the
-    shard_map tests (``lax.pcast``, ``axis_size``, ``check_vma``: the reason
-    for the jax floor) on 4 simulated devices. Tests marked ``slow`` are left to `tests`.
+    :data:`FLOOR_FILES` on torch's; the jax extra's with those files on JAX arrays, then
+    :data:`FLOOR_SHARD_MAP` (``lax.pcast``, ``axis_size``, ``check_vma``: the reason for the jax
+    floor) on 4 simulated devices. Tests marked ``slow`` are left to `tests`.
 
     pip resolves the test tools (optax, scipy, array-api-strict, ...) to versions compatible with those pins.
     """
@@ -94,15 +109,14 @@ def lowest(session: nox.Session, floors: str) -> None:
     for backends, files in runs.items():
         _suite(session, backends, "-m", "not slow", *files)
     if floors == "jax":
+        shard_map = [f"tests/test_shard_map.py::{t}" for t in FLOOR_SHARD_MAP]
         session.run(
             "pytest",
             "-n",
             "2",
             "-p",
             "no:cacheprovider",
-            "tests/test_shard_map.py",
-            "-k",  # not the float64 one-axis option matrices (their richest cases run in float32 and on two axes)
-            "not float64-axis and not test_cross_entropy_and_grad",
+            *shard_map,
             env={
                 "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                 "MULTIXENT_DISTRIBUTED": "1",
