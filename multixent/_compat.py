@@ -155,8 +155,11 @@ def subtract_at_rows(g: Any, index: Any, values: Any, xp: Any) -> Any:
     after 30 us of Python per call)."""
     if is_torch_array(g):
         return g.scatter_add_(1, index.unsqueeze(1), values.neg().unsqueeze(1))
-    rows = numpy.arange(g.shape[0]) if isinstance(g, numpy.ndarray) else None  # compat's arange: 5 us
-    g[xp.arange(g.shape[0], dtype=index.dtype, device=device(g)) if rows is None else rows, index] -= values
+    if isinstance(g, numpy.ndarray):  # NumPy's own arange (compat's checks the device first: 5 us)
+        rows = numpy.arange(g.shape[0])
+    else:
+        rows = xp.arange(g.shape[0], dtype=index.dtype, device=device(g))
+    g[rows, index] -= values
     return g
 
 
