@@ -167,9 +167,14 @@ _EAGER_PLANS: dict[tuple[int | None, bool, bool], Plan] = {}
 
 def eager_plan(num_classes: int | None, in_place: bool, may_ignore: bool) -> Plan:
     """The plan of an eager call without autodiff or group: blocks of rows for ``num_classes``
-    (:func:`block_rows_for`; None: one block), in place or not; built once per kind."""
+    (:func:`block_rows_for`; None: one block), in place or not; built once per kind (the key holds
+    Python numbers only, which ``torch.compile`` hashes: no :func:`memo`)."""
     rows = None if num_classes is None else block_rows_for(num_classes)
-    return memo(_EAGER_PLANS, (rows, in_place, may_ignore), lambda: Plan(rows, in_place, may_ignore))
+    key = (rows, in_place, may_ignore)
+    found = _EAGER_PLANS.get(key)
+    if found is None:
+        found = _EAGER_PLANS[key] = Plan(rows, in_place, may_ignore)
+    return found
 
 
 #: Per ``(namespace, dtype)``: the compute dtype and its largest finite value.
