@@ -1,7 +1,7 @@
 """The per-call cost of small problems, multixent / native in the same run (issue 12).
 
-``python benchmarks/fixed_cost.py [threads] [wall|process]``: best of 5 rounds of 300 calls (rounds of the
-two losses alternate), at 64x10 and 512x100, float32: torch eager forward under ``no_grad``
+``python benchmarks/fixed_cost.py [threads] [wall|process] [NxC,...]``: best of 5 rounds of 300 calls (rounds
+of the losses alternate), at 64x10 and 512x100 (or the sizes given), float32: torch eager forward under ``no_grad``
 and forward+backward against ``F.cross_entropy``; NumPy's forward against SciPy's
 ``log_softmax`` + ``take_along_axis``, ``cross_entropy_and_grad`` against SciPy's ``softmax``
 minus the one-hot target, divided by N; JAX without ``jit`` against optax's eager call.
@@ -88,11 +88,11 @@ def _numpy_floor_grad(x: Any, y: Any) -> Any:
     return loss, e
 
 
-def rows(threads: int) -> list[tuple[str, str, float, float, float]]:
+def rows(threads: int, shapes: tuple[tuple[int, int], ...] = SHAPES) -> list[tuple[str, str, float, float, float]]:
     import torch
 
     torch.set_num_threads(threads)
-    return [row for n, c in SHAPES for row in _size(n, c)]
+    return [row for n, c in shapes for row in _size(n, c)]
 
 
 def _size(n: int, c: int) -> list[tuple[str, str, float, float, float]]:
@@ -163,7 +163,8 @@ def _size(n: int, c: int) -> list[tuple[str, str, float, float, float]]:
 if __name__ == "__main__":
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     _clock = sys.argv[2] if len(sys.argv) > 2 else "wall"
+    shapes = tuple(tuple(map(int, s.split("x"))) for s in sys.argv[3].split(",")) if len(sys.argv) > 3 else SHAPES
     print(f"torch threads {threads}; best of 5 x 300 calls, us per call ({_clock} clock)")
     print(f"{'case':20} {'size':8} {'multixent':>10} {'native':>10} {'floor':>10} {'ratio':>6} {'floor ratio':>11}")
-    for case, size, a, b, f in rows(threads):
+    for case, size, a, b, f in rows(threads, shapes):  # type: ignore[arg-type]
         print(f"{case:20} {size:8} {a:10.1f} {b:10.1f} {f:10.1f} {a / b:6.2f} {f / b:11.2f}")
