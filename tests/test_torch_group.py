@@ -342,3 +342,37 @@ def test_linear_cross_entropy_column_parallel(linear_deviations, option):
         mine = {k: v for k, v in dev.items() if k.startswith(option + "-")}
         assert len(mine) >= 4, mine
         assert all(v <= TOL["float64"] for v in mine.values()), (rank, mine)
+
+
+def _group_after_destroy(rank: int, world_size: int) -> dict[str, bool]:
+    """Whether a destroyed group is freed while a ``group=`` loss (its graph, after backward) is kept."""
+    import gc
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    import multixent as mx
+
+    group = dist.new_group([0, 1])
+    x = torch.randn(4, 6, dtype=torch.float64).requires_grad_()
+    loss = mx.cross_entropy(x, torch.tensor([0, 3, 7, 11]), group=group, label_smoothing=0.1)
+    loss.backward()
+    linear = mx.linear_cross_entropy(
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(6, 3, dtype=torch.float64).requires_grad_(),
+        torch.tensor([0, 3, 7, 11]),
+        group=group,
+    )
+    kept = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    return {"freed": kept() is None, "graph kept": loss.grad_fn is not None and linear.grad_fn is not None}
+
+
+def test_a_kept_loss_does_not_keep_the_group_alive():
+    """A graph holding the group keeps it (and gloo's threads) alive until the interpreter exits, where
+    destroying them aborted the process (``terminate called without an active exception``)."""
+    for result in run_ranks(_group_after_destroy, 2, timeout=300):
+        assert result == {"freed": True, "graph kept": True}

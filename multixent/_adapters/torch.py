@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,15 +129,31 @@ class _GroupSpread(torch.autograd.Function):
     its gradient sums every member's contribution (``all_reduce(SUM)``)."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx: Any, a: torch.Tensor, group: Callable[[], Any]) -> torch.Tensor:
+        ctx.group = group  # held weakly (:func:`_held_weakly`)
         return a.view_as(a)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         g = g.clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group())
         return g, None
+
+
+def _held_weakly(group: Any) -> Callable[[], Any]:
+    """``group`` through a weak reference. The autograd graph of a loss (a script's global, kept
+    until the interpreter exits) must not keep the process group alive past
+    ``destroy_process_group``: gloo's threads, destroyed at exit, then abort the process
+    (``terminate called without an active exception``; about 1 run in 5 of the README's torchrun block)."""
+    ref = weakref.ref(group)
+
+    def get() -> Any:
+        alive = ref()
+        if alive is None:
+            raise RuntimeError("multixent: the process group of this loss was destroyed before its backward")
+        return alive
+
+    return get
 
 
 def _group_max(a: torch.Tensor, group: Any) -> torch.Tensor:
@@ -210,13 +228,14 @@ def shard(
                 f"{list(zip(offsets, sizes, strict=True))} do not tile [0, C) without gaps or overlaps"
             )
     offset = offsets[rank]
+    member = _held_weakly(group)
     return _math.Shard(
         num_classes=sum(sizes),
         offset=lambda: offset,
-        max=lambda a: _group_max(a, group),
-        sum=lambda a: _GroupSum.apply(a, group),  # type: ignore[no-untyped-call]
-        spread=lambda a: _GroupSpread.apply(a, group),  # type: ignore[no-untyped-call]
-        agree=lambda error, what: _agree(group, device, error, what),
+        max=lambda a: _group_max(a, member()),
+        sum=lambda a: _GroupSum.apply(a, member()),  # type: ignore[no-untyped-call]
+        spread=lambda a: _GroupSpread.apply(a, member),  # type: ignore[no-untyped-call]
+        agree=lambda error, what: _agree(member(), device, error, what),
     )
 
 
