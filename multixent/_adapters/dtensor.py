@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .torch import _GroupSpread, _GroupSum  # the group= path's differentiable all-reduces
+from .torch import _GroupSpread, _GroupSum, _held_weakly  # the group= path's differentiable all-reduces
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def local_weight(weight: Any, lay: Layout) -> Any:
     if isinstance(weight, DTensor):
         weight = weight.full_tensor()
     for group in lay.batch_groups:
-        weight = _GroupSpread.apply(weight, group)  # type: ignore[no-untyped-call]
+        weight = _GroupSpread.apply(weight, _held_weakly(group))  # type: ignore[no-untyped-call]
     return weight
 
 
