@@ -258,19 +258,27 @@ def _mean(total: Array | float, count: Array | int, xp: Any) -> Array | float:
     return xp.where(nonzero, total / xp.where(nonzero, count, xp.ones_like(count)), xp.zeros_like(total))
 
 
-def _denominators(call: _Call, dtype: Any) -> tuple[Array | int, Array | int]:
-    """The "mean" denominators of the cross-entropy and of the z-loss (ints when known now)."""
+def _denominators(call: _Call, dtype: Any, ce: Array | None = None) -> tuple[Array | int, Array | int, Array | None]:
+    """The "mean" denominators of the cross-entropy and of the z-loss (ints when known now), and ``Σ ce``
+    when ``ce`` is given: with rows that may be ignored, ``Σ ce`` and their count are one reduction of
+    the stacked ``(2, R)`` pair (one pass over the rows under ``jit``, not two)."""
     xp = call.xp
     n: Array | int = int(call.rows.shape[0])
+    total = None if ce is None else xp.sum(ce)
     if call.counted is not None:
-        n = xp.sum(xp.astype(call.counted, dtype))
-    n = _across(call, n, dtype)
+        counted = xp.astype(call.counted, dtype)
+        if ce is None:
+            n = xp.sum(counted)
+        else:
+            sums = xp.sum(xp.stack([ce, counted]), axis=1)
+            total, n = sums[0], sums[1]
+    total, n = None if total is None else _across(call, total, dtype), _across(call, n, dtype)
     if call.weight is None or not call.is_index:
-        return n, n
+        return n, n, total
     targets = _math.class_targets(
         call.target, call.weight, call.weight.shape[0], call.opts, xp, may_ignore=call.may_ignore
     )
-    return _across(call, xp.sum(targets.mask(targets.weight_at_target, xp)), dtype), n
+    return _across(call, xp.sum(targets.mask(targets.weight_at_target, xp)), dtype), n, total
 
 
 def _across(call: _Call, total: Array | int, dtype: Any) -> Array | int:
@@ -304,11 +312,8 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_loss: float | Array, out_dtype
     if call.reduction == "sum":
         total = _across(call, xp.sum(ce), ce.dtype)
     else:
-        ce_count, z_count = _denominators(call, ce.dtype)
-        # every row counts, with weight 1, and none is on another rank (the count is then an int):
-        # the namespace's mean, one operation
-        whole = isinstance(ce_count, int) and ce_count == ce.shape[0] > 0
-        total = _compat.mean(ce, xp) if whole else _mean(_across(call, xp.sum(ce), ce.dtype), ce_count, xp)
+        ce_count, z_count, ce_total = _denominators(call, ce.dtype, ce)
+        total = _mean(ce_total, ce_count, xp)
         z_total = None if z_total is None else _mean(z_total, z_count, xp)
     if z_total is not None:
         total = total + z_loss * z_total
@@ -411,7 +416,7 @@ def _loss_and_grad(call: _Call, z: float | Array, out_dtype: Any) -> tuple[Array
     ce_scale: Array | float = 1.0
     z_scale: Array | float = 1.0
     if call.reduction == "mean":
-        ce_count, z_count = _denominators(call, dtype)
+        ce_count, z_count, _ = _denominators(call, dtype)
         one: Array | float = 1.0
         if not (isinstance(ce_count, int) and isinstance(z_count, int)):
             one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
@@ -674,7 +679,7 @@ def linear_cross_entropy(
         one = xp.asarray(1.0, dtype=dtype, device=device(h))
         ce_scale, z_scale = one, one
         if reduction == "mean":
-            ce_count, z_count = _denominators(call, dtype)
+            ce_count, z_count, _ = _denominators(call, dtype)
             ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
         z = _in_dtype(z, dtype, xp)
         lse_scale = (2.0 * z) * z_scale if _math.is_set(z) else None
