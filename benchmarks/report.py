@@ -55,7 +55,7 @@ class Results:
             grid = list(itertools.product(*[[ast.literal_eval(p) for p in ps] for ps in rec["params"]]))
             out = {}
             for i, combo in enumerate(grid):
-                if values[i] is None:
+                if values[i] is None or values[i] != values[i]:  # failed, or skipped (asv's NaN)
                     continue
                 out[combo] = {
                     "value": values[i],

@@ -434,6 +434,11 @@ def _forward_block(
     smooth_sum = None
     if is_set(eps) and owned:  # before exp(s) overwrites s
         smooth_sum = _row_sum_weighted(s, w_local, xp)
+    elif is_set(eps) and counted is not None and opts.softcap is None:
+        # from the unmasked logits, masked per row: XLA would keep the masked logits for a second
+        # reduction (the gradient's); an ignored row's cotangent is 0, so w_c · 0 reaches its logits
+        unmasked = _prepare_logits(x, None, opts, dtype, xp)[0]
+        smooth_sum = xp.where(counted, _row_sum_weighted(unmasked, w_local, xp), 0.0)
     elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
     e = exp_s()
