@@ -264,14 +264,14 @@ def _denominators(call: _Call, dtype: Any, ce: Array | None = None) -> tuple[Arr
     the stacked ``(2, R)`` pair (one pass over the rows under ``jit``, not two)."""
     xp = call.xp
     n: Array | int = int(call.rows.shape[0])
-    total = None if ce is None else xp.sum(ce)
-    if call.counted is not None:
-        counted = xp.astype(call.counted, dtype)
-        if ce is None:
-            n = xp.sum(counted)
-        else:
-            sums = xp.sum(xp.stack([ce, counted]), axis=1)
-            total, n = sums[0], sums[1]
+    total = None
+    if call.counted is None:
+        total = None if ce is None else xp.sum(ce)
+    elif ce is None:
+        n = xp.sum(xp.astype(call.counted, dtype))
+    else:
+        sums = xp.sum(xp.stack([ce, xp.astype(call.counted, dtype)]), axis=1)
+        total, n = sums[0], sums[1]
     total, n = None if total is None else _across(call, total, dtype), _across(call, n, dtype)
     if call.weight is None or not call.is_index:
         return n, n, total
