@@ -39,7 +39,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import clip, device, float_bits, full_like, memo, row_max, row_sum, subtract_at_rows, take_rows
+from ._compat import clip, device, exp, float_bits, full_like, memo, row_max, row_sum, subtract_at_rows, take_rows
 
 Array = Any
 Namespace = Any
@@ -887,9 +887,9 @@ def _exp_shifted(z: Array, m: Array, out: Array | None, xp: Namespace, reuse: bo
     (``reuse``: ``exp(s)`` over the fresh ``s``)."""
     if out is None:
         s = z - m
-        return s, (lambda: xp.exp(s, out=s)) if reuse else (lambda: xp.exp(s))
+        return s, (lambda: exp(s, xp, out=s)) if reuse else (lambda: exp(s, xp))
     s = xp.subtract(_in_buffer(z, out), m, out=out)
-    return s, lambda: xp.exp(s, out=s)
+    return s, lambda: exp(s, xp, out=s)
 
 
 def _logits_for(
