@@ -69,7 +69,7 @@ def take_rows(x: Any, index: Any, xp: Any) -> Any:
 #: ``log2(e)``: ``exp(a) = exp2(a · log2(e))``.
 _LOG2_E = 1.4426950408889634
 
-#: Elements from which torch's float32 ``exp`` is taken as ``exp2`` of a product (below it, the extra operation costs more).
+#: Elements from which torch's float32 ``exp`` is ``exp2`` of a product (below, the extra operation costs more).
 _EXP2_FROM = 8192
 
 
