@@ -18,6 +18,7 @@ import argparse
 import ast
 import itertools
 import json
+import math
 import shutil
 import sys
 import time
@@ -354,6 +355,67 @@ def section_time(res: Results) -> list[str]:
     return out
 
 
+#: Issue 12's bars by the native loss's time: the band's upper bound (seconds) and its name.
+BANDS = ((0.2e-3, "< 0.2 ms"), (2e-3, "0.2-2 ms"), (math.inf, "≥ 2 ms"))
+
+#: (case, framework row of :data:`FRAMEWORKS` or None for NumPy, pass, bar per band)
+BARS = (
+    ("torch eager fwd+bwd", 0, 1, (2.0, 1.3, 1.0)),
+    ("torch eager fwd (`no_grad`)", 0, 0, (3.0, 1.5, 1.0)),
+    ("`jax.jit` fwd", 2, 0, (1.1, 1.1, 1.1)),
+    ("`jax.jit` value_and_grad", 2, 1, (1.1, 1.1, 1.1)),
+)
+
+
+def _band(native: float) -> int:
+    return next(i for i, (top, _) in enumerate(BANDS) if native < top)
+
+
+def section_bars(res: Results) -> list[str]:
+    """Issue 12's bars: per case, native-time band and dtype, the worst ratio and its point."""
+    rows = []
+
+    def row(case: str, points: list[tuple[str, str, float, float]], bars: tuple[float, ...]) -> None:
+        cells = []
+        for band in range(len(BANDS)):
+            worst = []
+            for dtype in ("float32", "bfloat16"):
+                got = [(mx / nat, s) for s, d, mx, nat in points if d == dtype and _band(nat) == band]
+                if got:
+                    r, s = max(got)
+                    worst.append(f"{'**' if r > bars[band] else ''}{r:.2f}{'**' if r > bars[band] else ''} ({s})")
+            cells.append(" / ".join(worst) or "—")
+        rows.append([case, *cells, " / ".join(f"{b:g}" for b in bars)])
+
+    for case, fw_i, passes, bars in BARS:
+        fw = FRAMEWORKS[fw_i]
+        points = []
+        for s, dtype in _points(res, fw[1 + passes], fw[5]):
+            mx, nat = (_fw_time(res, fw, passes, s, dtype, i) for i in ("multixent", fw[3]))
+            if mx is not None and nat is not None:
+                points.append((s, dtype, mx, nat))
+        row(case, points, bars)
+    numpy_points = {"fwd": [], "and_grad": []}
+    for s, _ in _points(res, NUMPY, False):
+        for case, mine, native in (("fwd", "multixent", "scipy"), ("and_grad", "multixent_and_grad", "numpy_grad")):
+            mx, nat = res.get(NUMPY, s, mine), res.get(NUMPY, s, native)
+            if mx is not None and nat is not None:
+                numpy_points[case].append((s, "float32", mx, nat))
+    smallest = SHAPES[0]
+    fwd = numpy_points["fwd"]
+    row("NumPy fwd at the smallest point", [p for p in fwd if p[0] == smallest], (1.5, 1.5, 1.5))
+    row("NumPy fwd from the next point up", [p for p in fwd if p[0] != smallest], (1.0, 1.0, 1.0))
+    row("NumPy `cross_entropy_and_grad`", numpy_points["and_grad"], (1.0, 1.0, 1.0))
+    return [
+        "## Issue 12's bars, by the native loss's time",
+        "",
+        "The worst ratio (multixent / native) in each band of the native's time, float32 / bfloat16, with its point;"
+        " bold: above the bar.",
+        "",
+        *table(["case", *(name for _, name in BANDS), "bars"], rows, "lllll"),
+    ]
+
+
 def section_memory(res: Results) -> list[str]:
     out = ["## Peak extra memory ÷ logits bytes", ""]
     cls = "cross_entropy.TorchEagerMemory"
@@ -543,6 +605,7 @@ def section_distributed(res: Results) -> list[str]:
 SECTIONS: list[Callable[[Results], list[str]]] = [
     section_acceptance,
     section_fixed_cost,
+    section_bars,
     section_time,
     section_memory,
     section_options,
