@@ -416,6 +416,27 @@ def section_bars(res: Results) -> list[str]:
     ]
 
 
+def section_in_process(res: Results) -> list[str]:
+    """torch eager multixent / native timed in one process (``TorchEagerRatio``)."""
+    fwd, fwd_bwd = (res.bench.get(f"cross_entropy.TorchEagerRatio.track_{p}", {}) for p in ("fwd", "fwd_bwd"))
+    points = sorted(set(fwd) | set(fwd_bwd), key=lambda p: (p[1] != "float32", shape(p[0])))
+    if not points:
+        return []
+    rows = []
+    for s, dtype in points:
+        n, c = shape(s)
+        ratios = (res.get(f"cross_entropy.TorchEagerRatio.track_{p}", s, dtype) for p in ("fwd", "fwd_bwd"))
+        rows.append([str(n), str(c), dtype, *(fmt_r(r) for r in ratios)])
+    return [
+        "## torch eager, both losses in one process",
+        "",
+        "multixent / `F.cross_entropy`, each the best of 7 alternating rounds of ~50 ms in one process"
+        " (`TorchEagerRatio`): free of the process-to-process spread of the time tables' ratios.",
+        "",
+        *table(["N", "C", "dtype", "fwd (`no_grad`)", "fwd+bwd"], rows, "rrlrr"),
+    ]
+
+
 def section_memory(res: Results) -> list[str]:
     out = ["## Peak extra memory ÷ logits bytes", ""]
     cls = "cross_entropy.TorchEagerMemory"
@@ -606,6 +627,7 @@ SECTIONS: list[Callable[[Results], list[str]]] = [
     section_acceptance,
     section_fixed_cost,
     section_bars,
+    section_in_process,
     section_time,
     section_memory,
     section_options,
