@@ -358,7 +358,7 @@ def section_time(res: Results) -> list[str]:
 #: Issue 12's bars by the native loss's time: the band's upper bound (seconds) and its name.
 BANDS = ((0.2e-3, "< 0.2 ms"), (2e-3, "0.2-2 ms"), (math.inf, "≥ 2 ms"))
 
-#: (case, framework row of :data:`FRAMEWORKS` or None for NumPy, pass, bar per band)
+#: (case, row of :data:`FRAMEWORKS`, pass (0 fwd, 1 fwd+bwd), bar per band); NumPy's rows: :func:`section_bars`
 BARS = (
     ("torch eager fwd+bwd", 0, 1, (2.0, 1.3, 1.0)),
     ("torch eager fwd (`no_grad`)", 0, 0, (3.0, 1.5, 1.0)),
