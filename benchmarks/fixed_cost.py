@@ -9,8 +9,15 @@ A quick check for a busy machine; the recorded figures come from asv (``nox -s b
 
 The ``floor`` column is the same formula in the fewest operations of the same library, with no
 validation, options or Python around them (max, ``exp(x - m)``, sum, log, the target's gather,
-mean; the closed-form gradient written into ``exp(x - m)``): what any loss computed operation by
+mean; the closed-form gradient written into ``exp(x - m)``; torch's exponential is multixent's
+``_compat.exp``, which takes large float32 tensors through ``exp2``): what any loss computed operation by
 operation pays, where the native loss runs one or two fused kernels.
+
+The ``kernel`` column (torch only) is the other way to build it: torch's fused ``log_softmax`` kernel as
+the primitive, and the target's entry of it (autograd's ``log_softmax`` backward for the gradient), with
+the per-row max that keeps multixent's results for rows holding ``+inf`` or only ``-inf`` (where
+``log_softmax`` gives NaN). It answers whether taking torch's kernels as primitives would meet the
+bars where the operations cannot.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 import scipy.special
 
 import multixent as mx
+from multixent._compat import exp
 
 SHAPES = ((64, 10), (512, 100))
 
@@ -46,19 +54,26 @@ def best(*fs: Callable[[], Any], calls: int = 300, rounds: int = 5) -> tuple[flo
     return tuple(min(t) for t in times)
 
 
-def _torch_floor() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The fewest-operation forward and recorded forward (gradient in the forward, as multixent's)."""
+def _torch_floor() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """The fewest-operation forward and recorded forward (gradient in the forward, as multixent's), and
+    the kernel route (autograd records it: its backward is torch's ``log_softmax`` backward)."""
     import torch
+
+    def kernel(x: Any, y: Any) -> Any:
+        m = x.detach().amax(-1)  # rows whose max is not finite: lse - x_y from m (multixent's results)
+        x_y = x.gather(1, y[:, None])[:, 0]
+        ce = -torch.log_softmax(x, -1).gather(1, y[:, None])[:, 0]
+        return torch.where(m.isfinite(), ce, m - x_y).mean()
 
     def forward(x: Any, y: Any) -> Any:
         m = x.amax(-1, keepdim=True)
-        return (torch.log(torch.exp(x - m).sum(-1)) - (x.gather(1, y[:, None])[:, 0] - m[:, 0])).mean()
+        return (torch.log(exp(x - m, torch).sum(-1)) - (x.gather(1, y[:, None])[:, 0] - m[:, 0])).mean()
 
     class Recorded(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, x: Any, y: Any) -> Any:
             m = x.amax(-1, keepdim=True)
-            e = torch.exp(x - m)
+            e = exp(x - m, torch)
             s = e.sum(-1)
             loss = (torch.log(s) - (x.gather(1, y[:, None])[:, 0] - m[:, 0])).mean()
             e *= (1.0 / (s * x.shape[0]))[:, None]
@@ -70,7 +85,7 @@ def _torch_floor() -> tuple[Callable[..., Any], Callable[..., Any]]:
         def backward(ctx: Any, g: Any) -> Any:
             return ctx.saved_tensors[0] * g, None
 
-    return forward, Recorded.apply
+    return forward, Recorded.apply, kernel
 
 
 def _numpy_floor(x: Any, y: Any) -> Any:
@@ -88,14 +103,14 @@ def _numpy_floor_grad(x: Any, y: Any) -> Any:
     return loss, e
 
 
-def rows(threads: int, shapes: tuple[tuple[int, int], ...] = SHAPES) -> list[tuple[str, str, float, float, float]]:
+def rows(threads: int, shapes: tuple[tuple[int, int], ...] = SHAPES) -> list[tuple[Any, ...]]:
     import torch
 
     torch.set_num_threads(threads)
     return [row for n, c in shapes for row in _size(n, c)]
 
 
-def _size(n: int, c: int) -> list[tuple[str, str, float, float, float]]:
+def _size(n: int, c: int) -> list[tuple[Any, ...]]:
     import jax
     import optax
     import torch
@@ -130,7 +145,7 @@ def _size(n: int, c: int) -> list[tuple[str, str, float, float, float]]:
         g[np.arange(n), y] -= 1.0
         return g / n
 
-    torch_floor, torch_floor_recorded = _torch_floor()
+    torch_floor, torch_floor_recorded, kernel = _torch_floor()
 
     def jax_floor() -> Any:
         m = jx.max(-1, keepdims=True)
@@ -144,19 +159,24 @@ def _size(n: int, c: int) -> list[tuple[str, str, float, float, float]]:
         return optax.softmax_cross_entropy_with_integer_labels(jx, jy).mean().block_until_ready()
 
     return [
-        ("torch fwd no_grad", size, *best(fwd(mx.cross_entropy), fwd(F.cross_entropy), fwd(torch_floor))),
+        (
+            "torch fwd no_grad",
+            size,
+            *best(fwd(mx.cross_entropy), fwd(F.cross_entropy), fwd(torch_floor), fwd(kernel)),
+        ),
         (
             "torch fwd+bwd",
             size,
-            *best(fwd_bwd(mx.cross_entropy), fwd_bwd(F.cross_entropy), fwd_bwd(torch_floor_recorded)),
+            *best(fwd_bwd(mx.cross_entropy), fwd_bwd(F.cross_entropy), fwd_bwd(torch_floor_recorded), fwd_bwd(kernel)),
         ),
-        ("NumPy forward", size, *best(lambda: mx.cross_entropy(x, y), scipy_fwd, lambda: _numpy_floor(x, y))),
+        ("NumPy forward", size, *best(lambda: mx.cross_entropy(x, y), scipy_fwd, lambda: _numpy_floor(x, y)), None),
         (
             "NumPy and_grad",
             size,
             *best(lambda: mx.cross_entropy_and_grad(x, y), scipy_grad, lambda: _numpy_floor_grad(x, y)),
+            None,
         ),
-        ("JAX eager", size, *best(mx_jax, optax_jax, jax_floor)),
+        ("JAX eager", size, *best(mx_jax, optax_jax, jax_floor), None),
     ]
 
 
@@ -165,6 +185,8 @@ if __name__ == "__main__":
     _clock = sys.argv[2] if len(sys.argv) > 2 else "wall"
     shapes = tuple(tuple(map(int, s.split("x"))) for s in sys.argv[3].split(",")) if len(sys.argv) > 3 else SHAPES
     print(f"torch threads {threads}; best of 5 x 300 calls, us per call ({_clock} clock)")
-    print(f"{'case':20} {'size':8} {'multixent':>10} {'native':>10} {'floor':>10} {'ratio':>6} {'floor ratio':>11}")
-    for case, size, a, b, f in rows(threads, shapes):  # type: ignore[arg-type]
-        print(f"{case:20} {size:8} {a:10.1f} {b:10.1f} {f:10.1f} {a / b:6.2f} {f / b:11.2f}")
+    heads = ("multixent", "native", "floor", "ratio", "floor ratio", "kernel ratio")
+    print(f"{'case':20} {'size':9}", *(f"{h:>{w}}" for h, w in zip(heads, (10, 10, 10, 6, 11, 12), strict=True)))
+    for case, size, a, b, f, k in rows(threads, shapes):
+        kernel = "" if k is None else f"{k / b:12.2f}"
+        print(f"{case:20} {size:9} {a:10.1f} {b:10.1f} {f:10.1f} {a / b:6.2f} {f / b:11.2f} {kernel}")

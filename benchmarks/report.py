@@ -416,24 +416,48 @@ def section_bars(res: Results) -> list[str]:
     ]
 
 
+#: The in-process ratio benchmarks: (class, its columns as (track_ method, heading)), one table each.
+IN_PROCESS = (
+    (
+        "TorchEagerRatio",
+        "torch eager, multixent / `F.cross_entropy`",
+        (("fwd", "fwd (`no_grad`)"), ("fwd_bwd", "fwd+bwd")),
+    ),
+    ("JaxJitRatio", "`jax.jit`, multixent / optax", (("fwd", "fwd"), ("fwd_bwd", "value_and_grad"))),
+    (
+        "NumPyRatio",
+        "NumPy float32, multixent / SciPy",
+        (("fwd", "fwd (`log_softmax`)"), ("and_grad", "`cross_entropy_and_grad` (`(softmax - onehot) / N`)")),
+    ),
+)
+
+
 def section_in_process(res: Results) -> list[str]:
-    """torch eager multixent / native timed in one process (``TorchEagerRatio``)."""
-    fwd, fwd_bwd = (res.bench.get(f"cross_entropy.TorchEagerRatio.track_{p}", {}) for p in ("fwd", "fwd_bwd"))
-    points = sorted(set(fwd) | set(fwd_bwd), key=lambda p: (p[1] != "float32", shape(p[0])))
-    if not points:
+    """multixent / native timed in one process (``TorchEagerRatio``, ``JaxJitRatio``, ``NumPyRatio``)."""
+    out: list[str] = []
+    for cls, title, columns in IN_PROCESS:
+        names = [f"cross_entropy.{cls}.track_{m}" for m, _ in columns]
+        points = sorted(
+            {p for n in names for p in res.bench.get(n, {})},
+            key=lambda p: (p[1:] not in ((), ("float32",)), shape(p[0])),  # float32 first
+        )
+        if not points:
+            continue
+        rows = [[*map(str, shape(p[0])), *p[1:], *(fmt_x(res.get(n, *p)) for n in names)] for p in points]
+        dtype = ["dtype"] if len(points[0]) > 1 else []
+        out += [f"### {title}", ""]
+        out += table(["N", "C", *dtype, *(h for _, h in columns)], rows, "rr" + "l" * len(dtype) + "r" * len(columns))
+        out += [""]
+    if not out:
         return []
-    rows = []
-    for s, dtype in points:
-        n, c = shape(s)
-        ratios = (res.get(f"cross_entropy.TorchEagerRatio.track_{p}", s, dtype) for p in ("fwd", "fwd_bwd"))
-        rows.append([str(n), str(c), dtype, *(fmt_r(r) for r in ratios)])
     return [
-        "## torch eager, both losses in one process",
+        "## Both losses in one process",
         "",
-        "multixent / `F.cross_entropy`, each the best of 7 alternating rounds of ~50 ms in one process"
-        " (`TorchEagerRatio`): free of the process-to-process spread of the time tables' ratios.",
+        "multixent / the native loss, each the best of 7 alternating rounds of ~50 ms in one process"
+        " (`TorchEagerRatio`, `JaxJitRatio`, `NumPyRatio`): free of the process-to-process spread of the"
+        " time tables' ratios.",
         "",
-        *table(["N", "C", "dtype", "fwd (`no_grad`)", "fwd+bwd"], rows, "rrlrr"),
+        *out[:-1],
     ]
 
 

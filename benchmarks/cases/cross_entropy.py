@@ -291,6 +291,37 @@ class JaxJitValueAndGrad(_JaxJit):
     passes = "fwd_bwd"
 
 
+class JaxJitRatio:
+    """``jax.jit`` multixent / optax timed in one process (:func:`alternating_best`), both compiled in
+    ``setup``: at the points where a call takes under ~2 ms, the ratio of two asv processes carries
+    their speed difference (see :class:`TorchEagerRatio`)."""
+
+    params = (list(RATIO_SHAPES), list(DTYPES))
+    param_names = ("shape", "dtype")
+    unit = "multixent / native"
+    processes = 1
+    timeout = 900
+
+    def setup(self, s: str, dtype: str) -> None:
+        import jax
+
+        self.x, self.y = jax_inputs(*shape(s), dtype)
+        self.fwd = [jax.jit(jax_loss(impl)) for impl in ("multixent", "optax")]
+        self.fwd_bwd = [jax.jit(jax.value_and_grad(jax_loss(impl))) for impl in ("multixent", "optax")]
+
+    def _ratio(self, fs: list[Any]) -> float:
+        import jax
+
+        mine, native = alternating_best(*(lambda f=f: jax.block_until_ready(f(self.x, self.y)) for f in fs))
+        return mine / native
+
+    def track_fwd(self, s: str, dtype: str) -> float:
+        return self._ratio(self.fwd)
+
+    def track_fwd_bwd(self, s: str, dtype: str) -> float:
+        return self._ratio(self.fwd_bwd)
+
+
 class JaxJitMemory:
     """``jax.jit`` temp + output bytes (``memory_analysis()``) ÷ the logits' bytes."""
 
@@ -333,6 +364,30 @@ class NumPy:
 
     def time_call(self, s: str, impl: str) -> None:
         self.f(self.x, self.y)
+
+
+class NumPyRatio:
+    """NumPy multixent / SciPy timed in one process (:func:`alternating_best`; see :class:`TorchEagerRatio`):
+    the forward against SciPy's, ``cross_entropy_and_grad`` against the hand-written gradient."""
+
+    params = (list(RATIO_SHAPES),)
+    param_names = ("shape",)
+    unit = "multixent / native"
+    processes = 1
+
+    def setup(self, s: str) -> None:
+        self.x, self.y = numpy_inputs(*shape(s))
+
+    def _ratio(self, mine: str, native: str) -> float:
+        fs = (numpy_fn(mine), numpy_fn(native))
+        a, b = alternating_best(*(lambda f=f: f(self.x, self.y) for f in fs))
+        return a / b
+
+    def track_fwd(self, s: str) -> float:
+        return self._ratio("multixent", "scipy")
+
+    def track_and_grad(self, s: str) -> float:
+        return self._ratio("multixent_and_grad", "numpy_grad")
 
 
 class NumPyMemory:
