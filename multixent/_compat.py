@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import array_api_compat
+import array_api_extra as xpx
 import numpy
 
 T = TypeVar("T")
@@ -183,6 +184,17 @@ def subtract_at_rows(g: Any, index: Any, values: Any, xp: Any) -> Any:
         rows = xp.arange(g.shape[0], dtype=index.dtype, device=device(g))
     g[rows, index] -= values
     return g
+
+
+def subtract_at_rows_copy(g: Any, index: Any, values: Any, xp: Any) -> Any:
+    """``g`` with ``values[i]`` subtracted at ``g[i, index[i]]`` in each row, out of place: JAX's scatter
+    (``xpx.at``), a pass over the rows alone; elsewhere a one-hot ``where``, which torch.compile fuses,
+    torch.func batches and dask keeps lazy. (Under ``jax.jit`` that ``where`` is a compare and a select
+    per element: 1.13x the time of a whole value_and_grad at 512 x 1000 on the CPU, the scatter 1.0x.)"""
+    if array_api_compat.is_jax_namespace(xp):
+        return xpx.at(g)[xp.arange(g.shape[0]), index].subtract(values)
+    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
+    return xp.where(classes == index[:, None], g - values[:, None], g)
 
 
 def full_like(a: Any, value: float, xp: Any) -> Any:

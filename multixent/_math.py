@@ -39,7 +39,19 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from ._compat import clip, device, exp, float_bits, full_like, memo, row_max, row_sum, subtract_at_rows, take_rows
+from ._compat import (
+    clip,
+    device,
+    exp,
+    float_bits,
+    full_like,
+    memo,
+    row_max,
+    row_sum,
+    subtract_at_rows,
+    subtract_at_rows_copy,
+    take_rows,
+)
 
 Array = Any
 Namespace = Any
@@ -469,32 +481,15 @@ def _grad_block(
     out: Array | None = None,
     shard: Shard | None = None,
 ) -> Array:
-    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row).
+    """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row):
+    :func:`_grad_parts`, with its target term subtracted.
 
     In place (``in_place``) the result is written into ``out``, or over ``e``. ``weight``
     is the full ``(C,)``; with a ``shard`` the block is its classes (a local gradient).
     """
-    num_local = e.shape[-1]
-    num_classes = _num_classes(num_local, shard)
-    eps = opts.label_smoothing
-    if isinstance(targets, _ClassTargets):
-        w_sum = num_classes if weight is None else xp.sum(weight)
-        total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
-        coef = targets.poison(_plus(_scaled(ce_bar, total), lse_bar), xp)
-        g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
-        if is_set(eps):
-            smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
-            g = _minus(g, smooth if weight is None else smooth * local_weight(weight, shard, e, xp), in_place)
-        if not isinstance(eps, float) or eps < 1:
-            at_y = targets.mask(_scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
-            if targets.here is not None:
-                at_y = xp.where(targets.here, at_y, 0.0)
-            g = _subtract_at(g, targets.index, at_y, in_place, xp)
-    else:
-        (t_sum,) = _group_sums(shard, xp, xp.sum(targets, axis=-1))
-        coef = _plus(ce_bar * t_sum, lse_bar)
-        g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
-        g = _minus(g, ce_bar[:, None] * targets, in_place)
+    g, at_y = _grad_parts(e, e_scale, targets, weight, ce_bar, lse_bar, opts, in_place, xp, out, shard)
+    if at_y is not None:
+        g = _subtract_at(g, targets.index, at_y, in_place, xp)
     if th is not None and in_place:  # 1 - tanh² over tanh (the block's own): no temporary
         th *= th
         th *= -1.0
@@ -506,6 +501,45 @@ def _grad_block(
         # in place, the ignored rows' logits were not zeroed: their NaN/inf ends here
         g[~targets.counted, ...] = 0.0
     return g
+
+
+def _grad_parts(
+    e: Array,
+    e_scale: Array,
+    targets: Any,
+    weight: Array | None,
+    ce_bar: Array,
+    lse_bar: Array,
+    opts: Options,
+    in_place: bool,
+    xp: Namespace,
+    out: Array | None = None,
+    shard: Shard | None = None,
+) -> tuple[Array, Array | None]:
+    """The gradient of :func:`_grad_block` before its softcap factor, as ``(g, at_y)``: ``g`` dense and
+    ``at_y`` (per row, or None) still to be subtracted at each row's target class, ``g[i, y_i] -= at_y[i]``.
+
+    Class indices: ``g = e·e_scale·(ce_bar·((1-ε) w_y + ε/C Σw) + lse_bar) - ce_bar·ε/C·w`` and
+    ``at_y = ce_bar·(1-ε)·w_y``; probabilities: ``g = e·e_scale·(ce_bar·Σt + lse_bar) - ce_bar·t``.
+    """
+    num_classes = _num_classes(e.shape[-1], shard)
+    eps = opts.label_smoothing
+    if not isinstance(targets, _ClassTargets):
+        (t_sum,) = _group_sums(shard, xp, xp.sum(targets, axis=-1))
+        coef = _plus(ce_bar * t_sum, lse_bar)
+        g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
+        return _minus(g, ce_bar[:, None] * targets, in_place), None
+    w_sum = num_classes if weight is None else xp.sum(weight)
+    total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
+    coef = targets.poison(_plus(_scaled(ce_bar, total), lse_bar), xp)
+    g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
+    if is_set(eps):
+        smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
+        g = _minus(g, smooth if weight is None else smooth * local_weight(weight, shard, e, xp), in_place)
+    if isinstance(eps, float) and eps >= 1:
+        return g, None
+    at_y = targets.mask(_scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
+    return g, at_y if targets.here is None else xp.where(targets.here, at_y, 0.0)
 
 
 def _scaled(a: Array, factor: Array | float) -> Array:
@@ -833,12 +867,15 @@ def row_losses_jvp(
             th = xp.tanh(-_prepare_logits(x, counted, Options(), blk.e.dtype, xp)[0] / opts.softcap)
             x_dot = x_dot * (1.0 - th * th)
         p = blk.e / xp.exp(blk.lse_s)[:, None]
-        g_ce = _grad_block(
-            blk.e, xp.exp(-blk.lse_s), None, blk.targets, weight, ones, zeros, opts, False, xp, shard=shard
+        # the target term as a gather of the tangent: reverse mode transposes it to a scatter into
+        # the dense term's product (optax's form), not a second pass over a materialised gradient
+        g_ce, at_y = _grad_parts(
+            blk.e, xp.exp(-blk.lse_s), blk.targets, weight, ones, zeros, opts, False, xp, shard=shard
         )
-        g_lse = p
         ce_dot = xp.sum(g_ce * x_dot, axis=-1)
-        lse_dot = xp.sum(g_lse * x_dot, axis=-1)
+        if at_y is not None:
+            ce_dot = ce_dot - at_y * gather_rows(x_dot, blk.targets.index, xp)
+        lse_dot = xp.sum(p * x_dot, axis=-1)
     if target_dot is not None:
         ce_dot = ce_dot + xp.sum(_target_grad(blk, ones, w_local, opts) * target_dot, axis=-1)
     if weight_dot is not None:
@@ -934,10 +971,7 @@ def _minus(a: Array, b: Array, in_place: bool) -> Array:
 
 def _subtract_at(g: Array, index: Array, values: Array, in_place: bool, xp: Namespace) -> Array:
     """``g[i, index[i]] -= values[i]`` for every row ``i``."""
-    if in_place:
-        return subtract_at_rows(g, index, values, xp)
-    classes = xp.arange(g.shape[-1], dtype=index.dtype, device=device(g))
-    return xp.where(classes == index[:, None], g - values[:, None], g)
+    return subtract_at_rows(g, index, values, xp) if in_place else subtract_at_rows_copy(g, index, values, xp)
 
 
 def _one_block(x: Array, plan: Plan) -> bool:
