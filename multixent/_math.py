@@ -482,14 +482,17 @@ def _grad_block(
     shard: Shard | None = None,
 ) -> Array:
     """``ce_bar·∂ce/∂x + lse_bar·∂lse/∂x`` for one block, from ``softmax = e·e_scale`` (per row):
-    :func:`_grad_parts`, with its target term subtracted.
+    :func:`_grad_terms` put together.
 
     In place (``in_place``) the result is written into ``out``, or over ``e``. ``weight``
     is the full ``(C,)``; with a ``shard`` the block is its classes (a local gradient).
     """
-    g, at_y = _grad_parts(e, e_scale, targets, weight, ce_bar, lse_bar, opts, in_place, xp, out, shard)
-    if at_y is not None:
-        g = _subtract_at(g, targets.index, at_y, in_place, xp)
+    r, d, a = _grad_terms(e_scale, targets, weight, ce_bar, lse_bar, opts, xp, e, shard)
+    g = _times(e, r[:, None], in_place, out, xp)
+    if d is not None:
+        g = _minus(g, d, in_place)
+    if a is not None:
+        g = _subtract_at(g, targets.index, a, in_place, xp)
     if th is not None and in_place:  # 1 - tanh² over tanh (the block's own): no temporary
         th *= th
         th *= -1.0
@@ -503,43 +506,40 @@ def _grad_block(
     return g
 
 
-def _grad_parts(
-    e: Array,
+def _grad_terms(
     e_scale: Array,
     targets: Any,
     weight: Array | None,
     ce_bar: Array,
     lse_bar: Array,
     opts: Options,
-    in_place: bool,
     xp: Namespace,
-    out: Array | None = None,
+    block: Array,
     shard: Shard | None = None,
-) -> tuple[Array, Array | None]:
-    """The gradient of :func:`_grad_block` before its softcap factor, as ``(g, at_y)``: ``g`` dense and
-    ``at_y`` (per row, or None) still to be subtracted at each row's target class, ``g[i, y_i] -= at_y[i]``.
+) -> tuple[Array, Array | None, Array | None]:
+    """The gradient of :func:`_grad_block` before its softcap factor as three terms ``(r, d, a)``:
+    ``∂ = e·r[:, None] - d``, then ``∂[i, y_i] -= a[i]`` (``d``, ``a`` None: no such term).
 
-    Class indices: ``g = e·e_scale·(ce_bar·((1-ε) w_y + ε/C Σw) + lse_bar) - ce_bar·ε/C·w`` and
-    ``at_y = ce_bar·(1-ε)·w_y``; probabilities: ``g = e·e_scale·(ce_bar·Σt + lse_bar) - ce_bar·t``.
+    Class indices: ``r = e_scale·(ce_bar·((1-ε) w_y + ε/C Σw) + lse_bar)``, ``d = ce_bar·ε/C·w`` and
+    ``a = ce_bar·(1-ε)·w_y``; probabilities: ``r = e_scale·(ce_bar·Σt + lse_bar)``, ``d = ce_bar·t``.
+    ``block``: the block's ``(rows, C_local)`` logits or ``e``.
     """
-    num_classes = _num_classes(e.shape[-1], shard)
+    num_classes = _num_classes(block.shape[-1], shard)
     eps = opts.label_smoothing
     if not isinstance(targets, _ClassTargets):
         (t_sum,) = _group_sums(shard, xp, xp.sum(targets, axis=-1))
-        coef = _plus(ce_bar * t_sum, lse_bar)
-        g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
-        return _minus(g, ce_bar[:, None] * targets, in_place), None
+        return _plus(ce_bar * t_sum, lse_bar) * e_scale, ce_bar[:, None] * targets, None
     w_sum = num_classes if weight is None else xp.sum(weight)
     total = (1.0 - eps) * targets.weight_at_target + eps / num_classes * w_sum
-    coef = targets.poison(_plus(_scaled(ce_bar, total), lse_bar), xp)
-    g = _times(e, (coef * e_scale)[:, None], in_place, out, xp)
+    r = targets.poison(_plus(_scaled(ce_bar, total), lse_bar), xp) * e_scale
+    d = None
     if is_set(eps):
         smooth = targets.mask(ce_bar * (eps / num_classes), xp)[:, None]
-        g = _minus(g, smooth if weight is None else smooth * local_weight(weight, shard, e, xp), in_place)
+        d = smooth if weight is None else smooth * local_weight(weight, shard, block, xp)
     if isinstance(eps, float) and eps >= 1:
-        return g, None
-    at_y = targets.mask(_scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
-    return g, at_y if targets.here is None else xp.where(targets.here, at_y, 0.0)
+        return r, d, None
+    a = targets.mask(_scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
+    return r, d, a if targets.here is None else xp.where(targets.here, a, 0.0)
 
 
 def _scaled(a: Array, factor: Array | float) -> Array:
@@ -866,16 +866,17 @@ def row_losses_jvp(
             counted = blk.targets.counted if isinstance(blk.targets, _ClassTargets) else None
             th = xp.tanh(-_prepare_logits(x, counted, Options(), blk.e.dtype, xp)[0] / opts.softcap)
             x_dot = x_dot * (1.0 - th * th)
-        p = blk.e / xp.exp(blk.lse_s)[:, None]
-        # the target term as a gather of the tangent: reverse mode transposes it to a scatter into
-        # the dense term's product (optax's form), not a second pass over a materialised gradient
-        g_ce, at_y = _grad_parts(
-            blk.e, xp.exp(-blk.lse_s), blk.targets, weight, ones, zeros, opts, False, xp, shard=shard
-        )
-        ce_dot = xp.sum(g_ce * x_dot, axis=-1)
-        if at_y is not None:
-            ce_dot = ce_dot - at_y * gather_rows(x_dot, blk.targets.index, xp)
-        lse_dot = xp.sum(p * x_dot, axis=-1)
+        # the tangent as products by per-row factors after the class sums, and the target term as a gather:
+        # reverse mode transposes them to one product of e by a per-row factor and a scatter (optax's form)
+        e_scale = xp.exp(-blk.lse_s)
+        r, d, a = _grad_terms(e_scale, blk.targets, weight, ones, zeros, opts, xp, blk.e, shard)
+        e_dot = xp.sum(blk.e * x_dot, axis=-1)
+        ce_dot = r * e_dot
+        if d is not None:
+            ce_dot = ce_dot - xp.sum(d * x_dot, axis=-1)
+        if a is not None:
+            ce_dot = ce_dot - a * gather_rows(x_dot, blk.targets.index, xp)
+        lse_dot = e_scale * e_dot
     if target_dot is not None:
         ce_dot = ce_dot + xp.sum(_target_grad(blk, ones, w_local, opts) * target_dot, axis=-1)
     if weight_dot is not None:
