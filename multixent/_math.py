@@ -511,7 +511,7 @@ def _grad_terms(
     targets: Any,
     weight: Array | None,
     ce_bar: Array,
-    lse_bar: Array,
+    lse_bar: Array | None,
     opts: Options,
     xp: Namespace,
     block: Array,
@@ -869,7 +869,7 @@ def row_losses_jvp(
         # the tangent as products by per-row factors after the class sums, and the target term as a gather:
         # reverse mode transposes them to one product of e by a per-row factor and a scatter (optax's form)
         e_scale = xp.exp(-blk.lse_s)
-        r, d, a = _grad_terms(e_scale, blk.targets, weight, ones, zeros, opts, xp, blk.e, shard)
+        r, d, a = _grad_terms(e_scale, blk.targets, weight, ones, None, opts, xp, blk.e, shard)
         e_dot = xp.sum(blk.e * x_dot, axis=-1)
         ce_dot = r * e_dot
         if d is not None:
