@@ -17,12 +17,16 @@ nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
 JAX = ["jax", "optax"]
 TEST = ["pytest", "hypothesis", "scipy", "pytest-xdist", "mpmath", "ml_dtypes"]
+# dask and dask.distributed move in step: through dask's own extra, which pins distributed to dask's version
+# (unpinned, pip may pair the newest dask with an old distributed that accepts any dask and fails to import).
+DASK = "dask[array]"
+DASK_DISTRIBUTED = "dask[array,distributed]"
 # Keras 3 is a test dependency of the torch and jax sessions only (tests/test_keras.py fits a
 # model on that Keras backend).
 KERAS = "keras"
 
 BACKEND_DEPS = {
-    "numpy": ["dask[array]"],  # dask arrays are NumPy-backed: their tests and README block run here
+    "numpy": [DASK],  # dask arrays are NumPy-backed: their tests and README block run here
     "array-api-strict": ["array-api-strict"],
     "torch": [TORCH, KERAS],
     "jax": [*JAX, KERAS],
@@ -130,7 +134,7 @@ def distributed(session: nox.Session) -> None:
     """Scaling out: jax.jit with NamedSharding on 4 simulated CPU devices, dask (with an
     out-of-core dask.distributed run), torch DTensor on 2 gloo processes. XLA_FLAGS must be set
     before JAX starts: its own process."""
-    session.install(*TEST, *JAX, TORCH, "dask[array]", "distributed")
+    session.install(*TEST, *JAX, TORCH, DASK_DISTRIBUTED)
     session.install(".")
     # two workers, a test file each at a time (module fixtures run the torch ranks once per file)
     session.run(
@@ -184,3 +188,15 @@ def bench(session: nox.Session) -> None:
     asv_run = ["asv", "run", "--python=same", "--set-commit-hash=HEAD", "--record-samples", "--show-stderr"]
     session.run(*asv_run, *session.posargs, success_codes=[0, 2])
     session.run("python", "report.py", "--out", out)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation (MkDocs-Material, mkdocs.yml): docs/*.md and the API reference from the
+    docstrings (mkdocstrings, numpy style), with warnings as errors; the site goes to the session's
+    tmp folder. mkdocstrings reads the docstrings from the source (griffe), importing nothing: no
+    framework needed. Not in the default run; the pages' code blocks run in tests/test_readme.py.
+    """
+    session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")  # ruff formats the signatures
+    site = os.path.join(session.create_tmp(), "site")
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})

@@ -54,7 +54,11 @@ def namespace(
     adopt = numpy_inputs is True and any(_convertible(a) for a in arrays[1:]) and not _convertible(lead)
     if adopt and _compat.is_array_api_obj(lead):
         xp, dev = _compat.array_namespace(lead), _compat.device(lead)
-        arrays = (lead, *(xp.asarray(a, device=dev) if _convertible(a) else a for a in arrays[1:]))
+        adopted = [
+            (_adopted_target if name == "target" else xp.asarray)(a, xp, dev) if _convertible(a) else a
+            for a, name in itertools.zip_longest(arrays[1:], names[1:])
+        ]
+        arrays = (lead, *adopted)
     for a, name in zip(arrays, names, strict=False):
         if a is not None or name not in ("weight", "bias"):
             array(a, name)
@@ -72,6 +76,28 @@ def namespace(
         raise TypeError(
             f"multixent: all arrays of one call must come from one array library; got {kinds}{hint} ({err})"
         ) from None
+
+
+def _adopted_target(target: Any, xp: Namespace, dev: Any) -> Any:
+    """A NumPy (or Python int) ``target`` in ``xp``'s arrays; IndexError naming the first class index that
+    the conversion changed (JAX without ``jax_enable_x64`` makes int64 int32) by its value as given."""
+    values = numpy.asarray(target)
+    converted = xp.asarray(values, device=dev)
+    if values.dtype.kind not in "iu" or values.size == 0:
+        return converted
+    given, info = numpy.iinfo(values.dtype), xp.iinfo(converted.dtype)
+    if info.min <= given.min and given.max <= info.max:  # every value fits: the usual case, no pass
+        return converted
+    flat = values.reshape(-1)
+    outside = (flat < info.min) | (flat > info.max)
+    if outside.any():
+        first = int(outside.argmax())
+        raise IndexError(
+            f"multixent: target holds class index {int(flat[first])} (at flat position {first}), outside "
+            f"{converted.dtype}, the dtype {getattr(xp, '__name__', 'the logits library')} gives it; "
+            "expected 0 <= index < the number of classes, or ignore_index"
+        )
+    return converted
 
 
 def _is_numpy(a: Any) -> bool:
@@ -290,6 +316,16 @@ def _integer_valued(x: Array) -> bool:
     return values is not None and values.size > 0 and bool(numpy.all(values == numpy.round(values)))
 
 
+def _fits(shape: tuple[Any, ...], expected: tuple[Any, ...]) -> bool:
+    """``shape == expected``, an unknown size (dask's NaN, the array API's None) matching any size."""
+    if shape == expected:
+        return True
+    known = _compat.known_size
+    return len(shape) == len(expected) and all(
+        a == b or not known(a) or not known(b) for a, b in zip(shape, expected, strict=True)
+    )
+
+
 def target_shape(target: Array, logits: Array, axis: int, is_index: bool) -> None:
     """ValueError naming both shapes; it says so when the arguments look swapped, or labels came as floats."""
     expected = tuple(logits.shape)
@@ -297,7 +333,7 @@ def target_shape(target: Array, logits: Array, axis: int, is_index: bool) -> Non
     if is_index:
         expected = expected[:axis] + expected[axis + 1 :]
         kind = "class indices: the logits' shape without the class axis"
-    if tuple(target.shape) == expected:
+    if _fits(tuple(target.shape), expected):
         return
     hint = ""
     batch = tuple(logits.shape[:axis] + logits.shape[axis + 1 :])
@@ -331,6 +367,13 @@ def ignore_index(value: Any, is_index: bool, default: int) -> int:
 def weight_dtype(w: Array | None, xp: Namespace) -> None:
     if w is not None and not _kind(w.dtype, xp):
         raise TypeError(f"multixent: weight must have a real dtype; got {w.dtype}")
+
+
+def weight_vector(w: Array | None, xp: Namespace) -> None:
+    """A real 1-d ``weight`` (or None); its length is checked against the number of classes later."""
+    weight_dtype(w, xp)
+    if w is not None and w.ndim != 1:
+        raise ValueError(f"multixent: weight must have shape (C,) (one per class); got {tuple(w.shape)}")
 
 
 def weight(w: Array | None, classes: int, xp: Namespace) -> None:
@@ -414,8 +457,11 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
     return True
 
 
-def linear_shapes(hidden: Array, classifier: Array, bias: Array | None, target: Array) -> tuple[int, int]:
-    """``(V, D)``; ValueError naming the shapes that do not fit."""
+def linear_shapes(
+    hidden: Array, classifier: Array, bias: Array | None, target: Array, sharded: bool = False
+) -> tuple[int, int]:
+    """``(V, D)``; ValueError naming the shapes that do not fit. ``sharded``: ``classifier`` is a group
+    member's rows, which may be none (the group's ``V`` is checked after the agreement)."""
     h_shape, w_shape = tuple(hidden.shape), tuple(classifier.shape)
     if len(h_shape) < 1:
         raise ValueError(f"multixent: hidden must have at least one dimension (..., D); got shape {h_shape}")
@@ -427,7 +473,7 @@ def linear_shapes(hidden: Array, classifier: Array, bias: Array | None, target: 
             f"multixent: hidden of shape {h_shape} does not fit classifier of shape {w_shape}: "
             f"hidden's last dimension ({h_shape[-1]}) must equal the classifier's second ({dim})"
         )
-    if num_classes == 0:
+    if num_classes == 0 and not sharded:
         raise ValueError(f"multixent: classifier of shape {w_shape} has zero classes")
     if bias is not None and tuple(bias.shape) != (num_classes,):
         raise ValueError(

@@ -11,6 +11,7 @@ dictionary lookup, not compat's checks.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -108,7 +109,10 @@ def row_sum(a: Any, xp: Any) -> Any:
 
 
 def row_max(a: Any, xp: Any) -> Any:
-    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's ufunc and torch's method skip the wrappers."""
+    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's ufunc and torch's method skip the wrappers.
+    No column (a group member holding no class): ``-inf``, the empty maximum."""
+    if a.shape[-1] == 0:
+        return xp.full((*a.shape[:-1], 1), -math.inf, dtype=a.dtype, device=device(a))
     if isinstance(a, numpy.ndarray):
         return numpy.maximum.reduce(a, axis=-1, keepdims=True)
     return a.amax(-1, keepdim=True) if is_torch_array(a) else xp.max(a, axis=-1, keepdims=True)
@@ -144,6 +148,12 @@ def fixed_defaults(xp: Any) -> bool:
     return not array_api_compat.is_jax_namespace(xp)
 
 
+def known_size(n: Any) -> bool:
+    """Whether an array's size along an axis is known: dask's NaN (rows selected by a lazy mask) and the
+    array API's None are sizes known only once computed."""
+    return n is not None and n == n
+
+
 def clip(x: Any, low: float, high: float, xp: Any) -> Any:
     """``xp.clip`` with Python bounds in one operation: compat's wrappers for torch and NumPy
     check and broadcast the bounds (NumPy's takes ~20 us)."""
@@ -151,6 +161,8 @@ def clip(x: Any, low: float, high: float, xp: Any) -> Any:
         return x.clamp(low, high)
     if isinstance(x, numpy.ndarray):  # two ufuncs; numpy.clip's wrappers take 5 us
         return numpy.minimum(numpy.maximum(x, low), high)
+    if not all(map(known_size, x.shape)):  # compat's clip broadcasts the shapes, which needs them known
+        return xp.minimum(xp.maximum(x, low), high)
     return xp.clip(x, low, high)
 
 

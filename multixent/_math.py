@@ -93,7 +93,7 @@ def _identity(a: Array) -> Array:
     return a
 
 
-def _raise(error: BaseException | None, what: str) -> None:
+def _raise_local(error: BaseException | None) -> None:
     if error is not None:
         raise error
 
@@ -115,9 +115,9 @@ class Shard:
     max: Callable[[Array], Array]
     sum: Callable[[Array], Array]
     spread: Callable[[Array], Array] = _identity
-    #: ``agree(error, what)``: raise on every member if any member has an error (``what``
-    #: describes it to the others); the default raises the local one (members trace alike).
-    agree: Callable[[BaseException | None, str], None] = _raise
+    #: ``agree(error)``: raise on every member the error any member has (the same class and
+    #: message on each); the default raises the local one (members trace alike).
+    agree: Callable[[BaseException | None], None] = _raise_local
 
 
 def _group_max(a: Array, shard: Shard | None) -> Array:
@@ -229,7 +229,16 @@ def _shift_and_log1p(x: Array, axis: int, xp: Namespace, shard: Shard | None = N
     the gradient is the softmax even where ``m`` is not differentiated (a ``shard``'s
     max). With a ``shard`` the max and sums span the group.
     """
-    top = _group_max(xp.max(x, axis=axis, keepdims=True), shard)
+    if x.shape[axis] == 0:  # a group member holding no class: the empty maximum
+        local_max = xp.full(
+            tuple(1 if i == axis % x.ndim else n for i, n in enumerate(x.shape)),
+            -math.inf,
+            dtype=x.dtype,
+            device=device(x),
+        )
+    else:
+        local_max = xp.max(x, axis=axis, keepdims=True)
+    top = _group_max(local_max, shard)
     finite = xp.isfinite(top)
     m = xp.where(finite, top, 0.0)
     is_top = x == top
@@ -242,7 +251,7 @@ def _shift_and_log1p(x: Array, axis: int, xp: Namespace, shard: Shard | None = N
 
 def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace, shard: Shard | None = None) -> Array:
     """``log Σ exp(x)`` along ``axis`` (see :func:`_shift_and_log1p`); ``-inf`` for an empty axis."""
-    if x.shape[axis] == 0:
+    if x.shape[axis] == 0 and shard is None:
         shape = tuple(1 if i == axis else n for i, n in enumerate(x.shape))
         out = xp.full(shape, -math.inf, dtype=x.dtype, device=device(x))
     else:
@@ -254,7 +263,7 @@ def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace, shard: S
 
 def log_softmax(x: Array, /, *, axis: int, xp: Namespace, shard: Shard | None = None) -> Array:
     """``x - logsumexp(x)`` along ``axis``, as ``(x - m) - L`` (see :func:`_shift_and_log1p`)."""
-    if x.shape[axis] == 0:
+    if x.shape[axis] == 0 and shard is None:
         return xp.asarray(x, copy=True)
     z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
     m, log1p_rest = _shift_and_log1p(z, axis, xp, shard)
@@ -325,7 +334,7 @@ def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
     select summed along the row: elementwise and a row reduction, so it works
     on lazy arrays chunked along either axis.
     """
-    if hasattr(xp, "take_along_axis"):
+    if hasattr(xp, "take_along_axis") and x.shape[-1]:
         return take_rows(x, index, xp)
     classes = xp.arange(x.shape[-1], dtype=index.dtype, device=device(x))
     return xp.sum(xp.where(classes == index[:, None], x, 0.0), axis=-1)
@@ -491,7 +500,7 @@ def _grad_block(
     g = _times(e, r[:, None], in_place, out, xp)
     if d is not None:
         g = _minus(g, d, in_place)
-    if a is not None:
+    if a is not None and g.shape[-1]:  # (no class here: no target either)
         g = _subtract_at(g, targets.index, a, in_place, xp)
     if th is not None and in_place:  # 1 - tanh² over tanh (the block's own): no temporary
         th *= th
@@ -981,14 +990,17 @@ def _one_block(x: Array, plan: Plan) -> bool:
 
 
 def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
+    if block_rows is None:  # one block (lazy arrays: ``rows`` may be dask's NaN, a size unknown until computed)
+        return [(0, rows)]
     step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
     return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
 
 
 def _rows(a: Array, start: int, stop: int) -> Array:
     """Rows ``[start, stop)`` of ``a``; ``a`` itself when that is all of them (torch's
-    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias)."""
-    return a if start == 0 and stop == a.shape[0] else a[start:stop, ...]
+    legacy vmap, behind ``is_grads_batched``, cannot batch a full slice's alias). ``not stop < rows``:
+    ``stop == rows``, and true for dask's NaN (all of a lazy array's rows, their number unknown)."""
+    return a if start == 0 and not stop < a.shape[0] else a[start:stop, ...]
 
 
 def block_rows_for(num_classes: int) -> int:

@@ -101,7 +101,12 @@ if TYPE_CHECKING:  # mypy checks every adapter module against the contract
 
 
 def shard_for(
-    group: Any, class_offset: Any, num_local: int, arrays: tuple[Any, ...], error: BaseException | None = None
+    group: Any,
+    class_offset: Any,
+    num_local: int,
+    arrays: tuple[Any, ...],
+    error: BaseException | None = None,
+    agreed: tuple[tuple[str, Any], ...] = (),
 ) -> _math.Shard | None:
     """The :class:`multixent._math.Shard` of ``group`` (None without one): ``num_local`` classes here.
 
@@ -109,6 +114,8 @@ def shard_for(
     ``ProcessGroup`` a torch group (``_checks.group`` checked which); ``arrays`` (the call's,
     None skipped) must be that framework's. ``error``: this member's arguments failed a check;
     it is raised here on every member (torch: through the same all-gather the others make).
+    ``agreed``: ``(name, value)`` pairs that must be equal on every member (torch: exchanged in
+    that all-gather; JAX: every device traces the same program, so they are).
     """
     if group is None:
         return None
@@ -120,7 +127,16 @@ def shard_for(
         return jax.shard(group, class_offset, num_local, arrays)
     from . import torch
 
-    return torch.shard(group, class_offset, num_local, arrays, error)
+    return torch.shard(group, class_offset, num_local, arrays, error, agreed)
+
+
+def check_group(group: Any, *arrays_and_options: Any) -> None:
+    """NotImplementedError where this framework cannot split the class axis over ``group`` for this call
+    (``arrays_and_options``: ``(logits, target, weight, opts)``); checked before the agreement."""
+    if group is not None and not isinstance(group, (str, tuple)):
+        from . import torch
+
+        torch.refuse_group(*arrays_and_options)
 
 
 def dtensor_adapter(*arrays: Any) -> Any:

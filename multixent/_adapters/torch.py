@@ -20,6 +20,7 @@ Class weights that require grad get their true gradient
 from __future__ import annotations
 
 import contextlib
+import struct
 import dataclasses
 import functools
 import weakref
@@ -162,26 +163,93 @@ def _group_max(a: torch.Tensor, group: Any) -> torch.Tensor:
     return out
 
 
-def _agree(group: Any, device: Any, error: BaseException | None, what: str) -> None:
-    """Raise on every member when any has an ``error`` (one all-reduce of a flag)."""
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+#: The errors a member's checks raise that every member of its group raises too (in this order of lookup).
+_SHARED_ERRORS: tuple[type[Exception], ...] = (IndexError, TypeError, ValueError, NotImplementedError, RuntimeError)
+#: The bytes of an error's message carried by the agreement (longer ones are cut).
+_MESSAGE_BYTES = 480
+
+
+def _exchange(group: Any, device: Any, row: list[int], error: BaseException | None) -> list[list[int]]:
+    """Every member's ``row`` of ints, by rank, in one ``all_gather``; with it goes each member's ``error``.
+
+    If any member has an error, every member raises the first such member's (lowest rank): the same
+    class and message everywhere, naming that rank. No member is left waiting in a collective.
+    """
+    code, message = 0, b""
     if error is not None:
-        raise error
-    if int(flag.item()):
-        raise ValueError(f"multixent: another member of the process group raised an error: {what}")
+        code = 1 + next(i for i, kind in enumerate(_SHARED_ERRORS) if isinstance(error, kind))
+        message = str(error).encode()[:_MESSAGE_BYTES]
+    padded = [*row, code, len(message), *message, *bytes(_MESSAGE_BYTES - len(message))]
+    mine = torch.tensor(padded, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).tolist()
+    n = len(row)
+    failed = [r for r, t in enumerate(table) if t[n]]
+    if failed:
+        first = table[failed[0]]
+        text = bytes(first[n + 2 : n + 2 + first[n + 1]]).decode(errors="replace")
+        raise _SHARED_ERRORS[first[n] - 1](f"{text} [raised on rank {failed[0]} of the process group]")
+    return [t[:n] for t in table]
+
+
+def _agree(group: Any, device: Any, error: BaseException | None) -> None:
+    """Raise on every member the error any member has (see :func:`_exchange`; a row the size of
+    :func:`shard`'s, so that a member still in that agreement gets an error, not a collective mismatch)."""
+    _exchange(group, device, [0] * (2 + _AGREED_SLOTS), error)
+
+
+#: The agreed values a member sends (:func:`shard`): always this many, so that members in different calls
+#: still exchange rows of one size (then their ``function`` differs).
+_AGREED_SLOTS = 16
+
+
+def _encode(value: Any) -> int:
+    """An agreed value as an int64: ints as such, floats by their bits, strings by their first 8 bytes."""
+    if isinstance(value, float):
+        return int(struct.unpack("<q", struct.pack("<d", value))[0])
+    if isinstance(value, str):
+        return int.from_bytes(value.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+    return int(value)
+
+
+def _decode(code: int, like: Any) -> Any:
+    if isinstance(like, float):
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    if isinstance(like, str):
+        return code.to_bytes(8, "big", signed=True).rstrip(b"\0").decode(errors="replace")
+    return code
+
+
+def _disagreement(agreed: tuple[tuple[str, Any], ...], columns: list[list[int]]) -> ValueError | None:
+    """A ValueError naming the first agreed value that differs across the members, with its values by rank."""
+    for (name, mine), values in zip(agreed, columns, strict=False):
+        if len(set(values)) > 1:
+            by_rank = [_decode(v, mine) for v in values]
+            return ValueError(
+                f"multixent: the members of the process group disagree on {name}: {by_rank} by rank "
+                "(it must be the same on every member)"
+            )
+    return None
 
 
 def shard(
-    group: Any, class_offset: int | None, num_local: int, arrays: tuple[Any, ...], error: BaseException | None = None
+    group: Any,
+    class_offset: int | None,
+    num_local: int,
+    arrays: tuple[Any, ...],
+    error: BaseException | None = None,
+    agreed: tuple[tuple[str, int], ...] = (),
 ) -> _math.Shard:
     """The class axis split over the torch process ``group``: this member holds ``num_local``
     classes from ``class_offset`` (None: ``rank · num_local``, equal shards).
 
-    One ``all_gather`` of ``(offset, C_local, arrays are tensors, error)`` from every member, so
-    that every member sees the same layout and raises the same error: equal shards without
-    offsets, or offsets (on every member) tiling ``[0, C)``; ``C = Σ C_local``. ``error``: this
-    member's arguments failed a check (raised after the gather, and on the others too).
+    The agreement: one ``all_gather`` of ``(offset, C_local, arrays are tensors, *agreed, error)``
+    from every member, so that every member sees the same layout and raises the same error:
+    a member's ``error`` (its arguments failed a check), arrays that are not torch tensors,
+    ``agreed`` values (what must be equal across members: rows, dtypes, options) that differ,
+    or a layout that is not equal shards without offsets or offsets (on every member) tiling
+    ``[0, C)``; ``C = Σ C_local``.
     """
     tensors = [a for a in arrays if a is not None]
     foreign = sorted({type(a).__module__ for a in tensors if not isinstance(a, torch.Tensor)})
@@ -189,24 +257,23 @@ def shard(
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    row = [-1 if class_offset is None else class_offset, num_local, len(foreign), error is not None]
-    mine = torch.tensor(row, device=device)
-    table = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(table, mine, group=group)
-    offsets, sizes, bad, failed = (list(col) for col in zip(*(t.tolist() for t in table), strict=True))
-    if error is not None:
-        raise error
-    if any(failed):
-        members = [r for r in range(size) if failed[r]]
-        raise ValueError(
-            f"multixent: member(s) {members} of the process group raised an error on their arguments (see theirs)"
+    if error is None and foreign:
+        error = TypeError(
+            f"multixent: group is a torch ProcessGroup: the arrays must be torch tensors on every member; got {foreign}"
         )
-    if any(bad):
-        members = [r for r in range(size) if bad[r]]
-        raise TypeError(
-            "multixent: group is a torch ProcessGroup: the arrays must be torch tensors on every member; "
-            f"member(s) {members} passed others" + (f" ({foreign})" if foreign else "")
-        )
+    if len(agreed) > _AGREED_SLOTS:
+        raise AssertionError(f"multixent: at most {_AGREED_SLOTS} agreed values; got {len(agreed)}")
+    values = [_encode(value) for _, value in agreed] + [0] * (_AGREED_SLOTS - len(agreed))
+    row = (
+        [-1, 0, *[0] * _AGREED_SLOTS]
+        if error is not None
+        else [-1 if class_offset is None else class_offset, num_local, *values]
+    )
+    table = _exchange(group, device, row, error)
+    offsets, sizes, *columns = (list(col) for col in zip(*table, strict=True))
+    mismatch = _disagreement(agreed, columns)
+    if mismatch is not None:
+        raise mismatch
     if all(o == -1 for o in offsets):
         if len(set(sizes)) != 1:
             raise ValueError(
@@ -235,7 +302,7 @@ def shard(
         max=lambda a: _group_max(a, member()),
         sum=lambda a: _GroupSum.apply(a, member()),  # type: ignore[no-untyped-call]
         spread=lambda a: _GroupSpread.apply(a, member),  # type: ignore[no-untyped-call]
-        agree=lambda error, what: _agree(member(), device, error, what),
+        agree=lambda error: _agree(member(), device, error),
     )
 
 
@@ -339,7 +406,7 @@ def row_losses(
 ) -> tuple[Any, Any]:
     """``need_lse=False``: without autograd, ``lse`` is not computed (None)."""
     if shard is not None:
-        _eager_group(x, target, weight, opts)
+        refuse_group(x, target, weight, opts)
     if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
         how = plan(x, may_ignore=may_ignore, differentiable=True)
         return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
@@ -360,20 +427,28 @@ def row_losses(
 
 class _Fused(torch.autograd.Function):
     """A loss computed with its gradient (:func:`fused`): the backward scales the gradient, or gives it
-    away as it is for the usual upstream 1 (autograd then keeps it as ``x.grad`` without a copy)."""
+    away as it is for the usual upstream 1 (autograd then keeps it as ``x.grad`` without a copy).
+
+    A second backward (a retained graph) or ``create_graph=True`` recomputes the gradient through the
+    ordinary route at the saved logits: saved with ``save_for_backward``, so an in-place change since the
+    forward raises torch's own error, and differentiated through an alias of them, which their hooks do
+    not see (they run once, when autograd hands the result on) but whose graph reaches them."""
 
     @staticmethod
     def forward(ctx: Any, x: Any, compute: Any, recompute: Any) -> Any:
         loss, ctx.grad = compute()
-        ctx.x, ctx.recompute = x, recompute  # the input itself: a double backward differentiates through it
+        ctx.save_for_backward(x)
+        ctx.recompute = recompute
         return loss
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
         grad, ctx.grad = ctx.grad, None
         if grad is None or torch.is_grad_enabled():  # a second backward, or create_graph=True: the usual route
+            (x,) = ctx.saved_tensors
             with torch.enable_grad():
-                (x_bar,) = torch.autograd.grad(ctx.recompute(ctx.x), ctx.x, g, create_graph=torch.is_grad_enabled())
+                alias = x.view_as(x)
+                (x_bar,) = torch.autograd.grad(ctx.recompute(alias), alias, g, create_graph=torch.is_grad_enabled())
             return x_bar, None, None
         unit = not (torch.compiler.is_compiling() or _wrapped(g)) and bool(g == 1)
         return grad if unit else grad * g.to(grad.dtype), None, None
@@ -391,7 +466,7 @@ def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any
     return _Fused.apply(x, compute, recompute)  # type: ignore[no-untyped-call]
 
 
-def _eager_group(x: Any, target: Any, weight: Any, opts: _math.Options) -> None:
+def refuse_group(x: Any, target: Any, weight: Any, opts: _math.Options) -> None:
     """NotImplementedError where a group is not supported: compiled, under a torch.func transform,
     class weights requiring grad (each member would hold a part of their gradient), label_smoothing
     or softcap as tensors autograd records (likewise: their gradient mixes replicated and per-member
@@ -653,7 +728,7 @@ def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     if call.shard is not None:
-        _eager_group(h, call.target, None, call.opts)
+        refuse_group(h, call.target, None, call.opts)
     if call.opts.arrays or _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
@@ -663,7 +738,7 @@ def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> An
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
     if call.shard is not None:
-        _eager_group(h, t, None, call.opts)
+        refuse_group(h, t, None, call.opts)
     if call.opts.arrays or _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
