@@ -135,12 +135,15 @@ def _one_array(
         x, layout, group, class_offset = _local(x, axis, group, class_offset)
     except _CHECK_ERRORS as err:
         raise _fail_together(group, class_offset, err) from None
-    agreed = (
-        ("function", function),
-        ("rows", _rows(tuple(x.shape), axis)),
-        ("dtype", _dtype_name(x)),
-        ("axis", axis),
-        ("keepdims", int(keepdims)),
+    agreed = _agreed(
+        group,
+        lambda: (
+            ("function", function),
+            ("rows", _rows(tuple(x.shape), axis)),
+            ("dtype", _dtype_name(x)),
+            ("axis", axis),
+            ("keepdims", int(keepdims)),
+        ),
     )
     return x, xp, axis, layout, _shard(group, class_offset, x, axis, agreed=agreed)
 
@@ -173,6 +176,11 @@ Agreed = tuple[tuple[str, Any], ...]
 
 #: The errors a member's checks may raise before the agreement: with a group, every member raises them.
 _CHECK_ERRORS = (TypeError, ValueError, IndexError, NotImplementedError)
+
+
+def _agreed(group: Any, values: Callable[[], Agreed]) -> Agreed:
+    """``values()`` with a group (to agree on), else nothing (no call pays for it)."""
+    return () if group is None else values()
 
 
 def _fail_together(group: Any, class_offset: Any, error: Exception) -> Exception:
@@ -269,13 +277,16 @@ def _prepare(
     except _CHECK_ERRORS as err:  # with a group: raised on every member, none left waiting
         raise _fail_together(group, class_offset, err) from None
     local_classes = int(x.shape[axis])
-    agreed = (
-        ("function", function),
-        ("rows", _rows(tuple(x.shape), axis)),
-        (f"{name} dtype", _dtype_name(x)),
-        ("target dtype", _dtype_name(target)),
-        ("weight length", -1 if weight is None else int(weight.shape[0])),
-        *_agreed_options(opts, z, reduction),
+    agreed = _agreed(
+        group,
+        lambda: (
+            ("function", function),
+            ("rows", _rows(tuple(x.shape), axis)),
+            (f"{name} dtype", _dtype_name(x)),
+            ("target dtype", _dtype_name(target)),
+            ("weight length", -1 if weight is None else int(weight.shape[0])),
+            *_agreed_options(opts, z, reduction),
+        ),
     )
     shard = _shard(group, class_offset, x, axis, target, weight, agreed=agreed)
     if shard is not None:  # the global C; the weight's length is the same on every member
@@ -343,8 +354,11 @@ def _index_target(
     dtype, low, high, wrapped_bits = _index_dtype(target, xp)
     ignore = opts.ignore_index
     comparable = low <= ignore <= high
-    target = target if target.dtype == dtype else xp.astype(target, dtype)
+    given, target = target, target if target.dtype == dtype else xp.astype(target, dtype)
     values = adapter.concrete(target) if _checks.readable(target) else None
+    if values is None and target is not given and _checks.readable(given):  # a concrete target cast under jit
+        before = adapter.concrete(given)
+        values = None if before is None else _compat.array_namespace(before).astype(before, dtype)
     if values is not None:
         if shard is None and layout is None:  # the usual call
             return target, opts, _checks.class_indices(values, classes, ignore, wrapped_bits, comparable)
@@ -589,7 +603,11 @@ def cross_entropy(
     smoothing and probability sums are all-reduced across the group (a few ``(rows,)``
     vectors, never the logits); the loss is the whole axis's, the same on every member,
     and each member's gradient is its shard's. Concrete out-of-range targets raise on
-    every member (checked against the global ``C``). torch: backward runs on every
+    every member (checked against the global ``C``). torch: a call checks its arguments, then
+    one all-gather agrees on the outcome and on what must be the same on every member (rows,
+    dtypes, options, ``ignore_index``, the weight's length): an error on one member, or a
+    difference, raises the same error on every member. Not compared: the values of the logits
+    and targets, and whether every member passed ``group`` at all. A member may hold no class. torch: backward runs on every
     member; not under ``torch.compile``, torch.func transforms, forward mode, nor with
     a ``weight`` requiring grad (NotImplementedError). JAX: ``grad``, ``jit`` and ``vmap``
     inside ``shard_map`` (with its default ``check_vma=True``). ``group`` names every mesh
@@ -1047,16 +1065,19 @@ def linear_cross_entropy(
             dt.refuse("linear_cross_entropy")
     except _CHECK_ERRORS as err:  # with a group: raised on every member, none left waiting
         raise _fail_together(group, class_offset, err) from None
-    agreed = (
-        ("function", "linear_cross_entropy"),
-        ("rows", _rows(tuple(hidden.shape), hidden.ndim - 1)),
-        ("hidden size", dim),
-        ("hidden dtype", _dtype_name(hidden)),
-        ("classifier dtype", _dtype_name(classifier)),
-        ("bias dtype", _dtype_name(bias)),
-        ("chunk_size", -1 if chunk_size is None else chunk_size),
-        ("weight length", -1 if weight is None else int(weight.shape[0])),
-        *_agreed_options(opts, z, reduction),
+    agreed = _agreed(
+        group,
+        lambda: (
+            ("function", "linear_cross_entropy"),
+            ("rows", _rows(tuple(hidden.shape), hidden.ndim - 1)),
+            ("hidden size", dim),
+            ("hidden dtype", _dtype_name(hidden)),
+            ("classifier dtype", _dtype_name(classifier)),
+            ("bias dtype", _dtype_name(bias)),
+            ("chunk_size", -1 if chunk_size is None else chunk_size),
+            ("weight length", -1 if weight is None else int(weight.shape[0])),
+            *_agreed_options(opts, z, reduction),
+        ),
     )
     shard = _shard(group, class_offset, classifier, 0, hidden, target, bias, weight, agreed=agreed)
     num_classes = local_classes if shard is None else shard.num_classes

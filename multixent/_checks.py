@@ -54,11 +54,15 @@ def namespace(
     adopt = numpy_inputs is True and any(_convertible(a) for a in arrays[1:]) and not _convertible(lead)
     if adopt and _compat.is_array_api_obj(lead):
         xp, dev = _compat.array_namespace(lead), _compat.device(lead)
-        adopted = [
-            (_adopted_target if name == "target" else xp.asarray)(a, xp, dev) if _convertible(a) else a
-            for a, name in itertools.zip_longest(arrays[1:], names[1:])
-        ]
-        arrays = (lead, *adopted)
+        adopted = [lead]
+        for i, a in enumerate(arrays[1:], 1):
+            if not _convertible(a):
+                adopted.append(a)
+            elif i < len(names) and names[i] == "target":  # class indices: checked by their values as given
+                adopted.append(_adopted_target(a, xp, dev))
+            else:
+                adopted.append(xp.asarray(a, device=dev))
+        arrays = tuple(adopted)
     for a, name in zip(arrays, names, strict=False):
         if a is not None or name not in ("weight", "bias"):
             array(a, name)
@@ -79,25 +83,28 @@ def namespace(
 
 
 def _adopted_target(target: Any, xp: Namespace, dev: Any) -> Any:
-    """A NumPy (or Python int) ``target`` in ``xp``'s arrays; IndexError naming the first class index that
-    the conversion changed (JAX without ``jax_enable_x64`` makes int64 int32) by its value as given."""
+    """A NumPy (or Python int) ``target`` in ``xp``'s arrays; IndexError naming the first value, as given,
+    that the conversion or the later cast to the index dtype would change (JAX without ``jax_enable_x64``
+    makes int64 int32 and uint64 uint32; its index dtype is int32), checked on the NumPy values: under
+    ``jit`` the converted array is traced."""
     values = numpy.asarray(target)
     converted = xp.asarray(values, device=dev)
     if values.dtype.kind not in "iu" or values.size == 0:
         return converted
-    given, info = numpy.iinfo(values.dtype), xp.iinfo(converted.dtype)
-    if info.min <= given.min and given.max <= info.max:  # every value fits: the usual case, no pass
+    index = xp.__array_namespace_info__().default_dtypes(device=dev)["indexing"]
+    given, to, to_index = numpy.iinfo(values.dtype), xp.iinfo(converted.dtype), xp.iinfo(index)
+    low, high = max(to.min, to_index.min), min(to.max, to_index.max)
+    if low <= given.min and given.max <= high:  # every value fits: the usual case, no pass over them
         return converted
     flat = values.reshape(-1)
-    outside = (flat < info.min) | (flat > info.max)
-    if outside.any():
-        first = int(outside.argmax())
-        raise IndexError(
-            f"multixent: target holds class index {int(flat[first])} (at flat position {first}), outside "
-            f"{converted.dtype}, the dtype {getattr(xp, '__name__', 'the logits library')} gives it; "
-            "expected 0 <= index < the number of classes, or ignore_index"
-        )
-    return converted
+    if low <= flat.min() and flat.max() <= high:
+        return converted
+    first = int(((flat < low) | (flat > high)).argmax())
+    raise IndexError(
+        f"multixent: target holds class index {int(flat[first])} (at flat position {first}), which "
+        f"{getattr(xp, '__name__', 'the logits library')}'s index dtype {index} cannot hold; "
+        "expected 0 <= index < the number of classes, or ignore_index"
+    )
 
 
 def _is_numpy(a: Any) -> bool:

@@ -1,4 +1,5 @@
-"""The README's ```python blocks run as written, each in a fresh process.
+"""The ```python blocks of the README and of the documentation (docs/*.md) run as written, each in a
+fresh process (a block repeated word for word in another page runs once, under its first place).
 
 A block runs when every framework it imports is installed and selected (``MULTIXENT_BACKENDS``):
 torch and transformers need the torch backend, jax and optax the JAX one, keras either (its
@@ -6,11 +7,14 @@ torch and transformers need the torch backend, jax and optax the JAX one, keras 
 with the NumPy backend. A block whose first line is ``# not run`` (signatures, not code) is skipped;
 one whose first line is ``# torchrun --nproc-per-node N ...`` runs as a file under
 ``torchrun --standalone --nproc-per-node N`` (N gloo processes on a free local port).
+
+The public functions' docstring Examples (NumPy) run as doctests, which the API reference shows.
 """
 
 from __future__ import annotations
 
 import ast
+import doctest
 import importlib.util
 import os
 import re
@@ -21,10 +25,24 @@ from pathlib import Path
 import pytest
 from conftest import SELECTED
 
+import multixent
+
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-FENCED = re.finditer(r"^```python\n(.*?)^```", README, re.M | re.S)
-BLOCKS = [(README.count("\n", 0, m.start()) + 2, m.group(1)) for m in FENCED]  # (first line of code, code)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _blocks() -> dict[str, str]:
+    """Each distinct block's code, keyed by its first place: ``page:first line of code``."""
+    blocks: dict[str, str] = {}
+    for page in PAGES:
+        text = page.read_text()
+        for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S):
+            if m.group(1) not in blocks.values():
+                blocks[f"{page.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 2}"] = m.group(1)
+    return blocks
+
+
+BLOCKS = _blocks()
 #: the backends (any one suffices) that a block importing this module needs
 NEEDS = {
     "torch": ("torch",),
@@ -46,8 +64,8 @@ def _imports(code: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_block_runs(line, code, tmp_path):
+@pytest.mark.parametrize(("place", "code"), BLOCKS.items(), ids=list(BLOCKS))
+def test_readme_block_runs(place, code, tmp_path):
     if code.startswith("# not run"):
         pytest.skip("marked '# not run'")
     imports = _imports(code)
@@ -69,4 +87,16 @@ def test_readme_block_runs(line, code, tmp_path):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", launch[1]]
         command += ["block.py"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"README.md block at line {line}:\n{result.stderr}"
+    assert result.returncode == 0, f"the block at {place}:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("name", multixent.__all__)
+def test_docstring_examples_run(name):
+    if "numpy" not in SELECTED:
+        pytest.skip("the Examples use NumPy arrays: the numpy backend is not selected (MULTIXENT_BACKENDS)")
+    tests = doctest.DocTestFinder(recurse=False).find(getattr(multixent, name), name)
+    assert any(t.examples for t in tests), f"{name}'s docstring has no Examples"
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
