@@ -20,9 +20,9 @@ Class weights that require grad get their true gradient
 from __future__ import annotations
 
 import contextlib
-import struct
 import dataclasses
 import functools
+import struct
 import weakref
 from collections.abc import Callable
 from typing import Any
