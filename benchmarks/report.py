@@ -1,15 +1,13 @@
-"""Turn asv's results JSON into ``results/results.md`` and the plots (no measurement here).
+"""Turn asv's results JSON into ``results.md`` and two plots (no measurement here).
 
-    python benchmarks/report.py                           # newest result in benchmarks/.asv/results
+    python benchmarks/report.py                           # the newest result in benchmarks/.asv/results
     python benchmarks/report.py --results FILE_OR_DIR --out DIR
 
-Every ratio is multixent / native from the same ``asv run`` (both are parameters, ``impl``, of the
-same benchmark). Times are asv's medians. Peak RSS is asv's ``peakmem_*`` (one fresh process per
-figure) and the extra memory is ``peakmem_<pass> - peakmem_baseline`` at the same parameters, divided by the
-logits' bytes; JAX's memory is a ``track_*`` of ``memory_analysis()`` already in that unit.
-
-Writes ``results.md``, ``cross_entropy.png``, ``linear.png`` and ``asv_results.json`` (the raw
-asv file the figures come from) into ``--out`` (default ``benchmarks/results``).
+Every ratio is multixent / native from the same ``asv run`` (both are parameters, ``impl``, of one benchmark);
+times are asv's medians. torch and NumPy memory is ``peakmem_<pass> - peakmem_baseline`` (asv's peak RSS of one
+fresh process each, same parameters) ÷ the logits' bytes; JAX's is a ``track_*`` of ``memory_analysis()``, in
+that unit already. What is checked against which limit comes from ``limits.json``. Writes ``results.md``, the
+plots (where the results hold their data) and ``asv_results.json`` (the raw file) into ``--out``.
 """
 
 from __future__ import annotations
@@ -18,781 +16,298 @@ import argparse
 import ast
 import itertools
 import json
-import math
+import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cases._common import ACCEPT, ITEMSIZE, LINEAR_ACCEPT_V, LINEAR_D, LINEAR_N, SHAPES, TINY, shape  # noqa: E402
+from cases._common import ACCEPT, ITEMSIZE, LINEAR_N, SHAPES, TINY, shape  # noqa: E402
 
-Params = tuple[Any, ...]
+Key = tuple[Any, ...]
+#: One comparison: (pass, benchmark, multixent's ``impl``, the native ``impl`` or None).
+Pair = tuple[str, str, str, str | None]
+#: Values of a benchmark's last parameter that name the implementation (the others name the point).
+IMPLS = {"multixent", "native", "optax", "scipy", "multixent_and_grad", "numpy_grad", "fused", "naive"}
+IMPLS |= {"loss_parallel", "floor", "kernel"}
+F32, CE, LOGITS = "float32", "cross_entropy.", "memory ÷ logits"
+#: Upper edges (seconds) of the bands of the native loss's time, for the worst ratio in each.
+BANDS, BAND_NAMES = (0.2e-3, 2e-3), ("< 0.2 ms", "0.2-2 ms", "≥ 2 ms")
+
+TIME: dict[str, list[Pair]] = {
+    "torch eager": [("fwd", CE + "TorchEager.time_fwd", "multixent", "native"),
+                    ("fwd+bwd", CE + "TorchEager.time_fwd_bwd", "multixent", "native")],
+    "torch.compile": [("fwd", CE + "TorchCompileFwd.time_call", "multixent", "native"),
+                      ("fwd+bwd", CE + "TorchCompileFwdBwd.time_call", "multixent", "native")],
+    "jax.jit": [("fwd", CE + "JaxJitFwd.time_call", "multixent", "optax"),
+                ("value_and_grad", CE + "JaxJitValueAndGrad.time_call", "multixent", "optax")],
+    "numpy": [("fwd", CE + "NumPy.time_call", "multixent", "scipy"),
+              ("and_grad", CE + "NumPy.time_call", "multixent_and_grad", "numpy_grad")],
+}  # fmt: skip
+MEMORY: dict[str, list[Pair]] = {
+    "torch eager (fwd+bwd includes the 1x `.grad`)": [("fwd", CE + "TorchEagerMemory.extra_fwd", "multixent", "native"),
+        ("fwd+bwd", CE + "TorchEagerMemory.extra_fwd_bwd", "multixent", "native")],
+    "numpy": [("fwd", CE + "NumPyMemory.extra_call", "multixent", "scipy"),
+              ("and_grad", CE + "NumPyMemory.extra_call", "multixent_and_grad", "numpy_grad")],
+    "jax.jit (`memory_analysis()`: temp + output)": [("fwd", CE + "JaxJitMemory.track_fwd", "multixent", "optax"),
+        ("value_and_grad", CE + "JaxJitMemory.track_fwd_bwd", "multixent", "optax")],
+    f"per option, {ACCEPT} float32 fwd+bwd (softcap=30, label_smoothing=0.1, class weights, z_loss=1e-4)": [
+        ("torch eager", "options.TorchOptionsMemory.extra_fwd_bwd", "multixent", "native"),
+        ("jax.jit", "options.JaxOptionsMemory.track_fwd_bwd", "multixent", "optax")],
+}  # fmt: skip
+LINEAR: dict[str, list[Pair]] = {
+    "torch eager": [("time", "linear.TorchLinear.time_fwd_bwd", "fused", "naive"),
+                    (LOGITS, "linear.TorchLinearMemory.extra_fwd_bwd", "fused", "naive")],
+    "jax.jit": [("time", "linear.JaxLinear.time_fwd_bwd", "fused", "naive"),
+                (LOGITS, "linear.JaxLinearMemory.track_fwd_bwd", "fused", "naive")],
+}  # fmt: skip
+DISTRIBUTED: dict[str, list[Pair]] = {
+    "cross_entropy, DTensor `Shard(1)` logits": [("time per rank", "distributed.TorchVocabParallel.track_time_per_rank",
+        "multixent", "loss_parallel"), ("memory ÷ local logits", "distributed.TorchVocabParallel.track_peak_extra_memory",
+        "multixent", "loss_parallel")],
+    "linear_cross_entropy, classifier split by vocabulary rows": [("memory ÷ local logits",
+        "distributed.TorchLinearVocabParallel.track_peak_extra_memory", "multixent", None)],
+}  # fmt: skip
+RATIO_NATIVE = {"TorchEagerRatio": "`F.cross_entropy`", "JaxJitRatio": "optax", "NumPyRatio": "SciPy"}
+
+
+def is_shape(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"\d+x\d+", v) is not None
+
+
+def dtype_of(p: Key) -> str:
+    return p[1] if len(p) > 1 and p[1] in ITEMSIZE else F32
+
+
+def is_time(bench: str) -> bool:
+    return "time" in bench.rsplit(".", 1)[1]
+
+
+def logits_bytes(key: Key) -> int:
+    """The logits' bytes at a memory benchmark's parameters: (NxC[, dtype], impl), (V, impl) or (option, impl)."""
+    if isinstance(key[0], int):
+        return LINEAR_N * key[0] * 4
+    n, c = shape(key[0] if is_shape(key[0]) else ACCEPT)
+    return n * c * ITEMSIZE.get(key[1] if len(key) > 2 else F32, 4)
 
 
 class Results:
-    """asv's results file as ``{benchmark name: {params tuple: {"value", "q25", "q75", "samples"}}}``."""
+    """asv's results file as ``values[benchmark][parameters] = value``, skipped and failed points left out; the
+    extra memory ÷ the logits' bytes as ``<class>.extra_<pass>``."""
 
     def __init__(self, path: Path) -> None:
-        data = json.loads(path.read_text())
-        self.path = path
-        self.meta = {k: v for k, v in data.items() if k != "results"}
-        cols = data["result_columns"]
-        self.bench: dict[str, dict[Params, dict[str, Any]]] = {}
-        self.started: list[int] = []
+        self.path, self.meta = path, json.loads(path.read_text())
+        self.values: dict[str, dict[Key, float]] = {}
         self.failed: list[str] = []
-        for name, row in data["results"].items():
-            rec = dict(zip(cols, row, strict=False))
-            if rec.get("started_at"):
-                self.started.append(rec["started_at"])
-            values = rec.get("result")
-            if values is None:
+        self.started: list[int] = []
+        for name, row in self.meta["results"].items():
+            rec = dict(zip(self.meta["result_columns"], row, strict=False))
+            self.started += [rec["started_at"]] if rec.get("started_at") else []
+            if rec.get("result") is None:
                 self.failed.append(name)
                 continue
-            grid = list(itertools.product(*[[ast.literal_eval(p) for p in ps] for ps in rec["params"]]))
-            out = {}
-            for i, combo in enumerate(grid):
-                if values[i] is None or values[i] != values[i]:  # failed, or skipped (asv's NaN)
-                    continue
-                out[combo] = {
-                    "value": values[i],
-                    "q25": _at(rec.get("stats_q_25"), i),
-                    "q75": _at(rec.get("stats_q_75"), i),
-                    "samples": _at(rec.get("samples"), i),
-                }
-            self.bench[name] = out
+            grid = itertools.product(*[[ast.literal_eval(p) for p in ps] for ps in rec["params"]])
+            self.values[name] = {k: v for k, v in zip(grid, rec["result"], strict=False) if v is not None and v == v}
+        for name in [n for n in self.values if ".peakmem_" in n and not n.endswith(".peakmem_baseline")]:
+            cls, method = name.split(".peakmem_")
+            base = self.values.get(f"{cls}.peakmem_baseline", {})
+            extra = {k: (v - base[k]) / logits_bytes(k) for k, v in self.values[name].items() if k in base}
+            self.values[f"{cls}.extra_{method}"] = extra
 
-    def get(self, name: str, *params: Any) -> float | None:
-        r = self.bench.get(name, {}).get(tuple(params))
-        return None if r is None else float(r["value"])
+    def get(self, name: str, point: Key, impl: str | None) -> float | None:
+        return self.values.get(name, {}).get(point if impl is None else (*point, impl))
 
-    def peak(self, name: str, *params: Any) -> float | None:
-        """asv's ``peakmem_*`` in bytes (one fresh process: asv keeps one value per peakmem)."""
-        return self.get(name, *params)
+    def pair(self, name: str, point: Key, mine: str, other: str | None) -> tuple[float | None, float | None]:
+        return self.get(name, point, mine), None if other is None else self.get(name, point, other)
 
-    def extra(self, cls: str, method: str, *params: Any) -> float | None:
-        """``peakmem_<method> - peakmem_baseline`` in bytes (both asv's peak RSS, same parameters)."""
-        a, b = self.peak(f"{cls}.peakmem_{method}", *params), self.peak(f"{cls}.peakmem_baseline", *params)
-        return None if a is None or b is None else a - b
+    def points(self, names: list[str]) -> list[Key]:
+        """The points (the parameters but ``impl``) of ``names``: float32 first, then by size."""
+        pts = {k[:-1] if k and k[-1] in IMPLS else k for n in names for k in self.values.get(n, {})}
+        return sorted(pts, key=lambda p: ("bfloat16" in p, [shape(v) if is_shape(v) else v for v in p]))
 
 
-def _at(xs: list[Any] | None, i: int) -> Any:
-    return None if xs is None or i >= len(xs) else xs[i]
-
-
-def find_results(path: Path) -> Path:
-    if path.is_file():
-        return path
-    files = [f for f in path.rglob("*.json") if f.name not in ("machine.json", "benchmarks.json")]
-    if not files:
-        sys.exit(f"no asv results under {path}: run `asv run` first (see benchmarks/asv.conf.json)")
-    return max(files, key=lambda f: f.stat().st_mtime)
-
-
-# --------------------------------------------------------------------------------------------
-# Formatting
-
-
-def fmt_t(s: float | None) -> str:
-    if s is None:
+def fmt(v: float | None, time: bool = False) -> str:
+    if v is None:
         return "—"
-    if s < 0:
-        return "-" + fmt_t(-s)
-    for unit, k in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if s >= k:
-            return f"{s / k:.3g} {unit}"
-    return f"{s * 1e9:.3g} ns"
+    units = (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 0.0))
+    return next(f"{v / (k or 1e-9):.3g} {u}" for u, k in units if abs(v) >= k) if time else f"{v:.3f}"
+
+
+def bold(s: str, on: bool) -> str:
+    return f"**{s}**" if on else s
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def fmt_r(r: float | None, digits: int = 2) -> str:
-    return "—" if r is None else f"**{r:.{digits}f}**"
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "| :--- |" + " ---: |" * (len(head) - 1)]
+    return [*lines, *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def fmt_x(r: float | None, digits: int = 2) -> str:
-    return "—" if r is None else f"{r:.{digits}f}"
+def point_cells(p: Key, head: bool = False) -> list[str]:
+    """A point's columns (N, C for a shape; dtype; V; option) or, with ``head``, their names."""
+    out: list[str] = []
+    for v in p:
+        names = ("N", "C") if is_shape(v) else ("dtype",) if v in ITEMSIZE else ("V",) if isinstance(v, int) else ()
+        out += list(names or ("option",)) if head else [str(x) for x in shape(v)] if is_shape(v) else [str(v)]
+    return out
 
 
-def table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
-    align = align or "-" * len(header)
-    seps = [":---" if a == "l" else "---:" for a in align.replace("-", "r")]
-    return (
-        ["| " + " | ".join(header) + " |", "| " + " | ".join(seps) + " |"]
-        + ["| " + " | ".join(r) + " |" for r in rows]
-        + [""]
-    )
+def pair_table(res: Results, title: str, pairs: list[Pair]) -> list[str]:
+    """One row a point: each pair's multixent and native figure, and their ratio where it is a time."""
+    pts = res.points([b for _, b, _, _ in pairs])
+    if not pts:
+        return []
+    head, rows = point_cells(pts[0], head=True), [point_cells(p) for p in pts]
+    for what, bench, mine, native in pairs:
+        t = is_time(bench)
+        head += [f"{what}: {mine}", *([native] if native else []), *(["ratio"] if t else [])]
+        for p, row in zip(pts, rows, strict=True):
+            a, b = res.pair(bench, p, mine, native)
+            row += [fmt(a, t), *([fmt(b, t)] if native else []), *([fmt(ratio(a, b))] if t else [])]
+    return [f"### {title}", "", *table(head, rows)]
 
 
-def verdict(v: float | None, limit: float | None) -> str:
-    if v is None:
-        return "not measured"
-    if limit is None:
-        return "—"
-    return "pass" if v <= limit else "**fail**"
+def section(title: str, text: str, res: Results, specs: dict[str, list[Pair]]) -> list[str]:
+    body = [line for t, pairs in specs.items() for line in pair_table(res, t, pairs)]
+    return [f"## {title}", "", *([text, ""] if text else []), *body] if body else []
 
 
-# --------------------------------------------------------------------------------------------
-# The sections
-
-#: (label, time benchmark name for fwd, for fwd+bwd, native impl's name, native label, has dtype)
-FRAMEWORKS = (
-    (
-        "torch eager",
-        "cross_entropy.TorchEager.time_fwd",
-        "cross_entropy.TorchEager.time_fwd_bwd",
-        "native",
-        "F.cross_entropy",
-        True,
-    ),
-    (
-        "torch.compile",
-        "cross_entropy.TorchCompileFwd.time_call",
-        "cross_entropy.TorchCompileFwdBwd.time_call",
-        "native",
-        "F.cross_entropy",
-        False,
-    ),
-    (
-        "jax.jit",
-        "cross_entropy.JaxJitFwd.time_call",
-        "cross_entropy.JaxJitValueAndGrad.time_call",
-        "optax",
-        "optax",
-        True,
-    ),
-)
-NUMPY = "cross_entropy.NumPy.time_call"
+def section_acceptance(res: Results, checks: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for c in checks:
+        bench, lim = c["benchmark"], c["limit"]
+        a, b = (next((v for p in ((ACCEPT, F32), (ACCEPT,)) if (v := res.get(bench, p, i)) is not None), None)
+                for i in c["impls"])  # fmt: skip
+        v = ratio(a, b) if is_time(bench) else a
+        result = "not measured" if v is None else "—" if lim is None else bold("pass" if v <= lim else "fail", v > lim)
+        detail = f"{fmt(a, True)} vs {fmt(b, True)}" if is_time(bench) else f"{c['impls'][1]}: {fmt(b)}"
+        rows.append([c["what"], fmt(v), "—" if lim is None else f"≤ {lim:g}", result, detail])
+    if all(r[3] == "not measured" for r in rows):
+        return []
+    head = ["measured", "value", "limit", "result", "detail"]
+    return [f"## Acceptance point ({ACCEPT}, float32, forward+backward)", "", *table(head, rows)]
 
 
-def _fw_time(res: Results, fw: tuple[Any, ...], passes: int, s: str, dtype: str, impl: str) -> float | None:
-    name = fw[1 + passes]
-    return res.get(name, s, dtype, impl) if fw[5] else (res.get(name, s, impl) if dtype == "float32" else None)
-
-
-def _points(res: Results, name: str, with_dtype: bool) -> list[tuple[str, str]]:
-    keys = res.bench.get(name, {})
-    pts = {(k[0], k[1] if with_dtype else "float32") for k in keys}
-    return sorted(pts, key=lambda p: (p[1] != "float32", shape(p[0])))
-
-
-def section_acceptance(res: Results) -> list[str]:
-    a, f32 = ACCEPT, "float32"
-    te = FRAMEWORKS[0]
-    logits = ITEMSIZE[f32] * shape(a)[0] * shape(a)[1]
-    t_mx, t_nat = _fw_time(res, te, 1, a, f32, "multixent"), _fw_time(res, te, 1, a, f32, "native")
-    m_mx = ratio(res.extra("cross_entropy.TorchEagerMemory", "fwd_bwd", a, f32, "multixent"), logits)
-    m_nat = ratio(res.extra("cross_entropy.TorchEagerMemory", "fwd_bwd", a, f32, "native"), logits)
-    jx = FRAMEWORKS[2]
-    j_mx, j_nat = _fw_time(res, jx, 1, a, f32, "multixent"), _fw_time(res, jx, 1, a, f32, "optax")
-    jm_mx = res.get("cross_entropy.JaxJitMemory.track_fwd_bwd", a, f32, "multixent")
-    jm_nat = res.get("cross_entropy.JaxJitMemory.track_fwd_bwd", a, f32, "optax")
-    n_mx, n_sp = res.get(NUMPY, a, "multixent"), res.get(NUMPY, a, "scipy")
-    n_ag, n_hand = res.get(NUMPY, a, "multixent_and_grad"), res.get(NUMPY, a, "numpy_grad")
-    c_mx, c_nat = (
-        _fw_time(res, FRAMEWORKS[1], 1, a, f32, "multixent"),
-        _fw_time(res, FRAMEWORKS[1], 1, a, f32, "native"),
-    )
-    items = [
-        (
-            "torch eager fwd+bwd time, multixent / `F.cross_entropy`",
-            ratio(t_mx, t_nat),
-            1.0,
-            f"{fmt_t(t_mx)} vs {fmt_t(t_nat)}",
-        ),
-        ("torch eager fwd+bwd peak extra memory ÷ logits bytes", m_mx, 1.05, f"native {fmt_x(m_nat)}"),
-        (
-            "`jax.jit` value_and_grad time, multixent / optax",
-            ratio(j_mx, j_nat),
-            1.05,
-            f"{fmt_t(j_mx)} vs {fmt_t(j_nat)}",
-        ),
-        ("`jax.jit` value_and_grad temp+output ÷ logits bytes", jm_mx, 1.05, f"optax {fmt_x(jm_nat, 3)}"),
-        (
-            "NumPy forward, multixent / SciPy `log_softmax` + `take_along_axis`",
-            ratio(n_mx, n_sp),
-            1.0,
-            f"{fmt_t(n_mx)} vs {fmt_t(n_sp)}",
-        ),
-        (
-            "NumPy `cross_entropy_and_grad` / hand-written `(softmax - onehot) / N`",
-            ratio(n_ag, n_hand),
-            1.0,
-            f"{fmt_t(n_ag)} vs {fmt_t(n_hand)}",
-        ),
-        ("NumPy `cross_entropy_and_grad` ÷ multixent's forward", ratio(n_ag, n_mx), 1.5, ""),
-        ("`torch.compile` fwd+bwd time, both compiled", ratio(c_mx, c_nat), None, f"{fmt_t(c_mx)} vs {fmt_t(c_nat)}"),
-    ]
-    n, c = shape(a)
-    rows = [[w, fmt_x(v, 3), "—" if lim is None else f"≤ {lim}", verdict(v, lim), d] for w, v, lim, d in items]
-    return [
-        f"## Acceptance point (N={n}, C={c}, float32, forward+backward)",
-        "",
-        *table(["measured", "value", "limit", "result", "detail"], rows, "lrrll"),
-    ]
+def time_points(res: Results) -> Iterator[tuple[str, int, Pair, Key, float, float]]:
+    """(framework, index of the pass, its pair, point, multixent's time, the native's) of each measured time pair."""
+    for fw, pairs in TIME.items():
+        for i, (what, bench, mine, native) in enumerate(pairs):
+            for p in res.points([bench]):
+                a, b = res.pair(bench, p, mine, native)
+                if a is not None and b is not None:
+                    yield fw, i, (what, bench, mine, native), p, a, b
 
 
 def section_fixed_cost(res: Results) -> list[str]:
-    s = SHAPES[0]
-    rows = []
-    for fw in FRAMEWORKS:
-        for p, pname in ((0, "fwd"), (1, "fwd+bwd")):
-            mx, nat = _fw_time(res, fw, p, s, "float32", "multixent"), _fw_time(res, fw, p, s, "float32", fw[3])
-            if mx is None and nat is None:
-                continue
-            rows.append(
-                [
-                    fw[0],
-                    pname,
-                    fmt_t(mx),
-                    f"{fmt_t(nat)} ({fw[4]})",
-                    fmt_r(ratio(mx, nat)),
-                    fmt_t(None if mx is None or nat is None else mx - nat),
-                ]
-            )
-    for impl, nat, pname in (("multixent", "scipy", "fwd"), ("multixent_and_grad", "numpy_grad", "and_grad")):
-        mx, nt = res.get(NUMPY, s, impl), res.get(NUMPY, s, nat)
-        if mx is not None or nt is not None:
-            rows.append(
-                [
-                    "numpy",
-                    pname,
-                    fmt_t(mx),
-                    f"{fmt_t(nt)} ({nat})",
-                    fmt_r(ratio(mx, nt)),
-                    fmt_t(None if mx is None or nt is None else mx - nt),
-                ]
-            )
-    n, c = shape(s)
-    return [
-        f"## Fixed per-call cost (N={n}, C={c}, float32: the smallest point, where the work is negligible)",
-        "",
-        *table(["framework", "pass", "multixent", "native", "ratio", "multixent - native"], rows, "llrrrr"),
+    rows = [
+        [fw, pair[0], fmt(a, True), f"{fmt(b, True)} ({pair[3]})", fmt(a / b), fmt(a - b, True)]
+        for fw, _, pair, p, a, b in time_points(res)
+        if p[0] == SHAPES[0] and dtype_of(p) == F32
     ]
+    head = ["framework", "pass", "multixent", "native", "ratio", "multixent - native"]
+    return [f"## Fixed per-call cost ({SHAPES[0]}, float32)", "", *table(head, rows)] if rows else []
 
 
-def section_time(res: Results) -> list[str]:
-    out = ["## Time (asv medians; ratio = multixent / native, same run)", ""]
-    fixed = SHAPES[0]
-    for fw in FRAMEWORKS:
-        pts = _points(res, fw[1], fw[5]) or _points(res, fw[2], fw[5])
-        if not pts:
-            continue
-        fx = [_fw_time(res, fw, p, fixed, "float32", i) for p in (0, 1) for i in ("multixent", fw[3])]
-        out += [f"### {fw[0]} (native: {fw[4]})", ""]
-        if any(v is not None for v in fx):
-            out += [
-                f"Fixed per-call cost ({fixed}, fwd / fwd+bwd): multixent {fmt_t(fx[0])} / {fmt_t(fx[2])},"
-                f" native {fmt_t(fx[1])} / {fmt_t(fx[3])}.",
-                "",
-            ]
-        rows = []
-        for s, dtype in pts:
-            t = [_fw_time(res, fw, p, s, dtype, i) for p in (0, 1) for i in ("multixent", fw[3])]
-            n, c = shape(s)
-            rows.append(
-                [
-                    str(n),
-                    str(c),
-                    dtype,
-                    fmt_t(t[0]),
-                    fmt_t(t[1]),
-                    fmt_r(ratio(t[0], t[1])),
-                    fmt_t(t[2]),
-                    fmt_t(t[3]),
-                    fmt_r(ratio(t[2], t[3])),
-                ]
-            )
-        out += table(
-            ["N", "C", "dtype", "fwd: multixent", fw[4], "ratio", "fwd+bwd: multixent", fw[4], "ratio"],
-            rows,
-            "rrlrrrrrr",
-        )
-    pts = _points(res, NUMPY, False)
-    if pts:
-        out += [
-            "### numpy, float32 (native: SciPy `log_softmax` + `take_along_axis`; for the gradient, "
-            "`(scipy.special.softmax(x) - onehot(y)) / N`)",
-            "",
-        ]
-        rows = []
-        for s, _ in pts:
-            t = [res.get(NUMPY, s, i) for i in ("multixent", "scipy", "multixent_and_grad", "numpy_grad")]
-            n, c = shape(s)
-            rows.append(
-                [
-                    str(n),
-                    str(c),
-                    fmt_t(t[0]),
-                    fmt_t(t[1]),
-                    fmt_r(ratio(t[0], t[1])),
-                    fmt_t(t[2]),
-                    fmt_t(t[3]),
-                    fmt_r(ratio(t[2], t[3])),
-                    fmt_x(ratio(t[2], t[0])),
-                ]
-            )
-        out += table(
-            [
-                "N",
-                "C",
-                "fwd: multixent",
-                "scipy",
-                "ratio",
-                "and_grad: multixent",
-                "hand-written",
-                "ratio",
-                "and_grad ÷ multixent fwd",
-            ],
-            rows,
-        )
-    return out
-
-
-#: Issue 12's bars by the native loss's time: the band's upper bound (seconds) and its name.
-BANDS = ((0.2e-3, "< 0.2 ms"), (2e-3, "0.2-2 ms"), (math.inf, "≥ 2 ms"))
-
-#: (case, row of :data:`FRAMEWORKS`, pass (0 fwd, 1 fwd+bwd), bar per band); NumPy's rows: :func:`section_bars`
-BARS = (
-    ("torch eager fwd+bwd", 0, 1, (2.0, 1.3, 1.0)),
-    ("torch eager fwd (`no_grad`)", 0, 0, (3.0, 1.5, 1.0)),
-    ("`jax.jit` fwd", 2, 0, (1.1, 1.1, 1.1)),
-    ("`jax.jit` value_and_grad", 2, 1, (1.1, 1.1, 1.1)),
-)
-
-
-def _band(native: float) -> int:
-    return next(i for i, (top, _) in enumerate(BANDS) if native < top)
-
-
-def section_bars(res: Results) -> list[str]:
-    """Issue 12's bars: per case, native-time band and dtype, the worst ratio and its point."""
+def section_bands(res: Results, bars: dict[str, list[float]]) -> list[str]:
+    """The worst ratio in each band of the native loss's time, float32 / bfloat16; bold: above the bar."""
+    worst: dict[str, dict[tuple[int, str], tuple[float, str]]] = {}
+    for fw, _, pair, p, a, b in time_points(res):
+        w, key = worst.setdefault(f"{fw} {pair[0]}", {}), (sum(b >= edge for edge in BANDS), dtype_of(p))
+        w[key] = max(w.get(key, (0.0, "")), (a / b, p[0]))
     rows = []
-
-    def row(case: str, points: list[tuple[str, str, float, float]], bars: tuple[float, ...]) -> None:
-        cells = []
-        for band in range(len(BANDS)):
-            worst = []
-            for dtype in ("float32", "bfloat16"):
-                got = [(mx / nat, s) for s, d, mx, nat in points if d == dtype and _band(nat) == band]
-                if got:
-                    r, s = max(got)
-                    worst.append(f"{'**' if r > bars[band] else ''}{r:.2f}{'**' if r > bars[band] else ''} ({s})")
-            cells.append(" / ".join(worst) or "—")
-        rows.append([case, *cells, " / ".join(f"{b:g}" for b in bars)])
-
-    for case, fw_i, passes, bars in BARS:
-        fw = FRAMEWORKS[fw_i]
-        points = []
-        for s, dtype in _points(res, fw[1 + passes], fw[5]):
-            mx, nat = (_fw_time(res, fw, passes, s, dtype, i) for i in ("multixent", fw[3]))
-            if mx is not None and nat is not None:
-                points.append((s, dtype, mx, nat))
-        row(case, points, bars)
-    numpy_points = {"fwd": [], "and_grad": []}
-    for s, _ in _points(res, NUMPY, False):
-        for case, mine, native in (("fwd", "multixent", "scipy"), ("and_grad", "multixent_and_grad", "numpy_grad")):
-            mx, nat = res.get(NUMPY, s, mine), res.get(NUMPY, s, native)
-            if mx is not None and nat is not None:
-                numpy_points[case].append((s, "float32", mx, nat))
-    smallest = SHAPES[0]
-    fwd = numpy_points["fwd"]
-    row("NumPy fwd at the smallest point", [p for p in fwd if p[0] == smallest], (1.5, 1.5, 1.5))
-    row("NumPy fwd from the next point up", [p for p in fwd if p[0] != smallest], (1.0, 1.0, 1.0))
-    row("NumPy `cross_entropy_and_grad`", numpy_points["and_grad"], (1.0, 1.0, 1.0))
-    return [
-        "## Issue 12's bars, by the native loss's time",
-        "",
-        "The worst ratio (multixent / native) in each band of the native's time, float32 / bfloat16, with its point;"
-        " bold: above the bar.",
-        "",
-        *table(["case", *(name for _, name in BANDS), "bars"], rows, "lllll"),
-    ]
-
-
-#: The in-process ratio benchmarks: (class, its columns as (track_ method, heading)), one table each.
-IN_PROCESS = (
-    (
-        "TorchEagerRatio",
-        "torch eager, multixent / `F.cross_entropy`",
-        (("fwd", "fwd (`no_grad`)"), ("fwd_bwd", "fwd+bwd")),
-    ),
-    ("JaxJitRatio", "`jax.jit`, multixent / optax", (("fwd", "fwd"), ("fwd_bwd", "value_and_grad"))),
-    (
-        "NumPyRatio",
-        "NumPy float32, multixent / SciPy",
-        (("fwd", "fwd (`log_softmax`)"), ("and_grad", "`cross_entropy_and_grad` (`(softmax - onehot) / N`)")),
-    ),
-)
+    for case, w in worst.items():
+        lim = bars.get(case)
+        cells = [[f"{bold(f'{r:.2f}', bool(lim) and r > lim[band])} ({s}, {d})" for (bd, d), (r, s) in w.items()
+                  if bd == band] for band in range(len(BANDS) + 1)]  # fmt: skip
+        rows.append([case, *(" / ".join(c) or "—" for c in cells), " / ".join(f"{x:g}" for x in lim or []) or "—"])
+    text = "The worst ratio (multixent / native) in each band of the native loss's time, with its point."
+    return ["## By the native loss's time", "", text, "", *table(["case", *BAND_NAMES, "bars"], rows)] if rows else []
 
 
 def section_in_process(res: Results) -> list[str]:
-    """multixent / native timed in one process (``TorchEagerRatio``, ``JaxJitRatio``, ``NumPyRatio``)."""
-    out: list[str] = []
-    for cls, title, columns in IN_PROCESS:
-        names = [f"cross_entropy.{cls}.track_{m}" for m, _ in columns]
-        points = sorted(
-            {p for n in names for p in res.bench.get(n, {})},
-            key=lambda p: (p[1:] not in ((), ("float32",)), shape(p[0])),  # float32 first
-        )
-        if not points:
-            continue
-        rows = [[*map(str, shape(p[0])), *p[1:], *(fmt_x(res.get(n, *p)) for n in names)] for p in points]
-        dtype = ["dtype"] if len(points[0]) > 1 else []
-        out += [f"### {title}", ""]
-        out += table(["N", "C", *dtype, *(h for _, h in columns)], rows, "rr" + "l" * len(dtype) + "r" * len(columns))
-        out += [""]
-    if not out:
-        return []
-    return [
-        "## Both losses in one process",
-        "",
-        "multixent / the native loss, each the best of 7 alternating rounds of ~50 ms in one process"
-        " (`TorchEagerRatio`, `JaxJitRatio`, `NumPyRatio`): free of the process-to-process spread of the"
-        " time tables' ratios.",
-        "",
-        *out[:-1],
-    ]
-
-
-def section_memory(res: Results) -> list[str]:
-    out = ["## Peak extra memory ÷ logits bytes", ""]
-    cls = "cross_entropy.TorchEagerMemory"
-    keys = sorted(
-        {k[:2] for k in res.bench.get(f"{cls}.peakmem_baseline", {})}, key=lambda p: (p[1] != "float32", shape(p[0]))
+    """The ``*Ratio`` benchmarks: ``impl`` / native timed in one process, alternating rounds."""
+    out = []
+    for cls in sorted({n.rsplit(".", 1)[0] for n in res.values if "Ratio.track_" in n}):
+        names = sorted(n for n in res.values if n.startswith(cls + ".track_"))
+        pts = res.points(names)
+        impls = list(dict.fromkeys(k[-1] if k[-1] in IMPLS else None for n in names for k in res.values[n]))
+        cols = [(n, i) for n in names for i in impls]
+        head = point_cells(pts[0], head=True) + [n.split(".track_")[1] + (f": {i}" if i else "") for n, i in cols]
+        out += [f"### {cls.split('.')[-1]}: ratio to {RATIO_NATIVE.get(cls.split('.')[-1], 'native')}", ""]
+        out += table(head, [point_cells(p) + [fmt(res.get(n, p, i)) for n, i in cols] for p in pts])
+    text = (
+        "Each the best of 7 alternating rounds of ~50 ms in one process, free of the process-to-process spread of"
+        " the time tables. *floor*: the formula in the fewest operations of the same library, no Python around"
+        " them; *kernel*: torch's fused `log_softmax` as the primitive (`cases/cross_entropy.py`)."
     )
-    if keys:
-        rows = []
-        for s, dtype in keys:
-            lb = shape(s)[0] * shape(s)[1] * ITEMSIZE[dtype]
-            v = [ratio(res.extra(cls, p, s, dtype, i), lb) for p in ("fwd", "fwd_bwd") for i in ("multixent", "native")]
-            rows.append([*map(str, shape(s)), dtype, f"{lb / 2**20:.1f}", *(fmt_x(x) for x in v)])
-        out += ["### torch eager (asv `peakmem_*` minus `peakmem_baseline`; fwd+bwd includes the 1× `.grad`)", ""]
-        out += table(
-            [
-                "N",
-                "C",
-                "dtype",
-                "logits MiB",
-                "fwd: multixent",
-                "F.cross_entropy",
-                "fwd+bwd: multixent",
-                "F.cross_entropy",
-            ],
-            rows,
-            "rrlrrrrr",
-        )
-    cls = "cross_entropy.NumPyMemory"
-    keys = sorted({k[0] for k in res.bench.get(f"{cls}.peakmem_baseline", {})}, key=shape)
-    if keys:
-        rows = []
-        for s in keys:
-            lb = shape(s)[0] * shape(s)[1] * 4
-            v = [
-                ratio(res.extra(cls, "call", s, i), lb)
-                for i in ("multixent", "scipy", "multixent_and_grad", "numpy_grad")
-            ]
-            rows.append([*map(str, shape(s)), f"{lb / 2**20:.1f}", *(fmt_x(x) for x in v)])
-        out += ["### numpy, float32 (asv `peakmem_call` minus `peakmem_baseline`)", ""]
-        out += table(
-            ["N", "C", "logits MiB", "multixent fwd", "scipy fwd", "multixent and_grad", "hand-written grad"], rows
-        )
-    name = "cross_entropy.JaxJitMemory.track_fwd_bwd"
-    pts = _points(res, name, True)
-    if pts:
-        rows = []
-        for s, dtype in pts:
-            v = [
-                res.get(f"cross_entropy.JaxJitMemory.track_{p}", s, dtype, i)
-                for p in ("fwd_bwd", "fwd")
-                for i in ("multixent", "optax")
-            ]
-            rows.append([*map(str, shape(s)), dtype, *(fmt_x(x, 3) for x in v)])
-        out += ["### jax.jit (`memory_analysis()`: temp + output bytes)", ""]
-        out += table(
-            ["N", "C", "dtype", "value_and_grad: multixent", "optax", "fwd: multixent", "optax"], rows, "rrlrrrr"
-        )
-    return out
+    return ["## Both losses in one process", "", text, "", *out] if out else []
 
 
-def section_options(res: Results) -> list[str]:
-    torch_cls, jax_name = "options.TorchOptionsMemory", "options.JaxOptionsMemory.track_fwd_bwd"
-    opts = sorted(
-        {k[0] for k in res.bench.get(f"{torch_cls}.peakmem_baseline", {})}
-        | {k[0] for k in res.bench.get(jax_name, {})},
-        key=lambda o: (o != "none", o),
-    )
-    if not opts:
+def plot(path: Path, title: str, panels: dict[str, dict[str, list[tuple[float, float]]]]) -> list[str]:
+    """One log-log panel per entry, one line per series; the markdown that shows it (none if nothing to plot)."""
+    panels = {t: {k: sorted(v) for k, v in s.items() if v} for t, s in panels.items()}
+    panels = {t: s for t, s in panels.items() if s}
+    if not panels:
         return []
-    n, c = shape(ACCEPT)
-    lb = n * c * 4
-    rows = []
-    for o in opts:
-        t = [ratio(res.extra(torch_cls, "fwd_bwd", o, i), lb) for i in ("multixent", "native")]
-        j = [res.get(jax_name, o, i) for i in ("multixent", "optax")]
-        rows.append([o, fmt_x(t[0], 3), fmt_x(t[1], 3), fmt_x(j[0], 3), fmt_x(j[1], 3)])
-    return [
-        f"## Memory per option (N={n}, C={c}, float32, forward+backward; limit 1.05 for multixent)",
-        "",
-        "softcap=30, label_smoothing=0.1, class weights, z_loss=1e-4; the native loss computes the same option.",
-        "",
-        *table(["option", "torch eager: multixent", "F.cross_entropy", "jax.jit: multixent", "optax"], rows, "lrrrr"),
-    ]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        for label, xy in series.items():
+            ax.loglog(*zip(*xy, strict=True), "o-", label=label)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [f"![{title}]({path.name})", ""]
 
 
-def section_linear(res: Results) -> list[str]:
-    vs = sorted(
-        {
-            k[0]
-            for name in (
-                "linear.TorchLinear.time_fwd_bwd",
-                "linear.TorchLinearMemory.peakmem_baseline",
-                "linear.JaxLinear.time_fwd_bwd",
-                "linear.JaxLinearMemory.track_fwd_bwd",
-            )
-            for k in res.bench.get(name, {})
-        }
-    )
-    if not vs:
-        return []
-    rows = []
-    for fw in ("torch eager", "jax.jit"):
-        for v in vs:
-            lb = LINEAR_N * v * 4
-            if fw == "torch eager":
-                t = [res.get("linear.TorchLinear.time_fwd_bwd", v, i) for i in ("fused", "naive")]
-                m = [ratio(res.extra("linear.TorchLinearMemory", "fwd_bwd", v, i), lb) for i in ("fused", "naive")]
-            else:
-                t = [res.get("linear.JaxLinear.time_fwd_bwd", v, i) for i in ("fused", "naive")]
-                m = [res.get("linear.JaxLinearMemory.track_fwd_bwd", v, i) for i in ("fused", "naive")]
-            if all(x is None for x in t + m):
-                continue
-            rows.append(
-                [
-                    fw,
-                    str(v),
-                    f"{lb / 2**20:,.0f} MiB",
-                    fmt_t(t[0]),
-                    fmt_t(t[1]),
-                    fmt_r(ratio(t[0], t[1])),
-                    fmt_x(m[0]),
-                    fmt_x(m[1]),
-                ]
-            )
-    return [
-        f"## linear_cross_entropy: fused vs naive `h @ W.T` (N={LINEAR_N}, D={LINEAR_D}, fp32, forward+backward)",
-        "",
-        f"Acceptance at V={LINEAR_ACCEPT_V}: fused memory ≤ 0.25× logits, time ≤ 1.2× naive. Memory: torch peak RSS"
-        " beyond the inputs (gradients included), JAX `memory_analysis()` (the naive path above V=32768 is"
-        " compiled, not run).",
-        "",
-        *table(
-            [
-                "framework",
-                "V",
-                "logits",
-                "fused time",
-                "naive time",
-                "fused / naive",
-                "fused memory ÷ logits",
-                "naive memory ÷ logits",
-            ],
-            rows,
-            "lrrrrrrr",
-        ),
-    ]
-
-
-def section_distributed(res: Results) -> list[str]:
-    """Issue 11's vocabulary-parallel cases (``cases/distributed.py``): 2 gloo ranks, per-rank figures."""
-    from cases.distributed import LINEAR_V, WORLD, C, N
-
-    def get(name: str, impl: str) -> float | None:
-        v = res.get(f"distributed.{name}", impl)
-        return None if v is None or v != v else v  # asv records a skipped case as NaN
-
-    t = [get("TorchVocabParallel.track_time_per_rank", i) for i in ("multixent", "loss_parallel")]
-    m = [get("TorchVocabParallel.track_peak_extra_memory", i) for i in ("multixent", "loss_parallel")]
-    lin = get("TorchLinearVocabParallel.track_peak_extra_memory", "multixent")
-    if all(x is None for x in (*t, *m, lin)):
-        return []
-    rows = [
-        ["time per rank, multixent / `loss_parallel()` F.cross_entropy", fmt_r(ratio(t[0], t[1])), "≤ 1.0"],
-        ["", f"{fmt_t(t[0])} vs {fmt_t(t[1])}", ""],
-        ["peak extra memory per rank ÷ local logits, multixent", fmt_r(m[0]), "≤ 1.05"],
-        ["the same, `loss_parallel()`", fmt_x(m[1]), "—"],
-        [
-            f"`linear_cross_entropy` (N={LINEAR_N}, D={LINEAR_D}, V={LINEAR_V} over {WORLD} ranks):"
-            " memory ÷ local logits",
-            fmt_r(lin) if lin is not None else "not run (no group= in linear_cross_entropy)",
-            "≤ 0.25",
-        ],
-    ]
-    return [
-        f"## Distributed: vocabulary parallelism on {WORLD} gloo processes",
-        "",
-        f"torch DTensor logits `Shard(1)` (N={N}, C={C} fp32: {C // WORLD} classes per rank), forward+backward of the"
-        " mean loss, one torch thread per rank; multixent against torch's `loss_parallel()` + `F.cross_entropy`"
-        " on the same DTensor. Time: the median of 5 calls, the slower rank's. Memory: a rank's peak RSS during"
-        " one call beyond its RSS before it (`VmHWM`, reset through `/proc/self/clear_refs`; the gradient counts),"
-        " ÷ its local logits' bytes, the larger rank's; each figure from fresh processes.",
-        "",
-        *table(["measured", "value", "limit"], rows, "lrr"),
-    ]
-
-
-SECTIONS: list[Callable[[Results], list[str]]] = [
-    section_acceptance,
-    section_fixed_cost,
-    section_bars,
-    section_in_process,
-    section_time,
-    section_memory,
-    section_options,
-    section_linear,
-    section_distributed,
-]
+def plots(res: Results, out: Path) -> list[str]:
+    """Time ratio against the logits' size (cross-entropy); fused and naive against V (linear_cross_entropy)."""
+    ce: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for fw, i, _, p, a, b in time_points(res):
+        n, c = shape(p[0])
+        ce.setdefault(f"{('fwd', 'fwd+bwd')[i]}, {dtype_of(p)}", {}).setdefault(fw, []).append((n * c, a / b))
+    linear = {
+        f"{fw} {what}": {i: [(p[0], v) for p in res.points([b]) if (v := res.get(b, p, i)) is not None] for i in (m, n)}
+        for fw, pairs in LINEAR.items() for what, b, m, n in pairs if n
+    }  # fmt: skip
+    ce_title = "cross_entropy time, multixent / native, against the logits' N·C"
+    return plot(out / "cross_entropy.png", ce_title, ce) + plot(out / "linear.png", "linear_cross_entropy", linear)
 
 
 def header(res: Results) -> list[str]:
-    m = res.meta["params"]
-    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(min(res.started) / 1000)) if res.started else "?"
-    end = time.strftime("%H:%M UTC", time.gmtime(max(res.started) / 1000)) if res.started else "?"
+    m, day = res.meta["params"], "%Y-%m-%d %H:%M UTC"
+    first, last = (time.strftime(day, time.gmtime(f(res.started, default=0) / 1000)) for f in (min, max))
+    failed = ", ".join(f"`{n}`" for n in res.failed)
     return [
         "# multixent benchmark",
         "",
-        "Made by asv (`asv run --python=same`, see `benchmarks/asv.conf.json`) and `benchmarks/report.py`:"
-        " each benchmark and parameter combination in fresh processes; multixent and the native loss are"
-        " parameters (`impl`) of the same benchmark in the same run, and every ratio is multixent / native"
-        " (below 1 is better for multixent). Cross-entropy with class-index targets, mean reduction, torch"
-        " with 2 threads.",
+        "Made by asv (`asv run --python=same`, `benchmarks/asv.conf.json`) and `benchmarks/report.py`. multixent and"
+        " the native loss are parameters (`impl`) of the same benchmark in the same run; every ratio is multixent /"
+        " native (below 1 is better for multixent). Cross-entropy with class-index targets, mean reduction, torch"
+        " with 2 threads; memory is the peak beyond the inputs ÷ the logits' bytes.",
         "",
-        *(
-            ["**Tiny grid (`MULTIXENT_BENCH_GRID=tiny`): a check of the pipeline, not a measurement.**", ""]
-            if TINY
-            else []
-        ),
-        f"- Machine: {m.get('cpu')}, {m.get('num_cpu')} cores, {int(m.get('ram', 0)) / 2**30:.0f} GiB, {m.get('os')};"
-        f" Python {res.meta.get('python')}",
-        f"- Code: multixent at `{res.meta['commit_hash'][:8]}`; benchmarks started {when} to {end}",
+        *(["**Tiny grid (`MULTIXENT_BENCH_GRID=tiny`): a check of the pipeline, not a measurement.**", ""] * TINY),
+        f"- Machine: {m.get('cpu')}, {m.get('num_cpu')} cores, {int(m.get('ram', 0)) / 2**30:.0f} GiB, {m.get('os')}",
+        f"- Code: multixent at `{res.meta['commit_hash'][:8]}`; benchmarks started {first} to {last}",
         f"- Raw results: `asv_results.json` (asv's `{res.path.name}`)",
-        *(
-            [f"- **Failed** (no result; see asv's output): {', '.join(f'`{n}`' for n in res.failed)}"]
-            if res.failed
-            else []
-        ),
+        *([f"- **Failed** (no result; see asv's output): {failed}"] if failed else []),
         "",
     ]
-
-
-def write_plot_cross_entropy(res: Results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dtypes = [
-        d
-        for d in ("float32", "bfloat16")
-        if any(p[1] == d for fw in FRAMEWORKS for p in _points(res, fw[1], fw[5]))
-        or (d == "float32" and NUMPY in res.bench)
-    ]
-    if not dtypes:
-        return
-    fig, axes = plt.subplots(len(dtypes), 2, figsize=(13, 4.5 * len(dtypes)), squeeze=False)
-    colors = {"torch eager": "C0", "torch.compile": "C1", "jax.jit": "C2", "numpy": "C3"}
-    for row, dtype in enumerate(dtypes):
-        for p, title in ((0, "forward"), (1, "forward+backward")):
-            ax = axes[row][p]
-            for fw in FRAMEWORKS:
-                pts = sorted(
-                    (
-                        shape(s)[0] * shape(s)[1],
-                        ratio(_fw_time(res, fw, p, s, dtype, "multixent"), _fw_time(res, fw, p, s, dtype, fw[3])),
-                    )
-                    for s, d in _points(res, fw[1 + p], fw[5])
-                    if d == dtype
-                )
-                pts = [(x, y) for x, y in pts if y is not None]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), "o-", color=colors[fw[0]], label=fw[0])
-            if dtype == "float32":
-                impls = ("multixent", "scipy") if p == 0 else ("multixent_and_grad", "numpy_grad")
-                pts = sorted(
-                    (shape(s)[0] * shape(s)[1], ratio(res.get(NUMPY, s, impls[0]), res.get(NUMPY, s, impls[1])))
-                    for s, _ in _points(res, NUMPY, False)
-                )
-                pts = [(x, y) for x, y in pts if y is not None]
-                if pts:
-                    ax.plot(
-                        *zip(*pts, strict=True),
-                        "s--",
-                        color=colors["numpy"],
-                        label="numpy" + ("" if p == 0 else " and_grad vs hand-written"),
-                    )
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set(
-                xscale="log",
-                yscale="log",
-                xlabel="logits N·C",
-                ylabel="time, multixent / native",
-                title=f"{title} ({dtype})",
-            )
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"multixent cross-entropy vs the native losses — {res.meta['params'].get('cpu')}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_plot_linear(res: Results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {
-        "torch time (s)": ("linear.TorchLinear.time_fwd_bwd", None),
-        "torch memory ÷ logits": ("linear.TorchLinearMemory", "extra"),
-        "jax.jit time (s)": ("linear.JaxLinear.time_fwd_bwd", None),
-        "jax.jit memory ÷ logits": ("linear.JaxLinearMemory.track_fwd_bwd", None),
-    }
-    vs = sorted(
-        {
-            k[0]
-            for n in (
-                "linear.TorchLinearMemory.peakmem_baseline",
-                "linear.JaxLinearMemory.track_fwd_bwd",
-                "linear.JaxLinear.time_fwd_bwd",
-            )
-            for k in res.bench.get(n, {})
-        }
-    )
-    if not vs:
-        return
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, (title, (name, kind)) in zip(axes, series.items(), strict=True):
-        for j, impl in enumerate(("fused", "naive")):
-            ys = [
-                ratio(res.extra(name, "fwd_bwd", v, impl), LINEAR_N * v * 4) if kind else res.get(name, v, impl)
-                for v in vs
-            ]
-            xs = [i + 0.2 * (2 * j - 1) for i in range(len(vs))]
-            ax.bar(xs, [y or 0 for y in ys], width=0.4, label=impl, color=f"C{j}")
-        ax.set_xticks(range(len(vs)), [f"V={v}" for v in vs])
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"linear_cross_entropy, fused vs naive (N={LINEAR_N}, D={LINEAR_D}, fp32, fwd+bwd)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -800,22 +315,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=HERE / ".asv" / "results", help="asv results file or directory")
     p.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
     args = p.parse_args(argv)
-    path = find_results(args.results)
-    res = Results(path)
+    files = [args.results] if args.results.is_file() else list(args.results.rglob("*.json"))
+    files = [f for f in files if f.name not in ("machine.json", "benchmarks.json")]
+    if not files:
+        sys.exit(f"no asv results under {args.results}: run `asv run` first (see benchmarks/asv.conf.json)")
+    path = max(files, key=lambda f: f.stat().st_mtime)
+    res, limits = Results(path), json.loads((HERE / "limits.json").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = header(res)
-    for section in SECTIONS:
-        lines += section(res)
-    lines += ["![cross-entropy](cross_entropy.png)", "", "![linear cross-entropy](linear.png)", ""]
-    (args.out / "results.md").write_text("\n".join(lines))
-    shutil.copyfile(path, args.out / "asv_results.json")
+    acceptance = section_acceptance(res, limits["acceptance"])
+    lines = [*header(res), *acceptance, *section_fixed_cost(res), *section_bands(res, limits["bands"])]
+    lines += section_in_process(res)
+    lines += section("Time", "asv's medians; ratio = multixent / native, same run.", res, TIME)
+    lines += section("Peak extra memory ÷ logits bytes", "", res, MEMORY)
+    lines += section(f"linear_cross_entropy: fused vs naive `h @ W.T` (N={LINEAR_N}, fp32, fwd+bwd)", "", res, LINEAR)
+    lines += section("Distributed: vocabulary parallelism on 2 gloo processes", "", res, DISTRIBUTED)
     try:
-        write_plot_cross_entropy(res, args.out / "cross_entropy.png")
-        write_plot_linear(res, args.out / "linear.png")
+        lines += plots(res, args.out)
     except ImportError as err:
         print(f"no plots: {err}")
-    print("\n".join(section_acceptance(res)))
-    print(f"wrote {args.out / 'results.md'}, cross_entropy.png, linear.png, asv_results.json from {path}")
+    (args.out / "results.md").write_text("\n".join(lines))
+    if path.resolve() != (args.out / "asv_results.json").resolve():
+        shutil.copyfile(path, args.out / "asv_results.json")
+    print("\n".join(acceptance), f"wrote {args.out / 'results.md'} from {path}", sep="\n")
     return 0
 
 

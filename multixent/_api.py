@@ -607,9 +607,9 @@ def cross_entropy(
     one all-gather agrees on the outcome and on what must be the same on every member (rows,
     dtypes, options, ``ignore_index``, the weight's length): an error on one member, or a
     difference, raises the same error on every member. Not compared: the values of the logits
-    and targets, and whether every member passed ``group`` at all. A member may hold no class. torch: backward runs on every
-    member; not under ``torch.compile``, torch.func transforms, forward mode, nor with
-    a ``weight`` requiring grad (NotImplementedError). JAX: ``grad``, ``jit`` and ``vmap``
+    and targets, and whether every member passed ``group`` at all. A member may hold no class.
+    torch: backward runs on every member; not under ``torch.compile``, torch.func transforms,
+    forward mode, nor with a ``weight`` requiring grad (NotImplementedError). JAX: ``grad``, ``jit`` and ``vmap``
     inside ``shard_map`` (with its default ``check_vma=True``). ``group`` names every mesh
     axis the class axis is split over (``in_specs`` ``P(None, ("a", "b"))``: ``group=("a", "b")``).
     Inside ``shard_map`` nothing tells which array axis a mesh axis splits, so an axis the

@@ -18,7 +18,29 @@ import keras
 
 from ._api import cross_entropy
 
+try:  # how Keras's own losses mark entries their reductions leave out (ignore_class); no public name
+    from keras.src.backend import set_keras_mask
+except ImportError:  # Keras 3 releases without it read this attribute
+
+    def set_keras_mask(x: Any, mask: Any) -> None:
+        x._keras_mask = mask
+
+
 __all__ = ["CrossEntropy"]
+
+#: The label that is ignored (:func:`multixent.cross_entropy`'s default ``ignore_index``).
+_IGNORE = -100
+
+
+def _check_labels(true: tuple[Any, ...], pred: tuple[Any, ...], axis: int) -> None:
+    """ValueError for ``sparse=True`` labels of the logits' shape with more than one class (one-hot rows)."""
+    a = axis % len(pred)
+    if true[a] is not None and true[a] != 1:
+        raise ValueError(
+            f"multixent.keras.CrossEntropy(sparse=True) takes class indices, y_true of shape {pred[:a] + pred[a + 1 :]}"
+            f" (or with a class axis of size 1); got y_true of shape {true}, like y_pred's {pred}: one-hot rows or "
+            "class probabilities? Use CrossEntropy(sparse=False)"
+        )
 
 
 @keras.saving.register_keras_serializable(package="multixent")
@@ -32,7 +54,11 @@ class CrossEntropy(keras.losses.Loss):
     class probabilities, of ``y_pred``'s shape. ``label_smoothing``, ``z_loss`` and ``softcap``
     are :func:`multixent.cross_entropy`'s. ``sample_weight`` and ``reduction`` (Keras's:
     ``"sum_over_batch_size"``, ``"sum"``, ``"mean"``, ``"mean_with_sample_weight"``, ``None``)
-    are applied by Keras to the per-example losses.
+    are applied by Keras to the per-example losses. A label of -100 is ignored: its loss is 0
+    and it is masked out, so it counts in no denominator (``"sum_over_batch_size"`` divides by
+    the labels not ignored, ``"mean_with_sample_weight"`` by their weights), as Keras's
+    ``SparseCategoricalCrossentropy(ignore_class=-100)``. One-hot ``y_true`` with ``sparse=True``
+    is refused (ValueError: use ``sparse=False``).
     """
 
     def __init__(
@@ -57,9 +83,10 @@ class CrossEntropy(keras.losses.Loss):
     def call(self, y_true: Any, y_pred: Any) -> Any:
         if self.sparse:
             if len(y_true.shape) == len(y_pred.shape):  # (N, 1) labels: drop the size-1 class axis
+                _check_labels(tuple(y_true.shape), tuple(y_pred.shape), self.axis)
                 y_true = keras.ops.squeeze(y_true, axis=self.axis)
             y_true = keras.ops.cast(y_true, "int32")
-        return cross_entropy(
+        losses = cross_entropy(
             y_pred,
             y_true,
             axis=self.axis,
@@ -68,6 +95,9 @@ class CrossEntropy(keras.losses.Loss):
             z_loss=self.z_loss,
             softcap=self.softcap,
         )
+        if self.sparse:  # ignored labels: masked out, so Keras's reductions count them out of their denominators
+            set_keras_mask(losses, keras.ops.not_equal(y_true, _IGNORE))
+        return losses
 
     def get_config(self) -> dict[str, Any]:
         return {

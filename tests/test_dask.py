@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -169,3 +170,82 @@ def test_out_of_core_local_cluster() -> None:
     assert all(s["spilled_count"] == 0 and s["spilled_now"] == 0 for s in after.values()), after
     expected = _reference(seed, smoothing)
     assert abs(value - expected) <= 1e-12 * abs(expected), (value, expected)
+
+
+# --------------------------------------------------------------------------
+# Floating-point warnings at compute time; unknown chunk sizes
+
+
+def _args(call: str, data: dict, chunks: str, lazy: bool, rows=None) -> tuple[list, dict]:
+    """``CALLS[call]``'s arguments from ``data``: dask arrays of ``CHUNKS[chunks]`` when ``lazy``, their rows
+    ``rows`` (a boolean mask: lazy, a dask array, for dask arrays) when given."""
+    _, target_kind, opts = CALLS[call]
+    r, c = CHUNKS[chunks]
+
+    def wrap(a, chunks, select=True):
+        a = da.from_array(a, chunks=chunks) if lazy else a
+        return a if rows is None or not select else a[da.from_array(rows, chunks=r) if lazy else rows]
+
+    out = [wrap(data["x"], (r, c))]
+    if target_kind == "index":
+        out.append(wrap(data["index"], (r,)))
+    elif target_kind == "probs":
+        out.append(wrap(data["probs"], (r, c)))
+    kw = dict(opts)
+    if kw.pop("weight", False):
+        kw["weight"] = wrap(data["weight"], (c,), select=False)
+    return out, kw
+
+
+def _extreme_data() -> dict[str, np.ndarray]:
+    """``_data()`` with infinite logits: +inf in a row, a row of -inf, -inf at a target, ignored rows holding inf."""
+    data = _data(1)
+    x = data["x"]
+    x[1, 3] = np.inf
+    x[2, :] = -np.inf
+    x[3, data["index"][3]] = -np.inf
+    x[4, :2] = np.inf  # an ignored row (every 4th)
+    x[8, 5] = -np.inf
+    return data
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("call", list(CALLS))
+def test_no_floating_point_warning_at_compute(call: str, chunks: str, scheduler: str) -> None:
+    """NumPy's errstate covers the call; the graph's tasks run under it too, wherever dask computes them.
+    The values equal the NumPy call's (NaN where it gives NaN)."""
+    f = CALLS[call][0]
+    data = _extreme_data()
+    args, kw = _args(call, data, chunks, lazy=True)
+    result = f(*args, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = f(*_args(call, data, chunks, lazy=False)[0], **_args(call, data, chunks, lazy=False)[1])
+        results = result if isinstance(result, tuple) else (result,)
+        computed = dask.compute(*results, scheduler=scheduler)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for got, e in zip(computed, expected, strict=True):
+        np.testing.assert_allclose(got, e, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+@pytest.mark.parametrize("call", list(CALLS))
+def test_unknown_chunk_sizes(call: str, chunks: str) -> None:
+    """Rows selected by a lazy mask (``x[mask]``: sizes NaN until computed) fit their target; the values
+    equal the NumPy call on the selected rows."""
+    f = CALLS[call][0]
+    data = _data(2)
+    rows = data["x"][:, 0] > -1.0
+    assert 0 < rows.sum() < ROWS
+    args, kw = _args(call, data, chunks, lazy=True, rows=rows)
+    assert np.isnan(args[0].shape[0])
+    with dask.config.set(scheduler=_forbid_compute):
+        result = f(*args, **kw)
+    plain_args, plain_kw = _args(call, data, chunks, lazy=False, rows=rows)
+    expected = f(*plain_args, **plain_kw)
+    results = result if isinstance(result, tuple) else (result,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for r, e in zip(results, expected, strict=True):
+        assert isinstance(r, da.Array), type(r)
+        np.testing.assert_allclose(r.compute(scheduler="synchronous"), e, rtol=1e-12, atol=1e-14)

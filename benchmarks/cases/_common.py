@@ -42,11 +42,10 @@ DTYPES = ("float32",) if ACCEPT_ONLY else ("float32", "bfloat16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 #: Peak RSS is measured only where the bfloat16 logits take at least 4 MiB (RSS noise dominates below).
 MEMORY_SHAPES = SHAPES if TINY else tuple(s for s in SHAPES if int(s.split("x")[0]) * int(s.split("x")[1]) * 2 >= 2**22)
-#: torch.compile is measured at these points (fp32; compiling takes 5-20 s per graph).
 #: The points whose logits hold at most 2**22 elements (native calls below ~5 ms), where a ratio of two
-#: processes is least steady: :class:`cases.cross_entropy.TorchEagerRatio` times both in one process there.
+#: processes is least steady: the ``*Ratio`` benchmarks of ``cross_entropy`` time both in one process there.
 RATIO_SHAPES = tuple(s for s in SHAPES if int(s.split("x")[0]) * int(s.split("x")[1]) <= 2**22)
-
+#: torch.compile is measured at these points (fp32; compiling takes 5-20 s per graph).
 COMPILE_SHAPES = (
     ("256x1000",) if TINY else ("4096x32000",) if ACCEPT_ONLY else ("4096x100", "4096x1000", "4096x8000", "4096x32000")
 )

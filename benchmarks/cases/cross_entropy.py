@@ -10,6 +10,10 @@ same benchmark, in the same ``asv run``, and ``report.py`` divides the two.
 * NumPy (fp32): SciPy's ``log_softmax`` + ``take_along_axis``; ``cross_entropy_and_grad`` against
   the gradient a NumPy user writes by hand, ``(softmax(x) - onehot(y)) / N`` (SciPy's ``softmax``).
 
+``TorchEagerRatio``, ``JaxJitRatio`` and ``NumPyRatio`` time both losses in one process instead, at the
+points below ~2 ms, where the ratio of two asv processes is least steady; the torch and NumPy ones also time
+the *floor* and torch's *kernel* route against the native loss (``impl``, see the floors below).
+
 Memory of torch and NumPy is asv's ``peakmem_*`` (peak RSS of one fresh process per figure):
 ``peakmem_baseline`` runs the same ``setup`` (imports, a small warm-up call, the inputs) and nothing
 else, and ``report.py`` takes ``peakmem_<pass> - peakmem_baseline`` as the extra memory.
@@ -17,6 +21,7 @@ else, and ``report.py`` takes ``peakmem_<pass> - peakmem_baseline`` as the extra
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ._common import (
@@ -89,7 +94,92 @@ def numpy_fn(impl: str) -> Any:
         "scipy": scipy_cross_entropy,
         "multixent_and_grad": multixent.cross_entropy_and_grad,
         "numpy_grad": numpy_loss_and_grad,
+        "floor": lambda x, y: numpy_floor(x, y)[0],
+        "floor_and_grad": numpy_floor_and_grad,
     }[impl]
+
+
+# --------------------------------------------------------------------------------------------
+# The floors: the same formula in the fewest operations of the same library, with no validation, options
+# or Python around them (max, ``exp(x - m)`` over ``x - m``, sum, log, the target's gather, mean; the
+# gradient written over ``exp(x - m)``): what any loss computed operation by operation pays, where the
+# native loss runs one or two fused kernels. Timed by the ``*Ratio`` benchmarks only (``impl="floor"``).
+
+LOG2E = 1.4426950408889634
+
+
+def numpy_floor(x: Any, y: Any) -> tuple[Any, Any, Any]:
+    """The NumPy floor's forward: ``(loss, exp(x - m), its row sums)``."""
+    import numpy as np
+
+    m = x.max(-1, keepdims=True)
+    e = x - m
+    np.exp(e, out=e)
+    s = e.sum(-1)
+    return (np.log(s) - (np.take_along_axis(x, y[:, None], -1)[:, 0] - m[:, 0])).mean(), e, s
+
+
+def numpy_floor_and_grad(x: Any, y: Any) -> tuple[Any, Any]:
+    """The NumPy floor of ``cross_entropy_and_grad``: the gradient ``(softmax - onehot) / N`` over ``exp(x - m)``."""
+    import numpy as np
+
+    loss, e, s = numpy_floor(x, y)
+    n = x.shape[0]
+    e *= (1.0 / (s * n))[:, None]
+    e[np.arange(n), y] -= 1.0 / n
+    return loss, e
+
+
+def torch_floor(x: Any, y: Any) -> tuple[Any, Any, Any]:
+    """The torch floor's forward, ``(loss, exp(x - m), its row sums)``; the exponential as ``exp2`` of the
+    product by ``log2 e``, in place (the passes multixent's torch forward makes)."""
+    m = x.amax(-1, keepdim=True)
+    e = (x - m).mul_(LOG2E).exp2_()
+    s = e.sum(-1)
+    return (s.log() - (x.gather(1, y[:, None])[:, 0] - m[:, 0])).mean(), e, s
+
+
+@functools.cache
+def torch_floor_recorded() -> Any:
+    """The torch floor that autograd records: the gradient formed in the forward (as multixent's), kept for
+    the backward."""
+    import torch
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, y: Any) -> Any:
+            loss, e, s = torch_floor(x, y)
+            n = x.shape[0]
+            e *= (1.0 / (s * n))[:, None]
+            e[torch.arange(n), y] -= 1.0 / n
+            ctx.save_for_backward(e)
+            return loss
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return ctx.saved_tensors[0] * g, None
+
+    return Floor.apply
+
+
+def torch_kernel(x: Any, y: Any) -> Any:
+    """The *kernel* route: torch's fused ``log_softmax`` as the primitive and the target's entry of it (autograd's
+    ``log_softmax`` backward for the gradient), with the per-row max that keeps multixent's results for rows
+    holding ``+inf`` or only ``-inf`` (where ``log_softmax`` gives NaN)."""
+    import torch
+
+    m = x.detach().amax(-1)
+    x_y = x.gather(1, y[:, None])[:, 0]
+    ce = -torch.log_softmax(x, -1).gather(1, y[:, None])[:, 0]
+    return torch.where(m.isfinite(), ce, m - x_y).mean()
+
+
+def torch_ratio_losses(impl: str) -> tuple[Any, Any]:
+    """``(forward, forward+backward)`` of ``impl``: multixent, its floor or the kernel route."""
+    if impl == "floor":
+        return (lambda x, y: torch_floor(x, y)[0]), torch_floor_recorded()
+    f = torch_kernel if impl == "kernel" else torch_loss("multixent")
+    return f, f
 
 
 def _warmup_rows(n: int, c: int) -> int:
@@ -142,21 +232,23 @@ def alternating_best(*fs: Any, rounds: int = 7, budget: float = 0.05) -> list[fl
 
 
 class TorchEagerRatio:
-    """torch eager multixent / ``F.cross_entropy`` timed in one process (:func:`alternating_best`). asv's
-    time benchmarks put each implementation in its own process, and on a shared VM one process can run
-    1.5x slower than the next: a ratio of two processes carries that; a ratio within one does not."""
+    """torch eager ``impl`` / ``F.cross_entropy`` timed in one process (:func:`alternating_best`). asv's time
+    benchmarks put each implementation in its own process, and on a shared VM one process can run 1.5x
+    slower than the next: a ratio of two processes carries that; a ratio within one does not. ``impl``:
+    multixent, the floor (:func:`torch_floor`) or the kernel route (:func:`torch_kernel`)."""
 
-    params = (list(RATIO_SHAPES), list(DTYPES))
-    param_names = ("shape", "dtype")
-    unit = "multixent / native"
+    params = (list(RATIO_SHAPES), list(DTYPES), ["multixent", "floor", "kernel"])
+    param_names = ("shape", "dtype", "impl")
+    unit = "impl / native"
     processes = 1  # each value is already a comparison within one process
 
-    def setup(self, s: str, dtype: str) -> None:
+    def setup(self, s: str, dtype: str, impl: str) -> None:
         self.x, self.y = torch_inputs(*shape(s), dtype)
         self.xr = self.x.clone().requires_grad_(True)
-        self.losses = (torch_loss("multixent"), torch_loss("native"))
+        self.losses = torch_ratio_losses(impl)
+        self.native = torch_loss("native")
 
-    def track_fwd(self, s: str, dtype: str) -> float:
+    def track_fwd(self, s: str, dtype: str, impl: str) -> float:
         import torch
 
         def call(f: Any) -> Any:
@@ -166,10 +258,10 @@ class TorchEagerRatio:
 
             return run
 
-        mine, native = alternating_best(*(call(f) for f in self.losses))
+        mine, native = alternating_best(call(self.losses[0]), call(self.native))
         return mine / native
 
-    def track_fwd_bwd(self, s: str, dtype: str) -> float:
+    def track_fwd_bwd(self, s: str, dtype: str, impl: str) -> float:
         def call(f: Any) -> Any:
             def run() -> None:
                 self.xr.grad = None
@@ -177,7 +269,7 @@ class TorchEagerRatio:
 
             return run
 
-        mine, native = alternating_best(*(call(f) for f in self.losses))
+        mine, native = alternating_best(call(self.losses[1]), call(self.native))
         return mine / native
 
 
@@ -367,15 +459,16 @@ class NumPy:
 
 
 class NumPyRatio:
-    """NumPy multixent / SciPy timed in one process (:func:`alternating_best`; see :class:`TorchEagerRatio`):
-    the forward against SciPy's, ``cross_entropy_and_grad`` against the hand-written gradient."""
+    """NumPy ``impl`` / SciPy timed in one process (:func:`alternating_best`; see :class:`TorchEagerRatio`): the
+    forward against SciPy's, ``cross_entropy_and_grad`` against the hand-written gradient. ``impl``: multixent
+    or the floor (:func:`numpy_floor`, :func:`numpy_floor_and_grad`)."""
 
-    params = (list(RATIO_SHAPES),)
-    param_names = ("shape",)
-    unit = "multixent / native"
+    params = (list(RATIO_SHAPES), ["multixent", "floor"])
+    param_names = ("shape", "impl")
+    unit = "impl / native"
     processes = 1
 
-    def setup(self, s: str) -> None:
+    def setup(self, s: str, impl: str) -> None:
         self.x, self.y = numpy_inputs(*shape(s))
 
     def _ratio(self, mine: str, native: str) -> float:
@@ -383,11 +476,11 @@ class NumPyRatio:
         a, b = alternating_best(*(lambda f=f: f(self.x, self.y) for f in fs))
         return a / b
 
-    def track_fwd(self, s: str) -> float:
-        return self._ratio("multixent", "scipy")
+    def track_fwd(self, s: str, impl: str) -> float:
+        return self._ratio(impl, "scipy")
 
-    def track_and_grad(self, s: str) -> float:
-        return self._ratio("multixent_and_grad", "numpy_grad")
+    def track_and_grad(self, s: str, impl: str) -> float:
+        return self._ratio(f"{impl}_and_grad", "numpy_grad")
 
 
 class NumPyMemory:

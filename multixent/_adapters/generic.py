@@ -21,6 +21,46 @@ def as_array(a: Any) -> Any:
     return numpy.asarray(a) if isinstance(a, numpy.generic) else a
 
 
+def quiet_graph(out: Any, *inputs: Any) -> Any:
+    """``out``; a dask array with the tasks added since ``inputs`` (the call's arrays) run under :func:`quiet`.
+
+    NumPy's ``errstate`` covers the call, not the later ``.compute()``: each task of the call's
+    graph enters it itself, wherever dask runs it (a worker imports multixent to run them).
+    """
+    if isinstance(out, numpy.ndarray) or not array_api_compat.is_dask_array(out):
+        return out
+    import dask.array
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    graph = out.__dask_graph__()
+    if not isinstance(graph, HighLevelGraph):  # not a graph of layers: left as it is
+        return out
+    given = set().union(*(a.__dask_graph__().layers for a in inputs if array_api_compat.is_dask_array(a)))
+    keys = set(graph)
+    layers = {
+        name: layer if name in given else MaterializedLayer({k: _quiet_task(k, t, keys) for k, t in layer.items()})
+        for name, layer in graph.layers.items()
+    }
+    return dask.array.Array(HighLevelGraph(layers, graph.dependencies), out.name, out.chunks, meta=out._meta)
+
+
+def _quiet_task(key: Any, task: Any, keys: set[Any]) -> Any:
+    """``task`` run by :func:`_run_quiet` (a task of the old tuple form converted first); data as it is."""
+    from dask._task_spec import convert_legacy_task
+    from dask.task_spec import DataNode, Task, TaskRef
+
+    node = convert_legacy_task(key, task, keys)
+    if not isinstance(node, Task) or node.func is _run_quiet:
+        return task
+    needs = tuple(node.dependencies)
+    return Task(key, _run_quiet, DataNode(None, node), needs, *map(TaskRef, needs))
+
+
+def _run_quiet(node: Any, keys: tuple[Any, ...], *values: Any) -> Any:
+    with quiet():
+        return node(dict(zip(keys, values, strict=True)))
+
+
 #: Arrays of one library only (NumPy's are NumPy's; array-api-strict and dask take no others).
 NUMPY_INPUTS: bool | str = False
 

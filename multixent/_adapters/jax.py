@@ -73,7 +73,30 @@ def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays
         max=lambda a: jax.lax.pmax(jax.lax.stop_gradient(a), axis),  # type: ignore[no-untyped-call]
         sum=lambda a: jax.lax.psum(a, axis),  # type: ignore[no-untyped-call]
         spread=lambda a: jax.lax.pcast(a, axis, to="varying"),
+        agree=partial(_raise, axis, sorted(_varying(arrays[0]) - _axes(axis)), (num_local, size)),
     )
+
+
+def _axes(axis: str | tuple[str, ...]) -> set[str]:
+    return {axis} if isinstance(axis, str) else set(axis)
+
+
+def _raise(axis: str | tuple[str, ...], beyond: list[str], sizes: tuple[int, int], error: BaseException | None) -> None:
+    """The local error (every device traces alike). A target out of range while the class-split array
+    also varies over mesh axes ``beyond`` the group's: its class axis may be split over them too, which
+    the group must then name (inside ``shard_map`` nothing tells which array axis a mesh axis splits)."""
+    if error is None:
+        return
+    if isinstance(error, IndexError) and beyond:
+        names = (axis,) if isinstance(axis, str) else axis
+        raise IndexError(
+            f"{error}; C = {sizes[0]} local classes x {sizes[1]} members of group={axis!r}, but the class-split "
+            f"array (the logits, or linear_cross_entropy's classifier) also varies over mesh axis "
+            f"{', '.join(map(repr, beyond))}, which the group does not name: if its class axis is split over "
+            f"{'that axis' if len(beyond) == 1 else 'those axes'} too, name every axis it is split over, "
+            f"group={(*names, *beyond)!r}"
+        ) from None
+    raise error
 
 
 def _varying(a: Any) -> frozenset[str]:
@@ -89,7 +112,7 @@ def _check_split(axis: str | tuple[str, ...], split: Any) -> None:
     types say which (``axis_index`` varies over ``axis`` exactly when they are on, ``check_vma=True``).
     Without them that cannot be checked and a ``psum``'s cotangent is summed again (the classifier's
     gradient comes out wrong), so ``check_vma=False`` is refused."""
-    axes = {axis} if isinstance(axis, str) else set(axis)
+    axes = _axes(axis)
     if not axes <= _varying(jax.lax.axis_index(axis)):
         raise ValueError(
             f"multixent: group={axis!r} needs jax.shard_map's replication types (its default check_vma=True); "
