@@ -42,11 +42,23 @@ def tests(session: nox.Session, backend: str) -> None:
     _suite(session, backend)
 
 
-def _suite(session: nox.Session, backends: str, *pytest_args: str) -> None:
+def _suite(session: nox.Session, backends: str, *pytest_args: str, env: dict[str, str] | None = None) -> None:
     """The parametrized suite on these backends (MULTIXENT_BACKENDS, comma-separated)."""
     # worksteal: a worker left idle takes the other's queued tests (the slow ones cluster by file)
     args = ["pytest", "-n", "2", "--dist", "worksteal", "-p", "no:cacheprovider", *pytest_args, *session.posargs]
-    session.run(*args, env={"MULTIXENT_BACKENDS": backends})
+    session.run(*args, env={"MULTIXENT_BACKENDS": backends, **(env or {})})
+
+
+@nox.session
+def accelerator(session: nox.Session) -> None:
+    """The torch suite with the accelerator strategy (one block, no host read) forced on CPU tensors
+    (``MULTIXENT_ACCELERATOR_ON_CPU=1``), and ``MULTIXENT_SYNC_CHECKS=1`` so that out-of-range class
+    indices are the IndexErrors the suite expects (tests/test_accelerator.py runs the strategy without
+    it: the device-side check, no host read). Tests marked ``slow`` are left to `tests`."""
+    session.install(*TEST, TORCH)
+    session.install(".")
+    env = {"MULTIXENT_ACCELERATOR_ON_CPU": "1", "MULTIXENT_SYNC_CHECKS": "1"}
+    _suite(session, "torch", "-m", "not slow", env=env)
 
 
 def _floors(*extras: str) -> list[str]:
@@ -200,3 +212,32 @@ def docs(session: nox.Session) -> None:
     session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")  # ruff formats the signatures
     site = os.path.join(session.create_tmp(), "site")
     session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+@nox.parametrize("transformers", ["4.57.*", "latest"])
+def language_models(session: nox.Session, transformers: str) -> None:
+    """multixent.transformers (tiny Llama, Qwen2, Mistral, Gemma 2, GPT-2, Phi-3, Phi; the Trainer) and
+    the Flax NNX example, with transformers 4.57 and its newest release (accelerate: the Trainer's)."""
+    spec = "transformers" if transformers == "latest" else f"transformers=={transformers}"
+    session.install(*TEST, TORCH, *JAX, "flax", "accelerate", spec)
+    session.install(".")
+    files = ["tests/test_lm_transformers.py", "tests/test_lm_flax.py"]
+    args = ["pytest", "-n", "2", "--dist", "worksteal", "-p", "no:cacheprovider", *files, *session.posargs]
+    session.run(*args, env={"MULTIXENT_BACKENDS": "torch,jax"})
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """benchmarks/gpu.py: where this session's torch sees a CUDA GPU, the whole check (parity on CUDA tensors,
+    GPU JAX and CuPy arrays; the grid against the native losses; writes benchmarks/results/gpu.md within ~5
+    minutes); elsewhere ``--dry`` (tiny sizes on the CPU, the accelerator strategy forced on CPU tensors, the
+    report in the session's tmp folder), so that CI keeps the script from rotting. Arguments go to the script.
+    A GPU machine without network runs the script directly after an install from ``wheels/`` (DEVELOPERS.md).
+    """
+    session.install(*TEST, TORCH, *JAX)
+    session.install(".")
+    probe = "import torch; print(torch.cuda.is_available())"
+    cuda = (session.run("python", "-c", probe, silent=True) or "").strip().endswith("True")
+    dry = [] if cuda else ["--dry", "--out", os.path.join(session.create_tmp(), "gpu.md")]
+    session.run("python", "benchmarks/gpu.py", *dry, *session.posargs)

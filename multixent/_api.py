@@ -373,6 +373,7 @@ def _index_target(
             ignored, error = True, err
         shard.agree(error)
         return target, opts, ignored
+    adapter.check_on_device(target, classes, ignore)  # accelerators, eagerly: no host read
     poison = classes + 1 if ignore == classes else classes
     if wrapped_bits:
         target = xp.where(target < 0, poison, target)
@@ -453,10 +454,15 @@ def _across(call: _Call, total: Array | int, dtype: Any) -> Array | int:
     return total if call.layout is None else call.layout.sum_batch(total, dtype)
 
 
-def _lazy(out: Array, *inputs: Array | None) -> Array:
-    """``out``; a dask array whose tasks beyond ``inputs``' run without floating-point warnings when
-    computed (:func:`multixent._adapters.generic.quiet_graph`: ``errstate`` does not reach ``.compute()``)."""
-    return generic.quiet_graph(out, *inputs) if adapter_for(out) is generic else out
+def _lazy(out: Any, *inputs: Array | None) -> Any:
+    """``out`` (an array or a tuple of them); dask arrays whose tasks beyond ``inputs``' then run without
+    floating-point warnings (:func:`multixent._adapters.generic.quiet_graph`: ``errstate`` does not reach
+    ``.compute()``)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    if adapter_for(outs[0]) is not generic:
+        return out
+    outs = generic.quiet_graph(outs, inputs)
+    return outs if isinstance(out, tuple) else outs[0]
 
 
 def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
@@ -799,7 +805,7 @@ def cross_entropy_and_grad(
     if len(call.batch_shape) != 1 or call.axis != 1:  # (rows, C) logits are the rows themselves
         moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
         grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
-    return _lazy(loss, logits, target, weight), _lazy(_wrap(call, grad, rows_only=False), logits, target, weight)
+    return _lazy((loss, _wrap(call, grad, rows_only=False)), logits, target, weight)
 
 
 def nll_loss(
@@ -1086,6 +1092,8 @@ def linear_cross_entropy(
         _checks.weight(weight, num_classes, xp)
     adapter = adapter_for(hidden)
     values = adapter.concrete(target)
+    if values is None:
+        adapter.check_on_device(target, num_classes, ignore_index)  # accelerators, eagerly: no host read
     error = None
     try:
         may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
@@ -1124,4 +1132,5 @@ def linear_cross_entropy(
         loss = adapter.linear_scalar(linear, ce_scale, lse_scale)
         poison = _poison(opts, z, loss, xp)
         loss = loss if poison is None else loss * poison
-        return _lazy(xp.astype(loss, out_dtype, copy=False), hidden, classifier, target, bias, weight)
+        loss = generic.as_array(xp.astype(loss, out_dtype, copy=False))  # NumPy: a 0-d array, as cross_entropy's
+        return _lazy(loss, hidden, classifier, target, bias, weight)

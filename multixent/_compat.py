@@ -12,6 +12,7 @@ dictionary lookup, not compat's checks.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -21,6 +22,16 @@ import array_api_extra as xpx
 import numpy
 
 T = TypeVar("T")
+
+
+#: Private switch: run the accelerator strategy (one block, no host read, the index check on the device) on
+#: CPU tensors too, so that the CPU proves its values and counts its passes. ``MULTIXENT_ACCELERATOR_ON_CPU=1``
+#: before import, or set this attribute.
+ACCELERATOR_ON_CPU = os.environ.get("MULTIXENT_ACCELERATOR_ON_CPU", "") == "1"
+#: ``MULTIXENT_SYNC_CHECKS=1`` (before import, or set this attribute): on accelerators too, read the class
+#: indices to the host and raise an ``IndexError`` for one out of range, as on the CPU (a host
+#: synchronisation per call: for debugging). Otherwise accelerators check them on the device.
+SYNC_CHECKS = os.environ.get("MULTIXENT_SYNC_CHECKS", "") == "1"
 
 
 def is_torch_array(x: Any) -> bool:
@@ -84,10 +95,15 @@ def exp(a: Any, xp: Any, out: Any = None) -> Any:
     entry of ``exp(z - m)`` at ``a = -80`` is off by 5e-6 of itself, and ``log Σ exp`` by at most
     ``2 log C·2⁻²⁴`` (the softmax's mean of ``|a|`` is at most ``2 log C``), within float32's rounding of the loss.
     """
-    if is_torch_array(a) and a.dtype == sys.modules["torch"].float32 and a.numel() >= _EXP2_FROM:
+    if is_torch_array(a) and a.dtype == sys.modules["torch"].float32 and a.numel() >= _EXP2_FROM and _cpu(a):
         torch = sys.modules["torch"]
         return torch.exp2(torch.mul(a, _LOG2_E, out=out), out=out) if out is not None else torch.exp2(a * _LOG2_E)
     return xp.exp(a) if out is None else xp.exp(a, out=out)
+
+
+def _cpu(a: Any) -> bool:
+    """A CPU tensor that takes the CPU's routes (not under :data:`ACCELERATOR_ON_CPU`)."""
+    return bool(a.is_cpu) and not ACCELERATOR_ON_CPU
 
 
 def mean(a: Any, xp: Any) -> Any:

@@ -251,6 +251,9 @@ def test_numpy_reductions_are_0d_arrays(reduction, weighted):
     assert type(got) is np.ndarray and got.shape == ()
     assert type(multixent.nll_loss(X, np.array([0, 1, 2, 3]), reduction=reduction, weight=w)) is np.ndarray
     assert type(multixent.cross_entropy_and_grad(X, np.array([0, 1, 2, 3]), reduction=reduction)[0]) is np.ndarray
+    hidden = np.eye(X.shape[0], 3)
+    linear = multixent.linear_cross_entropy(hidden, X.T[:, :3], np.array([0, 1, 2, 3]), reduction=reduction, weight=w)
+    assert type(linear) is np.ndarray and linear.shape == ()
 
 
 def test_no_numpy_warnings():

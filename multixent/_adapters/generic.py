@@ -7,7 +7,7 @@ from typing import Any
 import array_api_compat
 import numpy
 
-from .. import _linear, _math
+from .. import _compat, _linear, _math
 
 
 def quiet() -> Any:
@@ -21,27 +21,25 @@ def as_array(a: Any) -> Any:
     return numpy.asarray(a) if isinstance(a, numpy.generic) else a
 
 
-def quiet_graph(out: Any, *inputs: Any) -> Any:
-    """``out``; a dask array with the tasks added since ``inputs`` (the call's arrays) run under :func:`quiet`.
+def quiet_graph(outs: tuple[Any, ...], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``outs`` (a call's results); dask arrays with their graph's tasks run under :func:`quiet`.
 
-    NumPy's ``errstate`` covers the call, not the later ``.compute()``: each task of the call's
-    graph enters it itself, wherever dask runs it (a worker imports multixent to run them).
+    NumPy's ``errstate`` covers the call, not the later ``.compute()``. The results' graph is
+    optimized (fused) together first, as ``compute`` does; then each task not in ``inputs``'
+    graphs (the call's arrays) enters ``quiet`` itself, wherever dask runs it (a worker
+    imports multixent to run them).
     """
-    if isinstance(out, numpy.ndarray) or not array_api_compat.is_dask_array(out):
-        return out
+    if isinstance(outs[0], numpy.ndarray) or not any(map(array_api_compat.is_dask_array, outs)):
+        return outs
+    import dask
     import dask.array
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    graph = out.__dask_graph__()
-    if not isinstance(graph, HighLevelGraph):  # not a graph of layers: left as it is
-        return out
-    given = set().union(*(a.__dask_graph__().layers for a in inputs if array_api_compat.is_dask_array(a)))
-    keys = set(graph)
-    layers = {
-        name: layer if name in given else MaterializedLayer({k: _quiet_task(k, t, keys) for k, t in layer.items()})
-        for name, layer in graph.layers.items()
-    }
-    return dask.array.Array(HighLevelGraph(layers, graph.dependencies), out.name, out.chunks, meta=out._meta)
+    optimized = dask.optimize(*outs)
+    graph = optimized[0].__dask_graph__()
+    given = set().union(*(a.__dask_graph__().keys() for a in inputs if array_api_compat.is_dask_array(a)))
+    keys = set(graph.keys())
+    tasks = {k: t if k in given else _quiet_task(k, t, keys) for k, t in graph.items()}
+    return tuple(dask.array.Array(tasks, o.name, o.chunks, meta=o._meta) for o in optimized)
 
 
 def _quiet_task(key: Any, task: Any, keys: set[Any]) -> Any:
@@ -66,7 +64,15 @@ NUMPY_INPUTS: bool | str = False
 
 
 def concrete(a: Any) -> Any:
-    return None if array_api_compat.is_lazy_array(a) else a
+    """None for lazy arrays, and for CuPy's unless ``MULTIXENT_SYNC_CHECKS=1`` (no host read on a GPU:
+    out-of-range indices give NaN there, as under tracing)."""
+    if array_api_compat.is_lazy_array(a) or (array_api_compat.is_cupy_array(a) and not _compat.SYNC_CHECKS):
+        return None
+    return a
+
+
+def check_on_device(target: Any, classes: int, ignore: int) -> None:
+    """Nothing: no device-side assertion here (NaN marks an out-of-range index where it is not read)."""
 
 
 def scalar(a: Any) -> float | None:
@@ -78,7 +84,8 @@ def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, s
     (``out=`` and integer-array setitem). No autodiff here: ``differentiable`` changes nothing."""
     if isinstance(x, numpy.ndarray):
         return _math.eager_plan(x.shape[-1], True, may_ignore)
-    return _math.eager_plan(None if array_api_compat.is_lazy_array(x) else x.shape[-1], False, may_ignore)
+    one_block = array_api_compat.is_lazy_array(x) or array_api_compat.is_cupy_array(x)  # dask chunks; a GPU
+    return _math.eager_plan(None if one_block else x.shape[-1], False, may_ignore)
 
 
 def row_losses(

@@ -21,7 +21,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from jax.custom_derivatives import SymbolicZero
 
-from .. import _linear, _math
+from .. import _compat, _linear, _math
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -37,8 +37,18 @@ def scalar(a: Any) -> float | None:
 
 
 def concrete(a: Any) -> Any:
-    """A NumPy copy of a concrete array (operations on it inside ``jit`` would be traced)."""
-    return None if isinstance(a, jax.core.Tracer) else np.asarray(a)
+    """A NumPy copy of a concrete array (operations on it inside ``jit`` would be traced); None for
+    one on an accelerator unless ``MULTIXENT_SYNC_CHECKS=1`` (no host read: an out-of-range index
+    gives NaN there, as under ``jit``)."""
+    if isinstance(a, jax.core.Tracer):
+        return None
+    if isinstance(a, jax.Array) and not _compat.SYNC_CHECKS and any(d.platform != "cpu" for d in a.devices()):
+        return None
+    return np.asarray(a)
+
+
+def check_on_device(target: Any, classes: int, ignore: int) -> None:
+    """Nothing: JAX has no device-side assertion outside ``checkify``; NaN marks an out-of-range index."""
 
 
 def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from array_api_compat import array_namespace
 
-from .. import _linear, _math
+from .. import _compat, _linear, _math
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -58,8 +58,8 @@ def concrete(a: Any) -> Any:
     torch.func transform (there even an unwrapped tensor has no storage for ``numpy()``), nor
     for a subclass (DTensor and others keep their own semantics): the tensor itself then.
     """
-    if torch.compiler.is_compiling() or _wrapped(a):
-        return None
+    if torch.compiler.is_compiling() or _wrapped(a) or (_accelerated(a) and not _compat.SYNC_CHECKS):
+        return None  # accelerators: checked on the device (:func:`check_on_device`), no host read
     viewable = type(a) is torch.Tensor and a.is_cpu and a.layout == torch.strided and not a.requires_grad
     return a.numpy() if viewable and not torch._C._are_functorch_transforms_active() else a
 
@@ -68,6 +68,23 @@ _functorch_wrapped, _legacy_batched = (
     torch._C._functorch.is_functorch_wrapped_tensor,
     torch._C._functorch.is_legacy_batchedtensor,
 )
+
+
+def _accelerated(a: Any) -> bool:
+    """The accelerator strategy: a tensor off the CPU (CUDA, XPU, MPS), or any with
+    :data:`multixent._compat.ACCELERATOR_ON_CPU`. One block, no host read."""
+    return not a.is_cpu or _compat.ACCELERATOR_ON_CPU
+
+
+def check_on_device(target: Any, classes: int, ignore: int) -> None:
+    """On accelerators, eagerly: class indices in ``[0, classes)`` or ``ignore``, asserted on the device
+    (``torch._assert_async``, torch's own check for its losses; no host synchronisation). A failure is
+    a device-side assertion, as for ``F.cross_entropy``; ``MULTIXENT_SYNC_CHECKS=1`` gives the
+    ``IndexError`` instead."""
+    if not _accelerated(target) or torch.compiler.is_compiling() or _wrapped(target) or target.numel() == 0:
+        return
+    valid = ((target >= 0) & (target < classes)) | (target == ignore)
+    torch._assert_async(valid.all(), "multixent: target holds a class index outside [0, C) that is not ignore_index")
 
 
 def _wrapped(a: Any) -> bool:
@@ -100,9 +117,9 @@ def plan(
         how = _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
     elif torch.compiler.is_compiling() or _transformed(x, *inputs):
         how = _math.Plan(may_ignore=may_ignore)
-    else:
+    else:  # eager: blocks for the CPU's cache; one block on accelerators
         recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
-        how = _math.eager_plan(x.shape[-1], not recorded, may_ignore)
+        how = _math.eager_plan(None if _accelerated(x) else x.shape[-1], not recorded, may_ignore)
     return how if shard is None else dataclasses.replace(how, shard=shard)
 
 
@@ -450,6 +467,8 @@ class _Fused(torch.autograd.Function):
                 alias = x.view_as(x)
                 (x_bar,) = torch.autograd.grad(ctx.recompute(alias), alias, g, create_graph=torch.is_grad_enabled())
             return x_bar, None, None
+        if _accelerated(grad):  # no host read of the upstream: scaled in place (the gradient is ours)
+            return grad.mul_(g.to(grad.dtype)), None, None
         unit = not (torch.compiler.is_compiling() or _wrapped(g)) and bool(g == 1)
         return grad if unit else grad * g.to(grad.dtype), None, None
 
@@ -461,7 +480,9 @@ def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any
         return None
     if target.requires_grad or (weight is not None and weight.requires_grad):
         return None
-    if x.shape[0] > _math.block_rows_for(x.shape[-1]) or torch.compiler.is_compiling() or _transformed(x, target):
+    if torch.compiler.is_compiling() or _transformed(x, target):
+        return None
+    if x.shape[0] > _math.block_rows_for(x.shape[-1]) and not _accelerated(x):  # the CPU's blocks: the usual route
         return None
     return _Fused.apply(x, compute, recompute)  # type: ignore[no-untyped-call]
 
