@@ -687,7 +687,8 @@ def _loss_and_grad(call: _Call, z: float | Array, out_dtype: Any) -> tuple[Array
         one: Array | float = 1.0
         if not (isinstance(ce_count, int) and isinstance(z_count, int)):
             one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-        ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
+        ce_scale = _mean(one, ce_count, xp)
+        z_scale = _mean(one, z_count, xp) if _math.is_set(z) else 1.0
     with call.adapter.quiet():
         ce, lse, grad = _math.row_losses_and_grad(
             call.rows,
