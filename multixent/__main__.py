@@ -77,11 +77,11 @@ def _jax() -> tuple[str, float, float, float]:
     import jax
     import jax.numpy as jnp
 
-    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", True)  # type: ignore[no-untyped-call]
     logits, target, weight = _batch()
     # optax has no weights, smoothing or ignore_index: its loss of the target distribution they make
     a, denominator = _target_distribution(target, weight, logits.shape[-1])
-    logits, target, weight, a = (jnp.asarray(v) for v in (logits, target, weight, a))
+    logits, target, weight, a = (jnp.asarray(v) for v in (logits, target, weight, a))  # type: ignore[assignment]
 
     def ours(x: Any) -> Any:
         return multixent.cross_entropy(x, target, weight=weight, **OPTIONS)

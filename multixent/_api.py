@@ -260,15 +260,9 @@ def _prepare(
         reduction = _checks.reduction(reduction)
         _checks.target_shape(target, x, axis, is_index)
         _checks.ignore_index(opts.ignore_index, is_index, _IGNORE_DEFAULT)
-        layout = None
-        if (dt := dtensor_adapter(x, target, weight)) is not None:  # DTensors: local shards; results wrapped back
-            x, target, weight, layout = dt.unwrap(x, target, weight, axis, is_index, name, group)
+        x, target, weight, layout = _unwrap(x, target, weight, axis, is_index, name, group, opts)
+        if layout is not None:
             group, class_offset = layout.class_group, layout.class_offset
-            if opts.arrays:  # their gradient would be split over the ranks (like a weight's; not summed)
-                raise NotImplementedError(
-                    "multixent: label_smoothing or softcap as a tensor that requires grad, with DTensor logits "
-                    "(pass a float, or a tensor autograd does not record)"
-                )
         if group is None:
             _checks.weight(weight, classes, xp)
         else:  # its length is agreed, then checked against the global C
@@ -308,6 +302,22 @@ def _prepare(
     call = _Call(xp, rows, target, weight, counted, may_ignore, batch_shape, axis, is_index, reduction, opts, adapter)
     call.shard, call.layout = shard, layout
     return call, z
+
+
+def _unwrap(
+    x: Array, target: Array, weight: Array | None, axis: int, is_index: bool, name: str, group: Any, opts: Any
+) -> tuple[Array, Array, Array | None, Any]:
+    """``(x, target, weight, None)``; DTensors as their local shards and the logits' layout (results are
+    wrapped back)."""
+    dt = dtensor_adapter(x, target, weight)
+    if dt is None:
+        return x, target, weight, None
+    if opts.arrays:  # their gradient would be split over the ranks (like a weight's; not summed)
+        raise NotImplementedError(
+            "multixent: label_smoothing or softcap as a tensor that requires grad, with DTensor logits "
+            "(pass a float, or a tensor autograd does not record)"
+        )
+    return dt.unwrap(x, target, weight, axis, is_index, name, group)  # type: ignore[no-any-return]
 
 
 def _rows(shape: tuple[int, ...], axis: int) -> int:
@@ -365,14 +375,7 @@ def _index_target(
         check = functools.partial(_checks.class_indices, values, classes, ignore, wrapped_bits, comparable)
         if layout is not None:  # a batch-sharded DTensor target: agreed over the batch ranks
             check = functools.partial(layout.agree, check)
-        if shard is None:
-            return target, opts, check()
-        try:  # the error (a member's target out of range) is raised on every member of the group
-            ignored, error = check(), None
-        except IndexError as err:
-            ignored, error = True, err
-        shard.agree(error)
-        return target, opts, ignored
+        return target, opts, _on_every_member(check, shard)
     adapter.check_on_device(target, classes, ignore)  # accelerators, eagerly: no host read
     poison = classes + 1 if ignore == classes else classes
     if wrapped_bits:
@@ -381,6 +384,19 @@ def _index_target(
         target = xp.where(target == low, poison, target)
         opts = dataclasses.replace(opts, ignore_index=low)  # traced only: the sentinel
     return target, opts, True
+
+
+def _on_every_member(check: Callable[[], bool], shard: _math.Shard | None) -> bool:
+    """``check()`` (whether a class index may be ``ignore_index``); with a ``shard``, its IndexError (a
+    member's target out of range) raised on every member of the group."""
+    if shard is None:
+        return check()
+    try:
+        ignored, error = check(), None
+    except IndexError as err:
+        ignored, error = True, err
+    shard.agree(error)
+    return ignored
 
 
 def _options(
@@ -806,7 +822,8 @@ def cross_entropy_and_grad(
     if len(call.batch_shape) != 1 or call.axis != 1:  # (rows, C) logits are the rows themselves
         moved = (*call.batch_shape[: call.axis], *call.batch_shape[call.axis :], call.rows.shape[-1])
         grad = _move_axis(xp.reshape(grad, moved), -1, call.axis, xp)
-    return _lazy((loss, _wrap(call, grad, rows_only=False)), logits, target, weight)
+    pair: tuple[Array, Array] = _lazy((loss, _wrap(call, grad, rows_only=False)), logits, target, weight)
+    return pair
 
 
 def nll_loss(
@@ -1095,15 +1112,9 @@ def linear_cross_entropy(
     values = adapter.concrete(target)
     if values is None:
         adapter.check_on_device(target, num_classes, ignore_index)  # accelerators, eagerly: no host read
-    error = None
-    try:
-        may_ignore = True if values is None else _checks.class_indices(values, num_classes, ignore_index)
-    except IndexError as err:
-        if shard is None:
-            raise
-        error = err
-    if shard is not None:  # raised on every member
-        shard.agree(error)
+    may_ignore = values is None or _on_every_member(
+        functools.partial(_checks.class_indices, values, num_classes, ignore_index), shard
+    )
 
     dtype = _linear.compute_dtype(hidden, classifier, bias, xp)
     out_dtype = adapter.linear_out_dtype(xp.result_type(hidden.dtype, classifier.dtype), hidden)
@@ -1120,18 +1131,24 @@ def linear_cross_entropy(
     linear = _linear.LinearCall(h, classifier, bias, t, weight, opts, may_ignore, chunk, xp, shard)
 
     with adapter.quiet():
-        if reduction == "none":
-            ce, lse = adapter.linear_rows(linear)
-            return _lazy(_reduce(call, ce, lse, z, out_dtype), hidden, classifier, target, bias, weight)
-        one = xp.asarray(1.0, dtype=dtype, device=device(h))
-        ce_scale, z_scale = one, one
-        if reduction == "mean":
-            ce_count, z_count, _ = _denominators(call, dtype)
-            ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
-        z = _in_dtype(z, dtype, xp)
-        lse_scale = (2.0 * z) * z_scale if _math.is_set(z) else None
-        loss = adapter.linear_scalar(linear, ce_scale, lse_scale)
-        poison = _poison(opts, z, loss, xp)
-        loss = loss if poison is None else loss * poison
-        loss = generic.as_array(xp.astype(loss, out_dtype, copy=False))  # NumPy: a 0-d array, as cross_entropy's
-        return _lazy(loss, hidden, classifier, target, bias, weight)
+        loss = _linear_loss(call, linear, z, dtype, out_dtype)
+    return _lazy(loss, hidden, classifier, target, bias, weight)
+
+
+def _linear_loss(call: _Call, linear: _linear.LinearCall, z: float | Array, dtype: Any, out_dtype: Any) -> Array:
+    """``linear_cross_entropy``'s loss of a prepared call (``call.rows``: the hidden rows)."""
+    xp, adapter = call.xp, call.adapter
+    if call.reduction == "none":
+        ce, lse = adapter.linear_rows(linear)
+        return _reduce(call, ce, lse, z, out_dtype)
+    one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
+    ce_scale, z_scale = one, one
+    if call.reduction == "mean":
+        ce_count, z_count, _ = _denominators(call, dtype)
+        ce_scale, z_scale = _mean(one, ce_count, xp), _mean(one, z_count, xp)
+    z = _in_dtype(z, dtype, xp)
+    lse_scale = (2.0 * z) * z_scale if _math.is_set(z) else None
+    loss = adapter.linear_scalar(linear, ce_scale, lse_scale)
+    poison = _poison(call.opts, z, loss, xp)
+    loss = loss if poison is None else loss * poison
+    return generic.as_array(xp.astype(loss, out_dtype, copy=False))  # NumPy: a 0-d array, as cross_entropy's

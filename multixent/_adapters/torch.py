@@ -250,6 +250,42 @@ def _disagreement(agreed: tuple[tuple[str, Any], ...], columns: list[list[int]])
     return None
 
 
+def _agreement_row(
+    class_offset: int | None, num_local: int, agreed: tuple[tuple[str, Any], ...], error: BaseException | None
+) -> list[int]:
+    """``(offset or -1, C_local, *agreed values)``, padded to :data:`_AGREED_SLOTS` (zeros with an error)."""
+    if len(agreed) > _AGREED_SLOTS:
+        raise AssertionError(f"multixent: at most {_AGREED_SLOTS} agreed values; got {len(agreed)}")
+    if error is not None:
+        return [-1, 0, *[0] * _AGREED_SLOTS]
+    values = [_encode(value) for _, value in agreed]
+    return [-1 if class_offset is None else class_offset, num_local, *values, *[0] * (_AGREED_SLOTS - len(values))]
+
+
+def _tiling(offsets: list[int], sizes: list[int]) -> list[int]:
+    """Every member's class offset (by rank): equal shards without offsets (-1), or offsets tiling
+    ``[0, Σ sizes)``; else the ValueError, the same on every member (they all hold this table)."""
+    if all(o == -1 for o in offsets):
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"multixent: the class shards over the group have sizes {sizes} (by rank): unequal shards need "
+                "class_offset= on every member"
+            )
+        return [r * sizes[0] for r in range(len(sizes))]
+    if any(o == -1 for o in offsets):
+        raise ValueError(
+            f"multixent: class_offset is given on some members of the group only ({offsets} by rank, -1: none)"
+        )
+    order = sorted(range(len(offsets)), key=lambda r: offsets[r])
+    ends = [offsets[r] + sizes[r] for r in order]
+    if [offsets[r] for r in order] != [0, *ends[:-1]]:
+        raise ValueError(
+            "multixent: the class shards (class_offset, C_local) by rank "
+            f"{list(zip(offsets, sizes, strict=True))} do not tile [0, C) without gaps or overlaps"
+        )
+    return offsets
+
+
 def shard(
     group: Any,
     class_offset: int | None,
@@ -273,45 +309,17 @@ def shard(
     device = next((a.device for a in tensors if isinstance(a, torch.Tensor)), torch.device("cpu"))
     if dist.get_backend(group) == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
     if error is None and foreign:
         error = TypeError(
             f"multixent: group is a torch ProcessGroup: the arrays must be torch tensors on every member; got {foreign}"
         )
-    if len(agreed) > _AGREED_SLOTS:
-        raise AssertionError(f"multixent: at most {_AGREED_SLOTS} agreed values; got {len(agreed)}")
-    values = [_encode(value) for _, value in agreed] + [0] * (_AGREED_SLOTS - len(agreed))
-    row = (
-        [-1, 0, *[0] * _AGREED_SLOTS]
-        if error is not None
-        else [-1 if class_offset is None else class_offset, num_local, *values]
-    )
-    table = _exchange(group, device, row, error)
+    table = _exchange(group, device, _agreement_row(class_offset, num_local, agreed, error), error)
     offsets, sizes, *columns = (list(col) for col in zip(*table, strict=True))
     mismatch = _disagreement(agreed, columns)
     if mismatch is not None:
         raise mismatch
-    if all(o == -1 for o in offsets):
-        if len(set(sizes)) != 1:
-            raise ValueError(
-                f"multixent: the class shards over the group have sizes {sizes} (by rank): unequal shards need "
-                "class_offset= on every member"
-            )
-        offsets = [r * sizes[0] for r in range(size)]
-    elif any(o == -1 for o in offsets):
-        raise ValueError(
-            f"multixent: class_offset is given on some members of the group only ({offsets} by rank, -1: none)"
-        )
-    else:
-        order = sorted(range(size), key=lambda r: offsets[r])
-        ends = [offsets[r] + sizes[r] for r in order]
-        starts = [offsets[r] for r in order]
-        if starts != [0, *ends[:-1]]:
-            raise ValueError(
-                "multixent: the class shards (class_offset, C_local) by rank "
-                f"{list(zip(offsets, sizes, strict=True))} do not tile [0, C) without gaps or overlaps"
-            )
-    offset = offsets[rank]
+    offsets = _tiling(offsets, sizes)
+    offset = offsets[dist.get_rank(group)]
     member = _held_weakly(group)
     return _math.Shard(
         num_classes=sum(sizes),
