@@ -327,7 +327,7 @@ def weight_vjp(
         cls = _math.class_targets(
             t_c, None, num_classes, spec.opts, xp, may_ignore=may_ignore, shard=shard, num_local=num_local
         )
-        z, _ = _math._prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
+        z, _ = _math.prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
         nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp, shard=shard) - z  # lse - z_c
         at_y = classes == cls.index[:, None]
         if cls.here is not None:

@@ -348,7 +348,7 @@ def _smoothed(t: Array, num_classes: int, opts: Options, weight: Array | None) -
     return t if weight is None else t * weight
 
 
-def _prepare_logits(
+def prepare_logits(
     x: Array, counted: Array | None, opts: Options, dtype: Any, xp: Namespace
 ) -> tuple[Array, Array | None]:
     """Upcast, zero the ignored rows (so no NaN/inf reaches any gradient), softcap.
@@ -429,13 +429,13 @@ def _forward_block(
         out = z
     # the preparation is monotonic: max(z) = prepare(max(x)), and XLA need not materialise z
     m = row_max(z, xp) if z is out else None
-    m = _prepare_logits(row_max(x, xp), counted, opts, dtype, xp)[0] if m is None else m
+    m = prepare_logits(row_max(x, xp), counted, opts, dtype, xp)[0] if m is None else m
     if plan.stop_gradient is not None:
         m = plan.stop_gradient(m)
     m = _finite_shift(_group_max(m, shard), xp)  # after the group's max: one shift on every member
     if cls is not None and not owned:  # gather from the input (XLA materialises a gather's operand)
         x_y = gather_rows(x, cls.index, xp)[:, None]
-        y_term = _prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]  # z_y
+        y_term = prepare_logits(x_y, counted, opts, dtype, xp)[0][:, 0]  # z_y
     s, exp_s = _exp_shifted(z, m, out, xp, reuse)
     if cls is not None and owned:  # in place: s_y from s, before exp(s) overwrites it
         y_term = gather_rows(s, cls.index, xp)
@@ -458,7 +458,7 @@ def _forward_block(
     elif is_set(eps) and counted is not None and opts.softcap is None:
         # from the unmasked logits, masked per row: XLA would keep the masked logits for a second
         # reduction (the gradient's); an ignored row's cotangent is 0, so w_c · 0 reaches its logits
-        unmasked = _prepare_logits(x, None, opts, dtype, xp)[0]
+        unmasked = prepare_logits(x, None, opts, dtype, xp)[0]
         smooth_sum = xp.where(counted, _row_sum_weighted(unmasked, w_local, xp), 0.0)
     elif is_set(eps):  # Σ w_c z_c - m Σ w_c: from z, so that a compiler (XLA) need not keep s for a second reduction
         smooth_sum = _row_sum_weighted(z, w_local, xp)
@@ -873,7 +873,7 @@ def row_losses_jvp(
         if blk.tanh is not None:  # the tangent through the softcap, ẋ·(1 - tanh²), with tanh recomputed (of -x/s):
             # XLA then neither merges it with the forward's tanh(x/s) nor keeps that one for two consumers
             counted = blk.targets.counted if isinstance(blk.targets, _ClassTargets) else None
-            th = xp.tanh(-_prepare_logits(x, counted, Options(), blk.e.dtype, xp)[0] / opts.softcap)
+            th = xp.tanh(-prepare_logits(x, counted, Options(), blk.e.dtype, xp)[0] / opts.softcap)
             x_dot = x_dot * (1.0 - th * th)
         # the tangent as products by per-row factors after the class sums, and the target term as a gather:
         # reverse mode transposes them to one product of e by a per-row factor and a scatter (optax's form)
@@ -948,11 +948,11 @@ def _logits_for(
     xp: Namespace,
     tanh_out: Array | None = None,
 ) -> Any:
-    """:func:`_prepare_logits`, except that logits going into ``out`` are computed there: unchanged ones
+    """:func:`prepare_logits`, except that logits going into ``out`` are computed there: unchanged ones
     are cast there, softcapped ones are ``s·tanh(x/s)`` written there (``tanh`` kept in ``tanh_out``
     when given, else not kept: a forward alone), with no block-sized temporary."""
     if out is None or counted is not None:
-        return _prepare_logits(x, counted, opts, dtype, xp)
+        return prepare_logits(x, counted, opts, dtype, xp)
     cap = opts.softcap
     if cap is None:
         return x, None

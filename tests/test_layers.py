@@ -110,3 +110,24 @@ def test_adapters_never_import_the_public_layer() -> None:
 
 def test_checks_import_only_math() -> None:
     assert _graph()[f"{PKG}._checks"] <= {f"{PKG}._math", f"{PKG}._compat"}
+
+
+def test_no_module_imports_another_modules_private_name():
+    """``from .x import _name`` and ``_module._name`` across the package's modules: none (a private name
+    is its module's own; what another module needs is named without the underscore)."""
+    mods = _modules()
+    short = {name.rsplit(".", 1)[-1] for name in mods}
+    found = []
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PKG)):
+                found += [f"{m}: from {node.module} import {a.name}" for a in node.names if _private(a.name, short)]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in short:
+                if node.value.id != m.rsplit(".", 1)[-1] and _private(node.attr, short):
+                    found.append(f"{m}: {node.value.id}.{node.attr}")
+    assert not found, found
+
+
+def _private(name: str, modules: set[str]) -> bool:
+    """An underscore name that is not a module itself (``from . import _math`` imports a module)."""
+    return name.startswith("_") and not name.startswith("__") and name not in modules

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .torch import _GroupSpread, _GroupSum, _held_weakly  # the group= path's differentiable all-reduces
+from .torch import GroupSpread, GroupSum, held_weakly  # the group= path's differentiable all-reduces
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Layout:
         if not isinstance(a, torch.Tensor):
             a = torch.tensor(a, dtype=dtype, device=self.mesh.device_type)
         for group in self.batch_groups:
-            a = _GroupSum.apply(a, group)  # type: ignore[no-untyped-call]
+            a = GroupSum.apply(a, group)  # type: ignore[no-untyped-call]
         return a
 
     @property
@@ -183,7 +183,7 @@ def local_weight(weight: Any, lay: Layout) -> Any:
     if isinstance(weight, DTensor):
         weight = weight.full_tensor()
     for group in lay.batch_groups:
-        weight = _GroupSpread.apply(weight, _held_weakly(group))  # type: ignore[no-untyped-call]
+        weight = GroupSpread.apply(weight, held_weakly(group))  # type: ignore[no-untyped-call]
     return weight
 
 

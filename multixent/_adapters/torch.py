@@ -127,7 +127,7 @@ def plan(
 # A class axis split over a process group
 
 
-class _GroupSum(torch.autograd.Function):
+class GroupSum(torch.autograd.Function):
     """``all_reduce(SUM)`` of a per-row array; its result is the same on every member and
     each member differentiates its own copy: the backward is the identity."""
 
@@ -142,13 +142,13 @@ class _GroupSum(torch.autograd.Function):
         return g, None
 
 
-class _GroupSpread(torch.autograd.Function):
+class GroupSpread(torch.autograd.Function):
     """The identity on a replicated per-row value entering a member's own (sharded) result:
     its gradient sums every member's contribution (``all_reduce(SUM)``)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, group: Callable[[], Any]) -> torch.Tensor:
-        ctx.group = group  # held weakly (:func:`_held_weakly`)
+        ctx.group = group  # held weakly (:func:`held_weakly`)
         return a.view_as(a)
 
     @staticmethod
@@ -158,7 +158,7 @@ class _GroupSpread(torch.autograd.Function):
         return g, None
 
 
-def _held_weakly(group: Any) -> Callable[[], Any]:
+def held_weakly(group: Any) -> Callable[[], Any]:
     """``group`` through a weak reference. The autograd graph of a loss (a script's global, kept
     until the interpreter exits) must not keep the process group alive past
     ``destroy_process_group``: gloo's threads, destroyed at exit, then abort the process
@@ -320,13 +320,13 @@ def shard(
         raise mismatch
     offsets = _tiling(offsets, sizes)
     offset = offsets[dist.get_rank(group)]
-    member = _held_weakly(group)
+    member = held_weakly(group)
     return _math.Shard(
         num_classes=sum(sizes),
         offset=lambda: offset,
         max=lambda a: _group_max(a, member()),
-        sum=lambda a: _GroupSum.apply(a, member()),  # type: ignore[no-untyped-call]
-        spread=lambda a: _GroupSpread.apply(a, member),  # type: ignore[no-untyped-call]
+        sum=lambda a: GroupSum.apply(a, member()),  # type: ignore[no-untyped-call]
+        spread=lambda a: GroupSpread.apply(a, member),  # type: ignore[no-untyped-call]
         agree=lambda error: _agree(member(), device, error),
     )
 
