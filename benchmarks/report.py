@@ -4,8 +4,8 @@
     python benchmarks/report.py --results FILE_OR_DIR --out DIR
 
 Ratios are multixent / native in the same ``asv run``; times asv's medians; torch and NumPy memory
-``peakmem_<pass> - peakmem_baseline`` ÷ the logits' bytes (JAX's ``track_*`` is in that unit already). The
-checks and limits come from ``limits.json``. Writes ``results.md``, the plots and ``asv_results.json``.
+``peakmem_<pass> - peakmem_baseline`` ÷ the logits' bytes (JAX's ``track_*`` is in that unit already). The checks
+and limits come from ``limits.json``. Writes ``results.md``, the plots and ``asv_results.json`` (the raw file).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def header(res: Results) -> list[str]:
         *(["**Tiny grid (`MULTIXENT_BENCH_GRID=tiny`): a check of the pipeline, not a measurement.**", ""] * TINY),
         f"- Machine: {m.get('cpu')}, {m.get('num_cpu')} cores, {int(m.get('ram', 0)) / 2**30:.0f} GiB, {m.get('os')}",
         f"- Code: multixent at `{res.meta['commit_hash'][:8]}`; benchmarks started {first} to {last}",
-        f"- Raw results: `asv_results.json` (asv's `{res.path.name}`)",
+        f"- Raw results: asv's `{res.meta['commit_hash'][:8]}-{res.meta.get('env_name')}.json`",
         *([f"- **Failed** (no result; see asv's output): {', '.join(res.failed)}"] if res.failed else []),
         "",
     ]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
@@ -22,41 +26,88 @@ def as_array(a: Any) -> Any:
 
 
 def quiet_graph(outs: tuple[Any, ...], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``outs`` (a call's results); dask arrays with their graph's tasks run under :func:`quiet`.
+    """``outs`` (a call's results); dask arrays whose tasks beyond ``inputs``' (the call's arrays) run
+    under :func:`quiet` wherever dask computes them (a worker imports multixent to run them).
 
-    NumPy's ``errstate`` covers the call, not the later ``.compute()``. The results' graph is
-    optimized (fused) together first, as ``compute`` does; then each task not in ``inputs``'
-    graphs (the call's arrays) enters ``quiet`` itself, wherever dask runs it (a worker
-    imports multixent to run them).
+    NumPy's ``errstate`` covers the call, not the later ``.compute()``: each task's function is
+    wrapped in :class:`_Quiet`; the graph's layers stay as they are (dask still fuses them).
     """
-    if isinstance(outs[0], numpy.ndarray) or not any(map(array_api_compat.is_dask_array, outs)):
+    if isinstance(outs[0], numpy.ndarray) or not any(map(_is_dask, outs)):
         return outs
-    import dask
-    import dask.array
-
-    optimized = dask.optimize(*outs)
-    graph = optimized[0].__dask_graph__()
-    given = set().union(*(a.__dask_graph__().keys() for a in inputs if array_api_compat.is_dask_array(a)))
-    keys = set(graph.keys())
-    tasks = {k: t if k in given else _quiet_task(k, t, keys) for k, t in graph.items()}
-    return tuple(dask.array.Array(tasks, o.name, o.chunks, meta=o._meta) for o in optimized)
-
-
-def _quiet_task(key: Any, task: Any, keys: set[Any]) -> Any:
-    """``task`` run by :func:`_run_quiet` (a task of the old tuple form converted first); data as it is."""
-    from dask._task_spec import convert_legacy_task
-    from dask.task_spec import DataNode, Task, TaskRef
-
-    node = convert_legacy_task(key, task, keys)
-    if not isinstance(node, Task) or node.func is _run_quiet:
-        return task
-    needs = tuple(node.dependencies)
-    return Task(key, _run_quiet, DataNode(None, node), needs, *map(TaskRef, needs))
+    HighLevelGraph = _dask("highlevelgraph").HighLevelGraph
+    given = set().union(*(getattr(a.__dask_graph__(), "layers", ()) for a in inputs if _is_dask(a)))
+    done: dict[str, Any] = {}  # the layers made quiet, shared by the results
+    results = []
+    for out in outs:
+        graph = out.__dask_graph__()
+        if not _is_dask(out) or not isinstance(graph, HighLevelGraph):
+            results.append(out)
+            continue
+        keys = functools.cache(lambda graph=graph: set(graph.keys()))  # the graph's, read once if needed
+        for name, layer in graph.layers.items():
+            if name not in given and name not in done:
+                done[name] = _quiet_layer(layer, keys)
+        layers = {name: done.get(name, layer) for name, layer in graph.layers.items()}
+        quiet_graph = HighLevelGraph(layers, graph.dependencies)
+        results.append(_dask("array").Array(quiet_graph, out.name, out.chunks, meta=out._meta))
+    return tuple(results)
 
 
-def _run_quiet(node: Any, keys: tuple[Any, ...], *values: Any) -> Any:
-    with quiet():
-        return node(dict(zip(keys, values, strict=True)))
+def _is_dask(a: Any) -> bool:
+    return bool(array_api_compat.is_dask_array(a))
+
+
+def _dask(module: str) -> Any:
+    """A dask module (``dask.<module>``), imported when dask arrays arrive (``dask.array`` is then imported)."""
+    return importlib.import_module(f"dask.{module}")
+
+
+def _quiet_layer(layer: Any, keys: Callable[[], set[Any]]) -> Any:
+    """A copy of a dask graph layer whose tasks' functions are :class:`_Quiet` (a ``Blockwise`` layer
+    stays one: its task template is wrapped)."""
+    Task = _dask("task_spec").Task
+    if type(layer) is _dask("blockwise").Blockwise:
+        new = copy.copy(layer)
+        new.__dict__.pop("_cached_dict", None)  # its tasks, once built: rebuilt from the new template
+        new.task = _quiet_node(layer.task)
+        return new
+    tasks = {}
+    for key, task in layer.items():  # a task of the old tuple form names the graph's keys it reads
+        node = _dask("_task_spec").convert_legacy_task(key, task, keys())
+        tasks[key] = _quiet_node(node) if type(node) is Task else task
+    return _dask("highlevelgraph").MaterializedLayer(tasks)
+
+
+def _quiet_node(node: Any) -> Any:
+    """A task (and the tasks nested in its arguments) with :class:`_Quiet` functions; anything else as it is."""
+    Task = _dask("task_spec").Task
+    if type(node) is not Task or isinstance(node.func, _Quiet):  # data, references, containers, done
+        return node
+    args = tuple(map(_quiet_node, node.args))
+    kwargs = {k: _quiet_node(v) for k, v in node.kwargs.items()}
+    return Task(node.key, _Quiet(node.func), *args, **kwargs)
+
+
+class _Quiet:
+    """A dask task's function, run under :func:`quiet`."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with quiet():
+            return self.func(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Quiet, (self.func,))
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return ("multixent._Quiet", self.func)
+
+    def __repr__(self) -> str:
+        return f"quiet({self.func!r})"
 
 
 #: Arrays of one library only (NumPy's are NumPy's; array-api-strict and dask take no others).
