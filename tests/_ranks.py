@@ -47,6 +47,18 @@ ONLY_DISTRIBUTED = pytest.mark.skipif(
 )
 
 
+def outcomes(cases: dict[str, Callable[[], Any]]) -> dict[str, str]:
+    """Each case's outcome on this rank: ``"none"`` or ``"Type: message"`` of the error it raised."""
+    out = {}
+    for name, case in cases.items():
+        try:
+            case()
+            out[name] = "none"
+        except Exception as err:  # reported to the parent
+            out[name] = f"{type(err).__name__}: {err}"
+    return out
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 120.0, args: tuple = ()) -> list[Any]:
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each on its own gloo rank."""
     import torch.distributed as dist

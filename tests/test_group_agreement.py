@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _ranks import ONLY_DISTRIBUTED, run_ranks
+from _ranks import ONLY_DISTRIBUTED, outcomes, run_ranks
 
 pytestmark = ONLY_DISTRIBUTED
 
@@ -118,14 +118,7 @@ EXPECTED = {
 
 
 def _errors(rank: int, world_size: int) -> dict[str, str]:
-    out = {}
-    for name, case in _cases(rank).items():
-        try:
-            case()
-            out[name] = "none"
-        except Exception as err:  # reported to the parent
-            out[name] = f"{type(err).__name__}: {err}"
-    return out
+    return outcomes(_cases(rank))
 
 
 @pytest.fixture(scope="module")

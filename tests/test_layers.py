@@ -122,12 +122,18 @@ def test_no_module_imports_another_modules_private_name():
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PKG)):
                 found += [f"{m}: from {node.module} import {a.name}" for a in node.names if _private(a.name, short)]
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in short:
-                if node.value.id != m.rsplit(".", 1)[-1] and _private(node.attr, short):
-                    found.append(f"{m}: {node.value.id}.{node.attr}")
+            elif _foreign_private(node, m, short):
+                found.append(f"{m}: {node.value.id}.{node.attr}")
     assert not found, found
 
 
 def _private(name: str, modules: set[str]) -> bool:
     """An underscore name that is not a module itself (``from . import _math`` imports a module)."""
     return name.startswith("_") and not name.startswith("__") and name not in modules
+
+
+def _foreign_private(node: ast.AST, module: str, modules: set[str]) -> bool:
+    """``_other._name``: another module's private name, read as an attribute."""
+    if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules):
+        return False
+    return node.value.id != module.rsplit(".", 1)[-1] and _private(node.attr, modules)

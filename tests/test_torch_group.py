@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("torch")
 
 from _cases import sharded_options
-from _ranks import ONLY_DISTRIBUTED, run_ranks
+from _ranks import ONLY_DISTRIBUTED, outcomes, run_ranks
 
 pytestmark = ONLY_DISTRIBUTED
 
@@ -216,14 +216,7 @@ def _errors(rank: int, world_size: int) -> dict[str, str]:
         ),
         "ok-after-the-errors": lambda: mx.cross_entropy(half, target, group=world),
     }
-    out = {}
-    for name, case in cases.items():
-        try:
-            case()
-            out[name] = "none"
-        except Exception as err:  # reported to the parent
-            out[name] = f"{type(err).__name__}: {err}"
-    return out
+    return outcomes(cases)
 
 
 @pytest.fixture(scope="module")
