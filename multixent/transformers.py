@@ -135,32 +135,45 @@ def _check(model: Any) -> None:
 def _forward(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     state: _State = vars(model)[_STATE]
     inner = state.previous if state.previous is not None else type(model).forward.__get__(model)
-    positional = [
-        p.name
-        for p in state.signature.parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(args) > len(positional):
-        raise TypeError(f"{type(model).__name__}.forward takes at most {len(positional)} positional arguments")
-    named = {**dict(zip(positional, args, strict=False)), **kwargs}
+    named = _named(state.signature, type(model).__name__, args, kwargs)
     if named.get("labels") is None and named.get("shift_labels") is None:
         return inner(*args, **kwargs)
-    labels = named.pop("labels", None)
-    shift_labels = named.pop("shift_labels", None)
-
+    labels, shift_labels = named.pop("labels", None), named.pop("shift_labels", None)
     head = model.get_output_embeddings()
+    out, hidden = _run_keeping_hidden(inner, named, head, state.return_logits, type(model).__name__)
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=_IGNORE)[..., 1:]
+    loss = _loss(hidden, head, shift_labels, named.get("num_items_in_batch"), state, type(model).__name__)
+    if isinstance(out, tuple):  # return_dict=False: (logits, ...) without a loss
+        return (loss, *(out if state.return_logits else out[1:]))
+    return dataclasses.replace(out, loss=loss, logits=out.logits if state.return_logits else None)
+
+
+def _named(signature: inspect.Signature, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (the positional ones named by the forward's signature)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p.name for p in signature.parameters.values() if p.kind in kinds]
+    if len(args) > len(positional):
+        raise TypeError(f"{name}.forward takes at most {len(positional)} positional arguments; got {len(args)}")
+    return {**dict(zip(positional, args, strict=False)), **kwargs}
+
+
+def _run_keeping_hidden(
+    inner: Any, named: dict[str, Any], head: torch.nn.Module, return_logits: bool, name: str
+) -> tuple[Any, torch.Tensor]:
+    """The model's own forward (without labels) and the input of its output embeddings, which get an
+    empty slice of it (no logits) unless ``return_logits``."""
     seen: list[torch.Tensor] = []
 
     def keep_input(module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
         seen.append(inputs[0])
-        return None if state.return_logits else (inputs[0][..., :0, :], *inputs[1:])
+        return None if return_logits else (inputs[0][..., :0, :], *inputs[1:])
 
     handle = head.register_forward_pre_hook(keep_input)
     try:
         out = inner(**named)
     finally:
         handle.remove()
-    name = type(model).__name__
     if len(seen) != 1:
         raise TypeError(
             f"multixent.transformers: {name}.forward called its output embeddings {len(seen)} times (expected "
@@ -168,10 +181,12 @@ def _forward(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         )
     if getattr(out, "aux_loss", None) is not None:
         raise ValueError(f"multixent.transformers: {name} returned an auxiliary (router) loss, not supported")
+    return out, seen[0]
 
-    hidden = seen[0]
-    if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=_IGNORE)[..., 1:]
+
+def _loss(hidden: torch.Tensor, head: Any, shift_labels: torch.Tensor, count: Any, state: _State, name: str) -> Any:
+    """transformers' ``ForCausalLMLoss`` through ``linear_cross_entropy``: the mean over the counted
+    tokens, or their sum divided by ``num_items_in_batch``; float32."""
     target = shift_labels.reshape(-1).to(hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if hidden.dtype in (torch.float16, torch.bfloat16):
@@ -181,7 +196,6 @@ def _forward(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             f"multixent.transformers: {name}: {target.shape[0]} shifted labels for {hidden.shape[0]} hidden "
             f"states (with logits_to_keep, pass shift_labels of the kept positions)"
         )
-    count = named.get("num_items_in_batch")
     loss = linear_cross_entropy(
         hidden,
         head.weight,
@@ -194,7 +208,4 @@ def _forward(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     ).float()
     if count is not None:
         loss = loss / (count.to(loss.device) if torch.is_tensor(count) else count)
-
-    if isinstance(out, tuple):  # return_dict=False: (logits, ...) without a loss
-        return (loss, *(out if state.return_logits else out[1:]))
-    return dataclasses.replace(out, loss=loss, logits=out.logits if state.return_logits else None)
+    return loss

@@ -49,6 +49,7 @@ NEEDS = {
     "transformers": ("torch",),
     "jax": ("jax",),
     "optax": ("jax",),
+    "flax": ("jax",),
     "keras": ("jax", "torch"),
     "dask": ("numpy",),
 }
