@@ -9,7 +9,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lowest", "distributed", "lint"]
+nox.options.sessions = ["tests", "lowest", "distributed", "accelerator", "language_models", "gpu", "docs", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 # The one place for the framework pins. torch must be exactly this CPU wheel on
@@ -212,7 +212,7 @@ def docs(session: nox.Session) -> None:
     """The documentation (MkDocs-Material, mkdocs.yml): docs/*.md and the API reference from the
     docstrings (mkdocstrings, numpy style), with warnings as errors; the site goes to the session's
     tmp folder. mkdocstrings reads the docstrings from the source (griffe), importing nothing: no
-    framework needed. Not in the default run; the pages' code blocks run in tests/test_readme.py.
+    framework needed. The pages' code blocks run in tests/test_readme.py.
     """
     session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")  # ruff formats the signatures
     site = os.path.join(session.create_tmp(), "site")
