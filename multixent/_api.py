@@ -474,8 +474,8 @@ def _lazy(out: Any, *inputs: Array | None) -> Any:
     """``out`` (an array or a tuple of them); dask arrays whose tasks beyond ``inputs``' then run without
     floating-point warnings (:func:`multixent._adapters.generic.quiet_graph`: ``errstate`` does not reach
     ``.compute()``)."""
-    outs = out if isinstance(out, tuple) else (out,)
-    if adapter_for(outs[0]) is not generic:
+    outs = out if type(out) is tuple else (out,)
+    if not type(outs[0]).__module__.startswith("dask"):  # the usual call pays one type lookup
         return out
     outs = generic.quiet_graph(outs, inputs)
     return outs if isinstance(out, tuple) else outs[0]
