@@ -267,6 +267,7 @@ def _prepare(
             _checks.weight(weight, classes, xp)
         else:  # its length is agreed, then checked against the global C
             _checks.weight_vector(weight, xp)
+            _checks.group(group, class_offset)
             check_group(group, x, target, weight, opts)
     except _CHECK_ERRORS as err:  # with a group: raised on every member, none left waiting
         raise _fail_together(group, class_offset, err) from None
@@ -1084,6 +1085,7 @@ def linear_cross_entropy(
             _checks.weight(weight, local_classes, xp)
         else:  # its length is agreed, then checked against the global V
             _checks.weight_vector(weight, xp)
+            _checks.group(group, class_offset)
             check_group(group, hidden, target, None, opts)
         if (dt := dtensor_adapter(hidden, classifier, bias, target, weight)) is not None:
             dt.refuse("linear_cross_entropy")

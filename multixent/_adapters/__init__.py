@@ -138,7 +138,7 @@ def shard_for(
 def check_group(group: Any, *arrays_and_options: Any) -> None:
     """NotImplementedError where this framework cannot split the class axis over ``group`` for this call
     (``arrays_and_options``: ``(logits, target, weight, opts)``); checked before the agreement."""
-    if group is not None and not isinstance(group, (str, tuple)):
+    if type(group).__module__.startswith("torch"):  # a torch ProcessGroup (checked before: or a mesh axis)
         from . import torch
 
         torch.refuse_group(*arrays_and_options)
