@@ -124,14 +124,20 @@ def row_sum(a: Any, xp: Any) -> Any:
     return xp.sum(a, axis=-1)
 
 
-def row_max(a: Any, xp: Any) -> Any:
-    """``xp.max(a, axis=-1, keepdims=True)``; NumPy's ufunc and torch's method skip the wrappers.
-    No column (a group member holding no class): ``-inf``, the empty maximum."""
-    if a.shape[-1] == 0:
-        return xp.full((*a.shape[:-1], 1), -math.inf, dtype=a.dtype, device=device(a))
+def max_along(a: Any, axis: int, xp: Any) -> Any:
+    """``xp.max(a, axis=axis, keepdims=True)``, and ``-inf`` (the empty maximum) along an empty axis: no
+    class at all, or a group member holding none. NumPy's ufunc and torch's method skip the wrappers."""
+    if a.shape[axis] == 0:
+        shape = tuple(1 if i == axis % a.ndim else n for i, n in enumerate(a.shape))
+        return xp.full(shape, -math.inf, dtype=a.dtype, device=device(a))
     if isinstance(a, numpy.ndarray):
-        return numpy.maximum.reduce(a, axis=-1, keepdims=True)
-    return a.amax(-1, keepdim=True) if is_torch_array(a) else xp.max(a, axis=-1, keepdims=True)
+        return numpy.maximum.reduce(a, axis=axis, keepdims=True)
+    return a.amax(axis, keepdim=True) if is_torch_array(a) else xp.max(a, axis=axis, keepdims=True)
+
+
+def row_max(a: Any, xp: Any) -> Any:
+    """:func:`max_along` the last axis."""
+    return max_along(a, -1, xp)
 
 
 def min_max(a: Any, xp: Any) -> list[Any]:

@@ -45,6 +45,7 @@ from ._compat import (
     exp,
     float_bits,
     full_like,
+    max_along,
     memo,
     row_max,
     row_sum,
@@ -229,16 +230,7 @@ def _shift_and_log1p(x: Array, axis: int, xp: Namespace, shard: Shard | None = N
     the gradient is the softmax even where ``m`` is not differentiated (a ``shard``'s
     max). With a ``shard`` the max and sums span the group.
     """
-    if x.shape[axis] == 0:  # a group member holding no class: the empty maximum
-        local_max = xp.full(
-            tuple(1 if i == axis % x.ndim else n for i, n in enumerate(x.shape)),
-            -math.inf,
-            dtype=x.dtype,
-            device=device(x),
-        )
-    else:
-        local_max = xp.max(x, axis=axis, keepdims=True)
-    top = _group_max(local_max, shard)
+    top = _group_max(max_along(x, axis, xp), shard)
     finite = xp.isfinite(top)
     m = xp.where(finite, top, 0.0)
     is_top = x == top
@@ -251,20 +243,14 @@ def _shift_and_log1p(x: Array, axis: int, xp: Namespace, shard: Shard | None = N
 
 def logsumexp(x: Array, /, *, axis: int, keepdims: bool, xp: Namespace, shard: Shard | None = None) -> Array:
     """``log Σ exp(x)`` along ``axis`` (see :func:`_shift_and_log1p`); ``-inf`` for an empty axis."""
-    if x.shape[axis] == 0 and shard is None:
-        shape = tuple(1 if i == axis else n for i, n in enumerate(x.shape))
-        out = xp.full(shape, -math.inf, dtype=x.dtype, device=device(x))
-    else:
-        z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
-        m, log1p_rest = _shift_and_log1p(z, axis, xp, shard)
-        out = xp.astype(m + log1p_rest, x.dtype, copy=False)
+    z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
+    m, log1p_rest = _shift_and_log1p(z, axis, xp, shard)
+    out = xp.astype(m + log1p_rest, x.dtype, copy=False)
     return out if keepdims else xp.squeeze(out, axis=axis)
 
 
 def log_softmax(x: Array, /, *, axis: int, xp: Namespace, shard: Shard | None = None) -> Array:
     """``x - logsumexp(x)`` along ``axis``, as ``(x - m) - L`` (see :func:`_shift_and_log1p`)."""
-    if x.shape[axis] == 0 and shard is None:
-        return xp.asarray(x, copy=True)
     z = xp.astype(x, compute_dtype(x.dtype, xp), copy=False)
     m, log1p_rest = _shift_and_log1p(z, axis, xp, shard)
     if shard is not None:
@@ -992,7 +978,7 @@ def _one_block(x: Array, plan: Plan) -> bool:
 def _blocks(rows: int, block_rows: int | None) -> list[tuple[int, int]]:
     if block_rows is None:  # one block (lazy arrays: ``rows`` may be dask's NaN, a size unknown until computed)
         return [(0, rows)]
-    step = rows if block_rows is None or block_rows >= rows else max(1, block_rows)
+    step = rows if block_rows >= rows else max(1, block_rows)
     return [(a, min(a + step, rows)) for a in range(0, max(rows, 1), max(step, 1))]
 
 

@@ -430,8 +430,6 @@ def row_losses(
     need_lse: bool = True,
 ) -> tuple[Any, Any]:
     """``need_lse=False``: without autograd, ``lse`` is not computed (None)."""
-    if shard is not None:
-        refuse_group(x, target, weight, opts)
     if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
         how = plan(x, may_ignore=may_ignore, differentiable=True)
         return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
@@ -756,8 +754,6 @@ def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
 
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
-    if call.shard is not None:
-        refuse_group(h, call.target, None, call.opts)
     if call.opts.arrays or _transformed(h, w, b, call.target, call.weight):
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
@@ -766,8 +762,6 @@ def linear_rows(call: _linear.LinearCall) -> Any:
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
-    if call.shard is not None:
-        refuse_group(h, t, None, call.opts)
     if call.opts.arrays or _transformed(h, w, b, t, weight):
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
