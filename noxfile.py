@@ -21,7 +21,7 @@ TEST = ["pytest", "hypothesis", "scipy", "pytest-xdist", "mpmath", "ml_dtypes"]
 # (unpinned, pip may pair the newest dask with an old distributed that accepts any dask and fails to import).
 DASK = "dask[array]"
 DASK_DISTRIBUTED = "dask[array,distributed]"
-# Keras 3 is a test dependency of the torch and jax sessions only (tests/test_keras.py fits a
+# Keras 3 is a test dependency of the torch and jax sessions only (tests/frameworks/test_keras.py fits a
 # model on that Keras backend).
 KERAS = "keras"
 
@@ -42,18 +42,32 @@ def tests(session: nox.Session, backend: str) -> None:
     _suite(session, backend)
 
 
-def _suite(session: nox.Session, backends: str, *pytest_args: str, env: dict[str, str] | None = None) -> None:
-    """The parametrized suite on these backends (MULTIXENT_BACKENDS, comma-separated)."""
-    # worksteal: a worker left idle takes the other's queued tests (the slow ones cluster by file)
-    args = ["pytest", "-n", "2", "--dist", "worksteal", "-p", "no:cacheprovider", *pytest_args, *session.posargs]
+def _suite(
+    session: nox.Session,
+    backends: str,
+    *pytest_args: str,
+    env: dict[str, str] | None = None,
+    dist: str = "worksteal",
+) -> None:
+    """The parametrized suite on these backends (MULTIXENT_BACKENDS, comma-separated), on two workers.
+
+    dist: xdist's distribution. worksteal (the default): a worker left idle takes the other's queued tests
+    (the slow ones cluster by file); loadfile: a test file each at a time (module fixtures run once per file).
+    """
+    args = ["pytest", "-n", "2", "--dist", dist, "-p", "no:cacheprovider", *pytest_args, *session.posargs]
     session.run(*args, env={"MULTIXENT_BACKENDS": backends, **(env or {})})
+
+
+#: the environment of the tests on 4 simulated JAX devices and several processes; XLA_FLAGS must be set
+#: before JAX starts: a process of their own
+SCALED_OUT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "MULTIXENT_DISTRIBUTED": "1"}
 
 
 @nox.session
 def accelerator(session: nox.Session) -> None:
     """The torch suite with the accelerator strategy (one block, no host read) forced on CPU tensors
     (``MULTIXENT_ACCELERATOR_ON_CPU=1``), and ``MULTIXENT_SYNC_CHECKS=1`` so that out-of-range class
-    indices are the IndexErrors the suite expects (tests/test_accelerator.py runs the strategy without
+    indices are the IndexErrors the suite expects (tests/frameworks/test_accelerator.py runs the strategy without
     it: the device-side check, no host read). Tests marked ``slow`` are left to `tests`."""
     session.install(*TEST, TORCH)
     session.install(".")
@@ -80,8 +94,8 @@ def _floors(*extras: str) -> list[str]:
 #: multixent calls (namespaces, dtypes, indexing, validation, compile, shard_map) — values, errors,
 #: habits, the compiled paths. The whole suite at the floors took 35 min (2026-12-02), beyond CI's
 #: budget; the autodiff/torch.func/linear/Keras matrices repeat those calls on more shapes.
-FLOOR_FILES = ["tests/test_values.py", "tests/test_contract.py", "tests/test_errors.py", "tests/test_habits.py"]
-FLOOR_FILES += ["tests/test_compiled_paths.py"]
+FLOOR_FILES = ["tests/core/test_values.py", "tests/core/test_contract.py", "tests/core/test_errors.py"]
+FLOOR_FILES += ["tests/frameworks/test_habits.py", "tests/frameworks/test_compiled_paths.py"]
 
 #: The shard_map tests run at the jax floor: one of each JAX API ``group=`` relies on (``lax.pcast``, ``psum``/
 #: ``pmax`` over two axes, ``vmap`` inside ``shard_map`` -- 0.8.2 and 0.8.3 fail it --, the replication
@@ -125,65 +139,37 @@ def lowest(session: nox.Session, floors: str) -> None:
     for backends, files in runs.items():
         _suite(session, backends, "-m", "not slow", *files)
     if floors == "jax":
-        shard_map = [f"tests/test_shard_map.py::{t}" for t in FLOOR_SHARD_MAP]
-        session.run(
-            "pytest",
-            "-n",
-            "2",
-            "-p",
-            "no:cacheprovider",
-            *shard_map,
-            env={
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                "MULTIXENT_DISTRIBUTED": "1",
-                "MULTIXENT_BACKENDS": "jax",
-            },
-        )
+        shard_map = [f"tests/distributed/test_shard_map.py::{t}" for t in FLOOR_SHARD_MAP]
+        _suite(session, "jax", *shard_map, env=SCALED_OUT)
 
 
 @nox.session
 def distributed(session: nox.Session) -> None:
-    """Scaling out: jax.jit with NamedSharding on 4 simulated CPU devices, dask (with an
-    out-of-core dask.distributed run), torch DTensor on 2 gloo processes. XLA_FLAGS must be set
-    before JAX starts: its own process."""
+    """Scaling out: tests/distributed/ -- jax.jit with NamedSharding and shard_map on 4 simulated CPU
+    devices, torch groups and DTensor on 2 gloo processes --, and dask (with an out-of-core
+    dask.distributed run). XLA_FLAGS must be set before JAX starts: its own process."""
     session.install(*TEST, *JAX, TORCH, DASK_DISTRIBUTED)
     session.install(".")
-    # two workers, a test file each at a time (module fixtures run the torch ranks once per file)
-    session.run(
-        "pytest",
-        "-n",
-        "2",
-        "--dist",
-        "loadfile",
-        "-p",
-        "no:cacheprovider",
-        "tests/test_jax_sharding.py",
-        "tests/test_dask.py",
-        "tests/test_torch_ranks.py",
-        "tests/test_dtensor.py",
-        "tests/test_shard_map.py",
-        "tests/test_torch_group.py",
-        *session.posargs,
-        env={
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-            "MULTIXENT_DISTRIBUTED": "1",
-            "MULTIXENT_BACKENDS": "numpy",
-        },
-    )
+    # a test file each at a time per worker: module fixtures run the torch ranks once per file
+    files = ["tests/distributed", "tests/frameworks/test_dask.py"]
+    _suite(session, "numpy", *files, env=SCALED_OUT, dist="loadfile")
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff, and mypy (strict) on the package with the frameworks it adapts installed (torch, JAX,
-    dask, Keras, transformers: their types are checked, not taken as ``Any``); then radon's cyclomatic
-    complexity of the functions above 10, for the record (not yet a gate: some of the math's block functions
-    are above 15)."""
-    session.install("ruff", "mypy", "radon", TORCH, *JAX, DASK, KERAS, "transformers")
+    """ruff (lint and format), and mypy (strict) on the package with the frameworks it adapts installed
+    (torch, JAX, dask, Keras, transformers: their types are checked, not taken as ``Any``); then the gates:
+    no function of the package above cyclomatic complexity 15 (.ci/complexity.py, radon's count), and
+    its layers (tests/core/test_layers.py: no import cycle, no module importing another's private name,
+    imports one way)."""
+    session.install("ruff", "mypy", "radon", "pytest", TORCH, *JAX, DASK, KERAS, "transformers")
     session.install(".")
-    session.run("ruff", "check", "multixent", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "multixent")
+    sources = ["multixent", "tests", "benchmarks", "noxfile.py", ".ci"]
+    session.run("ruff", "check", *sources)
+    session.run("ruff", "format", "--check", *sources)
     session.run("mypy", "multixent")
-    session.run("radon", "cc", "--min", "C", "--show-complexity", "multixent")
+    session.run("python", ".ci/complexity.py", "--max", "15", "multixent")
+    session.run("pytest", "-p", "no:cacheprovider", "tests/core/test_layers.py", env={"MULTIXENT_BACKENDS": "numpy"})
 
 
 @nox.session
@@ -212,7 +198,7 @@ def docs(session: nox.Session) -> None:
     """The documentation (MkDocs-Material, mkdocs.yml): docs/*.md and the API reference from the
     docstrings (mkdocstrings, numpy style), with warnings as errors; the site goes to the session's
     tmp folder. mkdocstrings reads the docstrings from the source (griffe), importing nothing: no
-    framework needed. The pages' code blocks run in tests/test_readme.py.
+    framework needed. The pages' code blocks run in tests/core/test_readme.py.
     """
     session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")  # ruff formats the signatures
     site = os.path.join(session.create_tmp(), "site")
@@ -227,9 +213,7 @@ def language_models(session: nox.Session, transformers: str) -> None:
     spec = "transformers" if transformers == "latest" else f"transformers=={transformers}"
     session.install(*TEST, TORCH, *JAX, "flax", "accelerate", spec)
     session.install(".")
-    files = ["tests/test_lm_transformers.py", "tests/test_lm_flax.py"]
-    args = ["pytest", "-n", "2", "--dist", "worksteal", "-p", "no:cacheprovider", *files, *session.posargs]
-    session.run(*args, env={"MULTIXENT_BACKENDS": "torch,jax"})
+    _suite(session, "torch,jax", "tests/frameworks/test_lm_transformers.py", "tests/frameworks/test_lm_flax.py")
 
 
 @nox.session

@@ -333,7 +333,7 @@ def weight_vjp(
         if cls.here is not None:
             at_y = at_y & cls.here[:, None]
         d_w = (eps / num_classes) * nll + xp.where(at_y, (1 - eps) * nll, 0.0)
-        return acc + cls.mask(ce_bar_c, xp) @ d_w, ()
+        return acc + cls.zero_ignored(ce_bar_c, xp) @ d_w, ()
 
     zero = xp.zeros((num_local,), dtype=dtype, device=device(h))
     zero = zero if shard is None else shard.spread(zero)

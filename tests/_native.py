@@ -7,7 +7,7 @@ operations. optax: ``softmax_cross_entropy_with_integer_labels`` and
 smoothing, so :data:`jax_loss` answers None for those options (tests then
 compare with the float64 reference of :mod:`_reference`).
 
-Each native object has ``cross_entropy(x, t, **options)``,
+Each native object has ``cross_entropy(x, t, **options)`` (the options of :class:`_reference.Options`),
 ``nll_loss(log_probs, t, **options)``, ``log_softmax(x, axis)`` and
 ``logsumexp(x, axis, keepdims)`` taking and returning the framework's arrays;
 a method answers None when the framework has no such loss for those options.
@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from _reference import Options
 
 
 def _reduce(per: Any, counted: Any, reduction: str) -> Any:
@@ -34,21 +35,12 @@ class _Torch:
     name = "torch"
 
     @staticmethod
-    def cross_entropy(
-        x: Any,
-        t: Any,
-        *,
-        axis: int = -1,
-        weight: Any = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-    ) -> Any:
+    def cross_entropy(x: Any, t: Any, **options: Any) -> Any:
         import torch
         import torch.nn.functional as F
 
+        o = Options(**options)
+        axis, ignore_index, reduction, z_loss, softcap = o.axis, o.ignore_index, o.reduction, o.z_loss, o.softcap
         if softcap is not None:
             x = softcap * torch.tanh(x / softcap)
         is_index = not t.is_floating_point()
@@ -58,7 +50,7 @@ class _Torch:
             class_dim = 1
             if not is_index:
                 t = torch.movedim(t, axis, 1)
-        kwargs: dict[str, Any] = {"weight": weight, "reduction": reduction, "label_smoothing": label_smoothing}
+        kwargs: dict[str, Any] = {"weight": o.weight, "reduction": reduction, "label_smoothing": o.label_smoothing}
         if is_index:
             kwargs["ignore_index"] = ignore_index
         loss = F.cross_entropy(x, t, **kwargs)
@@ -97,26 +89,17 @@ class _Jax:
     name = "jax"
 
     @staticmethod
-    def cross_entropy(
-        x: Any,
-        t: Any,
-        *,
-        axis: int = -1,
-        weight: Any = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-    ) -> Any:
+    def cross_entropy(x: Any, t: Any, **options: Any) -> Any:
         import jax
         import jax.numpy as jnp
         import optax
 
+        o = Options(**options)
+        axis, softcap, z_loss = o.axis, o.softcap, o.z_loss
         is_index = jnp.issubdtype(t.dtype, jnp.integer)
-        if weight is not None or label_smoothing:
+        if o.weight is not None or o.label_smoothing:
             return None  # optax has neither
-        if is_index and bool(np.any(np.asarray(t) == ignore_index)):
+        if is_index and bool(np.any(np.asarray(t) == o.ignore_index)):
             return None  # nor ignore_index
         if softcap is not None:
             x = softcap * jnp.tanh(x / softcap)
@@ -126,9 +109,9 @@ class _Jax:
             per = optax.softmax_cross_entropy(x, t, axis=axis)
         if z_loss:
             per = per + z_loss * jax.nn.logsumexp(x, axis=axis) ** 2
-        if reduction == "none":
+        if o.reduction == "none":
             return per
-        return jnp.sum(per) if reduction == "sum" else jnp.mean(per)
+        return jnp.sum(per) if o.reduction == "sum" else jnp.mean(per)
 
     @staticmethod
     def nll_loss(log_probs: Any, t: Any, **options: Any) -> Any:

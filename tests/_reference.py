@@ -23,9 +23,24 @@ from analytic operations, as the ones here are.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of ``cross_entropy`` and their defaults (torch's): the one signature of
+    :func:`cross_entropy` here and of :mod:`_native`'s losses (an unknown name is a ``TypeError``)."""
+
+    axis: int = -1
+    weight: Any = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
 
 
 def _as_float(a: Any, xp: Any) -> Any:
@@ -55,25 +70,16 @@ def _rows(x: Any, axis: int, xp: Any) -> tuple[Any, tuple[int, ...]]:
     return xp.reshape(moved, (-1, x.shape[axis])), tuple(moved.shape[:-1])
 
 
-def cross_entropy(
-    x: Any,
-    t: Any,
-    *,
-    axis: int = -1,
-    weight: Any = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    xp: Any = np,
-) -> Any:
+def cross_entropy(x: Any, t: Any, *, xp: Any = np, **options: Any) -> Any:
+    """The loss of :class:`Options` ``options``."""
+    o = Options(**options)
+    ignore_index, softcap, z_loss, reduction = o.ignore_index, o.softcap, o.z_loss, o.reduction
     x = _as_float(x, xp)
     t = xp.asarray(t)
-    classes = x.shape[axis]
-    eps = label_smoothing
-    w = xp.ones(classes) if weight is None else _as_float(weight, xp)
-    z, batch_shape = _rows(x, axis, xp)
+    classes = x.shape[o.axis]
+    eps = o.label_smoothing
+    w = xp.ones(classes) if o.weight is None else _as_float(o.weight, xp)
+    z, batch_shape = _rows(x, o.axis, xp)
     if xp.issubdtype(t.dtype, xp.integer):
         y = xp.reshape(t, (-1,))
         counted = y != ignore_index
@@ -91,7 +97,7 @@ def cross_entropy(
         ce = xp.where(counted, ce, 0.0)
         ce_den = xp.sum(xp.where(counted, w_y, 0.0))
     else:
-        p, _ = _rows(_as_float(t, xp), axis, xp)
+        p, _ = _rows(_as_float(t, xp), o.axis, xp)
         counted = xp.ones(p.shape[0], dtype=bool)
         if softcap is not None:
             z = softcap * xp.tanh(z / softcap)
@@ -153,25 +159,20 @@ def grad(f: Callable[[np.ndarray], Any], x: np.ndarray, *, h: float = 1e-30) -> 
     return out.reshape(x.shape)
 
 
+def _summed(loss: Any, upstream: np.ndarray | None) -> Any:
+    """The scalar whose derivative is taken: the loss, or ``Σ upstream·loss`` (reduction "none")."""
+    return loss if upstream is None else np.sum(upstream * loss)
+
+
 def cross_entropy_grad(
     x: np.ndarray, t: np.ndarray, *, upstream: np.ndarray | None = None, **options: Any
 ) -> np.ndarray:
     """``∂/∂x`` of the loss (of ``Σ upstream·loss`` for reduction "none")."""
-
-    def f(z: np.ndarray) -> Any:
-        loss = cross_entropy(z, t, **options)
-        return loss if upstream is None else np.sum(upstream * loss)
-
-    return grad(f, x)
+    return grad(lambda z: _summed(cross_entropy(z, t, **options), upstream), x)
 
 
 def cross_entropy_target_grad(
     x: np.ndarray, t: np.ndarray, *, upstream: np.ndarray | None = None, **options: Any
 ) -> np.ndarray:
     """``∂/∂t`` of the loss for probability targets."""
-
-    def f(p: np.ndarray) -> Any:
-        loss = cross_entropy(x, p, **options)
-        return loss if upstream is None else np.sum(upstream * loss)
-
-    return grad(f, t)
+    return grad(lambda p: _summed(cross_entropy(x, p, **options), upstream), t)

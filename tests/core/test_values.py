@@ -188,7 +188,7 @@ def test_small_blocks(backend, kind, option, monkeypatch):
         pytest.skip("ignore_index applies to class indices only")
     case = make_case("kdim-axis1", kind, option, seed=12)
     classes = case.x.shape[1]
-    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", classes)  # 1 row
+    monkeypatch.setattr(multixent._blocked, "BLOCK_ELEMENTS", classes)  # 1 row
     for dtype in backend.dtypes:
         x, t, kw = case.on(backend, dtype)
         exact = case.quantized(backend, dtype)
@@ -213,7 +213,7 @@ def test_gradient_block_boundaries(backend, reduction, monkeypatch):
     """Several blocks of 100 rows on eager backends, the row count not a multiple of the block."""
     rng = np.random.default_rng(10)
     classes = 64
-    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", 100 * classes)
+    monkeypatch.setattr(multixent._blocked, "BLOCK_ELEMENTS", 100 * classes)
     rows = 2 * 400 + 37
     x = rng.normal(size=(rows, classes)) * 3
     y = rng.integers(0, classes, rows)
@@ -251,6 +251,7 @@ def test_non_contiguous_inputs(backend, kind):
     case = make_case("2d", kind, "all" if kind == "index" else "weight", seed=21)
     case.options.update(z_loss=0.1, label_smoothing=0.1)
     xp = backend.xp
+
     # logits as the transpose of a (C, 2N) array, keeping every other row: strided and transposed
     def strided(a):
         return xp.permute_dims(backend.asarray(np.ascontiguousarray(np.repeat(a, 2, axis=0).T)), (1, 0))[::2, ...]

@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _cases import sharded_options
+from _jax_devices import FOUR_DEVICES, device_mesh, jax, jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-jax = pytest.importorskip("jax")
-jnp = pytest.importorskip("jax.numpy")
-from _cases import sharded_options  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import multixent as mx
 
-import multixent as mx  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 4,
-    reason="needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 (nox -s distributed)",
-)
+pytestmark = FOUR_DEVICES
 
 N, C = 10, 12
 #: class indices on each of the 4 shards (3 classes each), the first and last of each, and ignored rows
@@ -44,7 +37,7 @@ TOL = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 2e-2}
 
 def _mesh(name: str = "axis") -> tuple[Mesh, str | tuple[str, ...]]:
     shape, axes, group = MESHES[name]
-    return Mesh(np.array(jax.devices()[:4]).reshape(shape), axes), group
+    return device_mesh(shape, axes), group
 
 
 def _data(dtype: str = "float64", seed: int = 0) -> dict:

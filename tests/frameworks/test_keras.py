@@ -15,13 +15,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import ROOT
 from conftest import SELECTED
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [
     {"sparse": True, "sample_weight": False, "reduction": "sum_over_batch_size"},

@@ -15,9 +15,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from _paths import ROOT
 from conftest import SELECTED
 
 torch = pytest.importorskip("torch")
@@ -26,7 +26,6 @@ mt = pytest.importorskip("multixent.transformers")
 
 pytestmark = pytest.mark.skipif("torch" not in SELECTED, reason="the torch backend is not selected")
 
-ROOT = Path(__file__).resolve().parents[1]
 V = 256
 SMALL = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}

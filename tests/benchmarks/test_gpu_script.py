@@ -5,27 +5,16 @@ figures over the recorded report. The whole script in dry mode runs in ``nox -s 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _paths import load_script
 from conftest import SELECTED
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif("torch" not in SELECTED, reason="torch backend not selected")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"multixent_bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-passes, gpu = _load("passes"), _load("gpu")
+passes = load_script("benchmarks/passes.py", "multixent_bench_passes")
+gpu = load_script("benchmarks/gpu.py", "multixent_bench_gpu")
 
 
 def test_count_an_out_of_place_operation():

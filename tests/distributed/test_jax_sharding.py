@@ -17,20 +17,13 @@ import re
 
 import numpy as np
 import pytest
+from _jax_devices import FOUR_DEVICES, device_mesh, jax, jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax = pytest.importorskip("jax")
-jnp = pytest.importorskip("jax.numpy")
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import multixent as mx
 
-import multixent as mx  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 4,
-    reason="needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 (nox -s distributed)",
-)
+pytestmark = FOUR_DEVICES
 
 #: name -> (mesh shape, mesh axis names, batch axis, class axis)
 MESHES = {
@@ -58,7 +51,7 @@ LEAN = ("plain", "weight-ignore", "z-loss", "none")
 
 def _mesh(name: str) -> tuple[Mesh, str | None, str | None]:
     shape, axes, batch, classes = MESHES[name]
-    return Mesh(np.array(jax.devices()[:4]).reshape(shape), axes), batch, classes
+    return device_mesh(shape, axes), batch, classes
 
 
 def _put(a: np.ndarray, mesh: Mesh, *spec: str | None) -> jax.Array:

@@ -283,7 +283,7 @@ def test_torch_values_and_grads(option: str, reduction: str, chunk: int) -> None
 def test_torch_blocks_inside_chunks(option: str, reduction: str, monkeypatch) -> None:
     """Blocks of 1 row inside a chunk of all rows: the in-place block path over each chunk's logits."""
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(multixent._math, "BLOCK_ELEMENTS", V // 2)
+    monkeypatch.setattr(multixent._blocked, "BLOCK_ELEMENTS", V // 2)
     got, want, g_got, g_want = _torch_case(OPTIONS[option], reduction, None)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for k in g_want:

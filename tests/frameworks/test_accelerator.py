@@ -7,11 +7,9 @@ tests run where such a device is present and skip with a reason elsewhere.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _paths import load_script
 from conftest import SELECTED
 
 torch = pytest.importorskip("torch")
@@ -28,11 +26,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device here")
 
 def _passes():
     """``benchmarks/passes.py`` (the operation counter the benchmark reports with)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "passes.py"
-    spec = importlib.util.spec_from_file_location("multixent_bench_passes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/passes.py", "multixent_bench_passes")
 
 
 @pytest.fixture

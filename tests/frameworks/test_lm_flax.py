@@ -4,12 +4,9 @@ its full-logits loss (optax) in value and gradients, trains under ``jax.jit``, a
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _paths import load_script
 from conftest import SELECTED
 
 pytestmark = pytest.mark.skipif("jax" not in SELECTED, reason="the jax backend is not selected")
@@ -19,12 +16,7 @@ pytest.importorskip("optax")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "flax_lm", Path(__file__).resolve().parents[1] / "examples" / "flax_lm.py"
-)
-flax_lm = importlib.util.module_from_spec(_spec)
-sys.modules["flax_lm"] = flax_lm
-_spec.loader.exec_module(flax_lm)
+flax_lm = load_script("examples/flax_lm.py", "flax_lm")
 
 
 def _relative(a, b) -> float:

@@ -12,14 +12,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import ROOT
 
 import multixent as mx
-
-ROOT = Path(__file__).resolve().parents[1]
 
 X = np.random.default_rng(7).normal(size=(6, 5)) * 3
 Y = np.array([0, 4, -100, 2, 1, 3])
