@@ -116,11 +116,6 @@ def _logits_in(
     return z, (z if out is None and z is not x else out), th
 
 
-def _shifted(z: Array, m: Array, out: Array | None, xp: Namespace) -> Array:
-    """``s = z - m``, into ``out`` when given."""
-    return z - m if out is None else xp.subtract(z, m, out=out)
-
-
 def forward(
     x: Array,
     target: Array,
@@ -142,7 +137,7 @@ def forward(
     z, out, th = _logits_in(x, out, opts, dtype, xp, tanh_out)
     top = row_max(z, xp) if z is out else F.prepare_logits(row_max(x, xp), None, opts, dtype, xp)[0]
     m = _fused.shift(top, plan, xp)
-    s = _shifted(z, m, out, xp)
+    s = z - m if out is None else xp.subtract(z, m, out=out)
     if not isinstance(targets, F.ClassTargets):
         tws = F.weighted_target_sum(targets, s, xp)
         e = exp(s, xp, out=s)
@@ -181,7 +176,7 @@ def from_stats(
     targets = _fused.targets_of(x, target, weight, opts, plan, dtype, xp)
     z, out, th = _logits_in(x, out, opts, dtype, xp, tanh_out)
     m, lse_s = stats
-    s = _shifted(z, m[:, None], out, xp)
+    s = z - m[:, None] if out is None else xp.subtract(z, m[:, None], out=out)
     return exp(s, xp, out=s), xp.exp(-lse_s), th, targets
 
 

@@ -2,7 +2,7 @@
 
 Each message names the argument, what was expected and what came. Checks on
 *values* (class indices in range) run only when the values are concrete; under
-tracing (``jax.jit``, ``torch.compile``) the math poisons the result with NaN.
+tracing (``jax.jit``, ``torch.compile``) the math makes the results they touch NaN.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy
 
 from . import _compat
-from ._math import Options
+from ._formulas import Options
 
 Array = Any
 Namespace = Any
@@ -50,36 +50,57 @@ def namespace(
     ``NUMPY_INPUTS``: the framework's own functions take them, as ``jnp`` does); when it
     is a string, that conversion (e.g. ``"torch.as_tensor"``) is named in the TypeError.
     """
-    lead = arrays[0]
-    adopt = numpy_inputs is True and any(_convertible(a) for a in arrays[1:]) and not _convertible(lead)
-    if adopt and _compat.is_array_api_obj(lead):
-        xp, dev = _compat.array_namespace(lead), _compat.device(lead)
-        adopted = [lead]
-        for i, a in enumerate(arrays[1:], 1):
-            if not _convertible(a):
-                adopted.append(a)
-            elif i < len(names) and names[i] == "target":  # class indices: checked by their values as given
-                adopted.append(_adopted_target(a, xp, dev))
-            else:
-                adopted.append(xp.asarray(a, device=dev))
-        arrays = tuple(adopted)
+    if numpy_inputs is True and _leads_numpy_inputs(arrays):
+        arrays = _adopted(arrays, names)
     for a, name in zip(arrays, names, strict=False):
-        if a is not None or name not in ("weight", "bias"):
+        if a is not None or name not in _OPTIONAL:
             array(a, name)
     given = [a for a in arrays if a is not None]
     try:
         return _compat.array_namespace(*given), arrays
     except TypeError as err:
-        kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__qualname__ for a in given}))
-        hint = ""
-        if isinstance(numpy_inputs, str) and not _is_numpy(lead):
-            numpy_names = [n for a, n in zip(arrays, names, strict=False) if a is not None and _is_numpy(a)]
-            if numpy_names:
-                lead_name = names[0] if names else "the first array"
-                hint = f"; convert NumPy arrays first: {numpy_inputs}({numpy_names[0]}, device={lead_name}.device)"
-        raise TypeError(
-            f"multixent: all arrays of one call must come from one array library; got {kinds}{hint} ({err})"
-        ) from None
+        raise _mixed_libraries(err, arrays, names, numpy_inputs) from None
+
+
+#: The arguments that may be None.
+_OPTIONAL = ("weight", "bias")
+
+
+def _leads_numpy_inputs(arrays: tuple[Array | None, ...]) -> bool:
+    """Whether the first array is another library's, beside NumPy arrays or Python numbers to convert to it."""
+    lead = arrays[0]
+    return any(_convertible(a) for a in arrays[1:]) and not _convertible(lead) and _compat.is_array_api_obj(lead)
+
+
+def _adopted(arrays: tuple[Array | None, ...], names: tuple[str, ...]) -> tuple[Array | None, ...]:
+    """``arrays`` with the NumPy ones (and Python numbers) converted to the first array's library and device."""
+    lead = arrays[0]
+    xp, dev = _compat.array_namespace(lead), _compat.device(lead)
+    adopted = [lead]
+    for i, a in enumerate(arrays[1:], 1):
+        if not _convertible(a):
+            adopted.append(a)
+        elif i < len(names) and names[i] == "target":  # class indices: checked by their values as given
+            adopted.append(_adopted_target(a, xp, dev))
+        else:
+            adopted.append(xp.asarray(a, device=dev))
+    return tuple(adopted)
+
+
+def _mixed_libraries(
+    err: TypeError, arrays: tuple[Array | None, ...], names: tuple[str, ...], numpy_inputs: bool | str
+) -> TypeError:
+    """The TypeError for arrays of two libraries, naming the conversion ``numpy_inputs`` (a string) where
+    NumPy arrays came beside another library's lead."""
+    given = [a for a in arrays if a is not None]
+    kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__qualname__ for a in given}))
+    hint = ""
+    if isinstance(numpy_inputs, str) and not _is_numpy(arrays[0]):
+        numpy_names = [n for a, n in zip(arrays, names, strict=False) if a is not None and _is_numpy(a)]
+        if numpy_names:
+            lead_name = names[0] if names else "the first array"
+            hint = f"; convert NumPy arrays first: {numpy_inputs}({numpy_names[0]}, device={lead_name}.device)"
+    return TypeError(f"multixent: all arrays of one call must come from one array library; got {kinds}{hint} ({err})")
 
 
 def _adopted_target(target: Any, xp: Namespace, dev: Any) -> Any:
@@ -226,7 +247,7 @@ def option(value: Any, name: str, logits: Array, read: Any) -> float | Array:
     not differentiated; such a value, a NumPy scalar or 0-d array and a Python number become a
     range-checked float. An array that is traced (``jax.jit``, ``torch.compile``) or
     differentiated (``requires_grad``, ``jax.grad``) stays an array: its range is checked by
-    :func:`option_poison` as NaN results.
+    :func:`option_nan_factor` as NaN results.
     """
     low, high, open_low = _RANGES[name]
     if isinstance(value, float):  # the usual case
@@ -252,7 +273,7 @@ def option(value: Any, name: str, logits: Array, read: Any) -> float | Array:
     return number(value, name, low=low, high=high, open_low=open_low)
 
 
-def option_poison(values: dict[str, Any], xp: Namespace, dtype: Any, device: Any) -> Array | None:
+def option_nan_factor(values: dict[str, Any], xp: Namespace, dtype: Any, device: Any) -> Array | None:
     """1 where every array option lies in its range (:data:`_RANGES`), else NaN (None: no array option).
 
     The results are multiplied by it, so an out-of-range traced option gives NaN values and gradients.
@@ -449,6 +470,15 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
     low, high, *holds_ignore = _compat.host_ints(stats)
     if low >= 0 and high < classes:  # the usual case: in range
         return bool(holds_ignore and holds_ignore[0])
+    _raise_if_out_of_range(flat, classes, ignore, wrapped_bits, comparable, xp)
+    return True  # outside [0, C): only ignore_index
+
+
+def _raise_if_out_of_range(
+    flat: Array, classes: int, ignore: int, wrapped_bits: int, comparable: bool, xp: Namespace
+) -> None:
+    """IndexError naming the first of the class indices ``flat`` outside [0, C) that is not ``ignore``
+    (:func:`class_indices`' arguments), with its true value."""
     outside = (flat < 0) | (flat >= classes)
     bad = outside & (flat != ignore) if comparable else outside
     if wrapped_bits:
@@ -461,7 +491,6 @@ def class_indices(target: Array, classes: int, ignore: int, wrapped_bits: int = 
             f"multixent: target holds class index {value} (at flat position {first}); "
             f"expected 0 <= index < {classes} (the number of classes) or ignore_index={ignore}"
         )
-    return True
 
 
 def linear_shapes(
@@ -542,15 +571,25 @@ def group(value: Any, class_offset: Any) -> None:
         if class_offset is not None:
             raise ValueError("multixent: class_offset applies with a group only (the class axis split over it)")
         return
-    axis_names = isinstance(value, str) or (
-        isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) for v in value)
-    )
-    if not axis_names and not type(value).__module__.startswith("torch"):
+    if not _is_axis_name(value) and not type(value).__module__.startswith("torch"):
         raise TypeError(
             "multixent: group must be a JAX mesh axis name (a str or tuple of str, inside jax.shard_map) "
             f"or a torch.distributed ProcessGroup; got {type(value).__name__}"
         )
-    if class_offset is not None and (isinstance(class_offset, bool) or not isinstance(class_offset, int)):
-        raise TypeError(f"multixent: class_offset must be an int or None; got {type(class_offset).__name__}")
-    if class_offset is not None and class_offset < 0:
-        raise ValueError(f"multixent: class_offset must be >= 0; got {class_offset}")
+    if class_offset is not None:
+        _class_offset(class_offset)
+
+
+def _is_axis_name(value: Any) -> bool:
+    """A JAX mesh axis name: a str, or a non-empty tuple of str."""
+    return isinstance(value, str) or (
+        isinstance(value, tuple) and len(value) > 0 and all(isinstance(v, str) for v in value)
+    )
+
+
+def _class_offset(value: Any) -> None:
+    """TypeError unless ``class_offset`` is an int, ValueError if it is negative."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"multixent: class_offset must be an int or None; got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"multixent: class_offset must be >= 0; got {value}")

@@ -2,12 +2,12 @@
 
 Rows are processed in chunks of ``chunk`` rows, so that only one chunk's logits
 ``z = h_c @ W.T + b`` (``chunk × V``) exist at a time. Each chunk's logits go
-through the row functions of :mod:`multixent._math` (the same forward and
+through the row functions of :mod:`multixent._rows` (the same forward and
 closed-form gradient as :func:`multixent.cross_entropy`); this module only adds
 the three matrix products around them::
 
     z   = h_c @ W.T + b         (per chunk)
-    ḡ   = ∂loss/∂z              (closed form, per chunk, from _math)
+    ḡ   = ∂loss/∂z              (closed form, per chunk, from _rows)
     h̄_c = ḡ @ W,   W̄ += ḡ.T @ h_c,   b̄ += Σ_rows ḡ
 
 Two ways to differentiate, chosen by the reduction:
@@ -25,7 +25,7 @@ logits: ``w̄_c = Σ_rows ce_bar·((1-ε)[c=y](lse - z_y) + ε/C (lse - z_c))``.
 
 With the classifier split by vocabulary rows over a group (``Spec.plan.shard``: a
 column-parallel LM head, ``hidden`` replicated), each member's chunks are its
-``(chunk, V_local)`` logits, the row statistics span the group (:mod:`multixent._math`),
+``(chunk, V_local)`` logits, the row statistics span the group (:mod:`multixent._formulas`),
 ``W̄`` and ``b̄`` are the member's rows and ``h̄`` is summed over the group (the full
 gradient, the same on every member); the class weights are the full ``(V,)`` and so is ``w̄``.
 
@@ -42,20 +42,19 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from . import _math
+from . import _formulas, _rows
 from ._compat import device
 
 Array = Any
 Namespace = Any
 
 #: Logits elements per chunk when ``chunk_size`` is None: ``chunk = max(1,
-#: CHUNK_ELEMENTS // V)`` rows. 2**23 elements are 32 MiB in float32. Eager
+#: CHUNK_ELEMENTS // V)`` rows; 2**23 elements are 32 MiB in float32. Eager
 #: backends overwrite a chunk's logits with its gradient, block by block (the
-#: logits are its only chunk-sized array); XLA fuses the chunk. Measured at
-#: N=8192, D=512, V=32768 fp32 (forward+backward, nox -s bench on 09ffc66):
-#: extra memory 0.11x the full logits on torch (0.58x the naive time), 0.17x
-#: on JAX (1.03x). Larger chunks are faster (fewer passes over the classifier
-#: and its gradient, larger matrix products) and hold more memory.
+#: logits are its only chunk-sized array); XLA fuses the chunk. Larger chunks are
+#: faster (fewer passes over the classifier and its gradient, larger matrix
+#: products) and hold more memory: a measured trade-off, not part of the math
+#: (``nox -s bench``; the figures are in benchmarks/results/).
 CHUNK_ELEMENTS = 2**23
 
 
@@ -63,8 +62,8 @@ CHUNK_ELEMENTS = 2**23
 class Spec:
     """The static (hashable) part of one call: the user's options, the plan of each chunk, the chunking."""
 
-    opts: _math.Options
-    plan: _math.Plan  # its block_rows: rows per cache block inside a chunk (None: the whole chunk)
+    opts: _formulas.Options
+    plan: _rows.Plan  # its block_rows: rows per cache block inside a chunk (None: the whole chunk)
     chunk: int  # rows per chunk
 
 
@@ -77,11 +76,11 @@ class LinearCall:
     b: Array | None  # (V,) bias
     target: Array  # (N,) class indices
     weight: Array | None  # (V,) class weights in the compute dtype
-    opts: _math.Options
+    opts: _formulas.Options
     may_ignore: bool  # False: the indices were checked, none is ignore_index
     chunk: int  # rows per chunk
     xp: Namespace
-    shard: _math.Shard | None = None  # the classifier's rows split over a group
+    shard: _formulas.Shard | None = None  # the classifier's rows split over a group
 
 
 def default_chunk(rows: int, num_classes: int) -> int:
@@ -144,7 +143,7 @@ def unchunked_logits(h: Array, w: Array, b: Array | None, xp: Namespace) -> Arra
 
 def compute_dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
     dtypes = (h.dtype, w.dtype) if b is None else (h.dtype, w.dtype, b.dtype)
-    return _math.compute_dtype(xp.result_type(*dtypes), xp)
+    return _formulas.compute_dtype(xp.result_type(*dtypes), xp)
 
 
 def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace, spec: Spec) -> tuple[Array, Array | None]:
@@ -196,14 +195,14 @@ def rows(
     xp: Namespace,
     hooks: Hooks = PLAIN,
 ) -> tuple[Array, Array]:
-    """Per-row ``(ce, lse)`` in the compute dtype, as :func:`multixent._math.row_losses` of ``h @ W.T + b``."""
+    """Per-row ``(ce, lse)`` in the compute dtype, as :func:`multixent._rows.row_losses` of ``h @ W.T + b``."""
     dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
-        return carry, _math.row_losses(z, t_c, weight, spec.opts, spec.plan, xp=xp, overwrite=True)
+        return carry, _rows.row_losses(z, t_c, weight, spec.opts, spec.plan, xp=xp, overwrite=True)
 
     _, (ce, lse) = hooks.loop(body, None, (h, target), spec.chunk, xp)
     return ce, lse
@@ -232,7 +231,7 @@ def rows_vjp(
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c, lse_bar_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
-        g, _ = _math.row_losses_vjp(
+        g, _ = _rows.row_losses_vjp(
             z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, spec.plan, xp=xp, overwrite=True
         )
         del z
@@ -268,7 +267,7 @@ def loss_and_grads(
     """Per-row ``(ce, lse)`` and the gradients ``(h̄, W̄, b̄)`` of :func:`scalar_loss` in one pass over the chunks.
 
     ``lse_scale`` is ``2·z_loss·(z-loss denominator)⁻¹``, or None without z-loss.
-    Each chunk's ``ḡ`` comes from :func:`multixent._math.row_losses_and_grad`.
+    Each chunk's ``ḡ`` comes from :func:`multixent._rows.row_losses_and_grad`.
     """
     dtype = compute_dtype(h, w, b, xp)
     wc = xp.astype(w, dtype, copy=False)
@@ -276,7 +275,7 @@ def loss_and_grads(
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp)
-        ce, lse, g = _math.row_losses_and_grad(
+        ce, lse, g = _rows.row_losses_and_grad(
             z,
             t_c,
             weight,
@@ -324,11 +323,11 @@ def weight_vjp(
     def body(acc: Array, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c = xs
         may_ignore = spec.plan.may_ignore
-        cls = _math.class_targets(
+        cls = _formulas.class_targets(
             t_c, None, num_classes, spec.opts, xp, may_ignore=may_ignore, shard=shard, num_local=num_local
         )
-        z, _ = _math.prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
-        nll = _math.logsumexp(z, axis=-1, keepdims=True, xp=xp, shard=shard) - z  # lse - z_c
+        z, _ = _formulas.prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
+        nll = _formulas.logsumexp(z, axis=-1, keepdims=True, xp=xp, shard=shard) - z  # lse - z_c
         at_y = classes == cls.index[:, None]
         if cls.here is not None:
             at_y = at_y & cls.here[:, None]

@@ -71,6 +71,24 @@ def _fused_forwards(
         yield _fused.forward(rows_of(x, a, b), t_blk, weight, opts, plan, dtype, xp, for_grad=False, need_lse=need_lse)
 
 
+def _one_block(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    opts: F.Options,
+    plan: Plan,
+    xp: Namespace,
+    overwrite: bool,
+    need_lse: bool,
+) -> _fused.Forward:
+    """The forward of all the rows as one block, for their loss alone."""
+    dtype = F.compute_dtype(x.dtype, xp)
+    if not plan.in_place:
+        return _fused.forward(x, target, weight, opts, plan, dtype, xp, for_grad=False, need_lse=need_lse)
+    out = x if overwrite and x.dtype == dtype else None  # exp(s) over the logits, or over a fresh s
+    return _blocked.forward(x, target, weight, opts, plan, dtype, xp, out=out, need_lse=need_lse)
+
+
 def _stats(f: _fused.Forward, xp: Namespace) -> tuple[Array, Array]:
     """The per-row ``(shift m, log Σ exp(z - m))`` the backward takes, 0 on ignored rows (zeroed for the gradient)."""
     if isinstance(f.targets, F.ClassTargets) and f.targets.counted is not None:
@@ -102,6 +120,9 @@ def row_losses(
     (one operation less per block).
     """
     need_lse = need_lse or keep_stats
+    if plan.block_rows is None or x.shape[0] <= plan.block_rows:  # one block: the shortest route
+        f = _one_block(x, target, weight, opts, plan, xp, overwrite, need_lse)
+        return (f.ce, f.lse, *_stats(f, xp)) if keep_stats else (f.ce, f.lse)
     if plan.in_place:
         runs = _blocked.forwards(x, target, weight, opts, plan, xp, overwrite=overwrite, need_lse=need_lse)
     else:

@@ -1,7 +1,7 @@
 """The adapter contract (:class:`Adapter`) and :func:`adapter_for`: the one place that tells frameworks apart.
 
 An adapter is a module (``generic``, ``torch``, ``jax``) wrapping the math of
-:mod:`multixent._math` and :mod:`multixent._linear` in its framework's
+:mod:`multixent._rows` and :mod:`multixent._linear` in its framework's
 execution plan and autodiff; mypy checks each against :class:`Adapter`.
 Framework modules are imported only when such an array arrives:
 array-api-compat recognises torch and JAX arrays without importing them.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import array_api_compat
 
-from .. import _compat, _linear, _math
+from .. import _compat, _formulas, _linear, _rows
 from . import generic
 
 
@@ -47,7 +47,7 @@ class Adapter(Protocol):
 
     def plan(
         self, x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None
-    ) -> _math.Plan:
+    ) -> _rows.Plan:
         """How the math runs on ``(rows, C)`` logits ``x``: blocks, in place, stop-gradient.
 
         ``inputs`` are the call's other arrays; ``differentiable``: the math itself is differentiated.
@@ -59,27 +59,25 @@ class Adapter(Protocol):
         x: Any,
         target: Any,
         weight: Any,
-        opts: _math.Options,
+        opts: _formulas.Options,
         may_ignore: bool,
         xp: Any,
         shard: Any = None,
         need_lse: bool = True,
     ) -> tuple[Any, Any]:
-        """Per-row ``(ce, lse)`` of :func:`multixent._math.row_losses`, differentiable by the framework.
+        """Per-row ``(ce, lse)`` of :func:`multixent._rows.row_losses`, differentiable by the framework.
 
-        ``shard``: the class axis split over a group (:class:`multixent._math.Shard`), or None.
+        ``shard``: the class axis split over a group (:class:`multixent._formulas.Shard`), or None.
         ``need_lse=False``: the caller does not use ``lse``, which may then be None.
         """
         ...
 
-    def fused(
-        self, x: Any, target: Any, weight: Any, compute: Callable[[], Any], recompute: Callable[[Any], Any]
-    ) -> Any:
+    def fused(self, x: Any, target: Any, weight: Any, loss: Callable[..., Any]) -> Any:
         """A scalar loss whose gradient with respect to ``x`` was computed with it, or None (the usual route).
 
-        ``compute()`` gives ``(loss, ∂loss/∂x)`` in one pass; ``recompute(x)`` the loss through the usual,
-        differentiable route (for a second or a double backward). Used where autograd records ``x``
-        alone, eagerly and in one block: the backward then only scales the gradient.
+        ``loss(x, True)`` gives ``(loss, ∂loss/∂x)`` in one pass; ``loss(z)`` the loss at the logits ``z``
+        through the usual, differentiable route (for a second or a double backward). Used where autograd
+        records ``x`` alone, eagerly and in one block: the backward then only scales the gradient.
         """
         ...
 
@@ -112,8 +110,8 @@ def shard_for(
     arrays: tuple[Any, ...],
     error: BaseException | None = None,
     agreed: tuple[tuple[str, Any], ...] = (),
-) -> _math.Shard | None:
-    """The :class:`multixent._math.Shard` of ``group`` (None without one): ``num_local`` classes here.
+) -> _formulas.Shard | None:
+    """The :class:`multixent._formulas.Shard` of ``group`` (None without one): ``num_local`` classes here.
 
     A str or tuple of str is a JAX mesh axis (inside ``jax.shard_map``), a torch
     ``ProcessGroup`` a torch group (``_checks.group`` checked which); ``arrays`` (the call's,

@@ -138,8 +138,9 @@ _LOGITS_EXPECTED = (
 
 def layout(x: DTensor, axis: int, name: str) -> Layout:
     """The logits' layout, or a ValueError naming the placements expected (the same on every rank)."""
-    class_dims = [m for m, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim % x.ndim == axis]
-    batch = [(m, p.dim % x.ndim) for m, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim % x.ndim != axis]
+    sharded = [(m, p.dim % x.ndim) for m, p in enumerate(x.placements) if isinstance(p, Shard)]  # (mesh dim, axis)
+    class_dims = [m for m, d in sharded if d == axis]
+    batch = [(m, d) for m, d in sharded if d != axis]
     handled = all(type(p) in (Shard, Replicate) for p in x.placements)
     if not handled or len(class_dims) > 1 or len({d for _, d in batch}) < len(batch):
         raise _placement_error(name, x.placements, _LOGITS_EXPECTED)
@@ -151,28 +152,41 @@ def layout(x: DTensor, axis: int, name: str) -> Layout:
 def local_target(target: Any, lay: Layout, is_index: bool) -> torch.Tensor:
     """This rank's part of ``target``: sharded like the logits' batch axes (and, for
     probabilities, their class axis); a plain tensor is the global target."""
-    ndim = len(lay.shape)
+    wanted = _target_placements(lay, is_index)
+    if not isinstance(target, DTensor):
+        target = DTensor.from_local(target, lay.mesh, [Replicate()] * lay.mesh.ndim, run_check=False)
+    elif target.device_mesh != lay.mesh:
+        raise ValueError(f"multixent: DTensor target is on mesh {target.device_mesh}; expected the logits' {lay.mesh}")
+    if not _sliced_locally(target, wanted):
+        kind = "class indices" if is_index else "probabilities"
+        expected = (
+            f"{tuple(wanted)} for {kind} with {len(lay.shape)}-d logits, class axis {lay.axis} "
+            "(or Replicate() anywhere)"
+        )
+        raise _placement_error("target", target.placements, expected)
+    local: torch.Tensor = target.redistribute(lay.mesh, wanted).to_local()
+    return local
+
+
+def _target_placements(lay: Layout, is_index: bool) -> list[Any]:
+    """The target's placements beside logits of layout ``lay``: sharded like their batch axes (class indices
+    have no class axis: the axes after it come one earlier) and, for probabilities, like their class axis."""
     wanted: list[Any] = [Replicate()] * lay.mesh.ndim
     for mesh_dim, d in lay.batch:
         wanted[mesh_dim] = Shard(d if not is_index or d < lay.axis else d - 1)
     if not is_index and lay.class_dim is not None:
         wanted[lay.class_dim] = Shard(lay.axis)
-    if not isinstance(target, DTensor):
-        target = DTensor.from_local(target, lay.mesh, [Replicate()] * lay.mesh.ndim, run_check=False)
-    elif target.device_mesh != lay.mesh:
-        raise ValueError(f"multixent: DTensor target is on mesh {target.device_mesh}; expected the logits' {lay.mesh}")
-    # a Replicate() where a Shard() is wanted is a local slice; anything else would move data
-    tdim = target.ndim
-    ok = all(
-        type(p) is Replicate or (isinstance(p, Shard) and isinstance(w, Shard) and p.dim % tdim == w.dim)
+    return wanted
+
+
+def _sliced_locally(target: DTensor, wanted: list[Any]) -> bool:
+    """Whether ``target`` reaches the placements ``wanted`` without moving data: each of its placements is
+    that one, or a Replicate() (where a Shard() is wanted: a local slice)."""
+    ndim = target.ndim
+    return all(
+        type(p) is Replicate or (isinstance(p, Shard) and isinstance(w, Shard) and p.dim % ndim == w.dim)
         for p, w in zip(target.placements, wanted, strict=True)
     )
-    if not ok:
-        kind = "class indices" if is_index else "probabilities"
-        expected = f"{tuple(wanted)} for {kind} with {ndim}-d logits, class axis {lay.axis} (or Replicate() anywhere)"
-        raise _placement_error("target", target.placements, expected)
-    local: torch.Tensor = target.redistribute(lay.mesh, wanted).to_local()
-    return local
 
 
 def local_weight(weight: Any, lay: Layout) -> Any:

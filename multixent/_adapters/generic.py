@@ -11,7 +11,7 @@ from typing import Any
 import array_api_compat
 import numpy
 
-from .. import _compat, _linear, _math
+from .. import _compat, _formulas, _linear, _rows
 
 
 def quiet() -> Any:
@@ -132,31 +132,31 @@ def scalar(a: Any) -> float | None:
     return None if array_api_compat.is_lazy_array(a) else float(a)
 
 
-def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _rows.Plan:
     """Blocks of rows (one for lazy arrays, which dask chunks itself); in place for NumPy
     (``out=`` and integer-array setitem). No autodiff here: ``differentiable`` changes nothing."""
     if isinstance(x, numpy.ndarray):
-        return _math.eager_plan(x.shape[-1], True, may_ignore)
+        return _rows.eager_plan(x.shape[-1], True, may_ignore)
     one_block = array_api_compat.is_lazy_array(x) or array_api_compat.is_cupy_array(x)  # dask chunks; a GPU
-    return _math.eager_plan(None if one_block else x.shape[-1], False, may_ignore)
+    return _rows.eager_plan(None if one_block else x.shape[-1], False, may_ignore)
 
 
 def row_losses(
     x: Any,
     target: Any,
     weight: Any,
-    opts: _math.Options,
+    opts: _formulas.Options,
     may_ignore: bool,
     xp: Any,
     shard: Any = None,
     need_lse: bool = True,
 ) -> tuple[Any, Any]:
     """No groups here (``shard`` is None: a group's arrays are its framework's, checked before)."""
-    opts = opts.astype(_math.compute_dtype(x.dtype, xp), xp) if opts.arrays else opts
-    return _math.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp, need_lse=need_lse)
+    opts = opts.astype(_formulas.compute_dtype(x.dtype, xp), xp) if opts.arrays else opts
+    return _rows.row_losses(x, target, weight, opts, plan(x, may_ignore=may_ignore), xp=xp, need_lse=need_lse)
 
 
-def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any:
+def fused(x: Any, target: Any, weight: Any, loss: Any) -> Any:
     """None: no autodiff here."""
     return None
 

@@ -1,7 +1,7 @@
 """JAX adapter: the generic forward with a ``custom_jvp`` built from the closed-form gradient.
 
 A JVP rule (not a VJP) keeps forward mode, ``jax.hessian`` and ``vmap``
-working; JAX transposes it for reverse mode. The rule (``_math.row_losses_jvp``,
+working; JAX transposes it for reverse mode. The rule (``_rows.row_losses_jvp``,
 with the class weights' tangent too: their true derivative)
 computes the forward and the tangent in one block sharing ``exp(z - m)``, so
 under ``jit`` XLA computes the exponential once and writes the gradient into its
@@ -21,7 +21,7 @@ import numpy as np
 from array_api_compat import array_namespace
 from jax.custom_derivatives import SymbolicZero
 
-from .. import _compat, _linear, _math
+from .. import _compat, _formulas, _linear, _rows
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -51,13 +51,13 @@ def check_on_device(target: Any, classes: int, ignore: int) -> None:
     """Nothing: JAX has no device-side assertion outside ``checkify``; NaN marks an out-of-range index."""
 
 
-def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _math.Plan:
+def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _rows.Plan:
     """One block, out of place: XLA fuses the whole computation; the row max's shift is not differentiated."""
     stop = jax.lax.stop_gradient if differentiable else None
-    return _math.Plan(may_ignore=may_ignore, stop_gradient=stop, shard=shard)
+    return _rows.Plan(may_ignore=may_ignore, stop_gradient=stop, shard=shard)
 
 
-def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays: tuple[Any, ...]) -> _math.Shard:
+def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays: tuple[Any, ...]) -> _formulas.Shard:
     """The class axis split over the mesh axis (or axes) ``axis`` inside ``jax.shard_map``: equal shards,
     member ``i`` (``lax.axis_index``) holding classes ``[i·C_local, (i+1)·C_local)``; ``lax.pmax`` and
     ``lax.psum`` across them. The gradients rely on ``shard_map``'s replication types (its default
@@ -77,7 +77,7 @@ def shard(axis: str | tuple[str, ...], class_offset: Any, num_local: int, arrays
             f"multixent: group={axis!r} is not a mesh axis bound here: call inside jax.shard_map over it ({err})"
         ) from None
     _check_split(axis, arrays[0])
-    return _math.Shard(
+    return _formulas.Shard(
         num_classes=size * num_local,
         offset=lambda: jax.lax.axis_index(axis) * num_local,
         max=lambda a: jax.lax.pmax(jax.lax.stop_gradient(a), axis),  # type: ignore[no-untyped-call]
@@ -140,17 +140,17 @@ def _check_split(axis: str | tuple[str, ...], split: Any) -> None:
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _row_losses(x: Any, target: Any, weight: Any, opts: _math.Options, plan: _math.Plan) -> tuple[Any, Any]:
-    return _math.row_losses(x, target, weight, opts, plan, xp=array_namespace(x))
+def _row_losses(x: Any, target: Any, weight: Any, opts: _formulas.Options, plan: _rows.Plan) -> tuple[Any, Any]:
+    return _rows.row_losses(x, target, weight, opts, plan, xp=array_namespace(x))
 
 
-def _row_losses_jvp(opts: _math.Options, plan: _math.Plan, primals: Any, tangents: Any) -> Any:
+def _row_losses_jvp(opts: _formulas.Options, plan: _rows.Plan, primals: Any, tangents: Any) -> Any:
     x, target, weight = primals
     # symbolic zeros (inputs not differentiated, integer targets) cost nothing
     x_dot, target_dot, weight_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents)
     if not jnp.issubdtype(target.dtype, jnp.floating):
         target_dot = None
-    ce, lse, ce_dot, lse_dot = _math.row_losses_jvp(
+    ce, lse, ce_dot, lse_dot = _rows.row_losses_jvp(
         x, target, weight, x_dot, target_dot, opts, plan, xp=array_namespace(x), weight_dot=weight_dot
     )
     return (ce, lse), (ce_dot, lse_dot)
@@ -168,7 +168,7 @@ def row_losses(
     x: Any,
     target: Any,
     weight: Any,
-    opts: _math.Options,
+    opts: _formulas.Options,
     may_ignore: bool,
     xp: Any,
     shard: Any = None,
@@ -178,13 +178,13 @@ def row_losses(
     how = plan(x, may_ignore=may_ignore, differentiable=True, shard=shard)
     if opts.arrays:  # traced options: JAX differentiates the math itself (no custom rule), options included;
         # with a group too: shard_map's replication types sum the options' per-member cotangents
-        return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
+        return _rows.row_losses(x, target, weight, opts.astype(_formulas.compute_dtype(x.dtype, xp), xp), how, xp=xp)
     if shard is not None or any(isinstance(a, jax.core.Tracer) for a in (x, target, weight)):
         return _row_losses(x, target, weight, opts, how)
     return _row_losses_compiled(x, target, weight, opts, how)  # eager, float options, no group
 
 
-def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any:
+def fused(x: Any, target: Any, weight: Any, loss: Any) -> Any:
     """None: the custom_jvp shares ``exp(z - m)`` between the loss and its gradient already."""
     return None
 

@@ -9,18 +9,21 @@ differentiable operations in one block, so double backward works. Under
 ``torch.compile`` everything is one block (the compiler fuses it) and the
 eager index check is skipped (out-of-range indices give NaN).
 
-The Function has torch.func's form (``setup_context``, a ``jvp``, a generated
-vmap rule): under a torch.func transform (``grad``, ``vmap``, ``jacrev``,
-``jacfwd``, ``hessian``, ``jvp``; also ``is_grads_batched``) the math runs as
-under autograd recording: one block, no ``out=``, no in-place update of a view.
-Class weights that require grad get their true gradient
-(:func:`multixent._math.row_losses_weight_vjp`).
+Which way a call runs is decided in one place, :func:`route` (its docstring is the table).
+The row losses have two Functions sharing their forward and backward: :class:`_RowLosses` for
+eager autograd and ``torch.compile``, :class:`_RowLossesFunc` (torch.func's form: ``setup_context``,
+a generated vmap rule, a ``jvp``) for torch.func transforms (``grad``, ``vmap``, ``jacrev``,
+``jacfwd``, ``hessian``, ``jvp``; also ``is_grads_batched``) and forward mode. Under a transform
+the math runs as under autograd recording: one block, no ``out=``, no in-place update of a
+view. Class weights that require grad get their true gradient
+(:func:`multixent._rows.row_losses_weight_vjp`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import struct
 import weakref
@@ -30,8 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from array_api_compat import array_namespace
+from torch.autograd import forward_ad
 
-from .. import _compat, _linear, _math
+from .. import _blocked, _compat, _formulas, _linear, _rows
 
 #: Floating-point errors never warn here.
 quiet = contextlib.nullcontext
@@ -42,10 +46,112 @@ quiet = contextlib.nullcontext
 NUMPY_INPUTS: bool | str = "torch.as_tensor"
 
 
+class Route(enum.Enum):
+    """How a call runs here (:func:`route` chooses; its docstring is the table)."""
+
+    OPTIONS = "tensor options autograd records: the math, recorded"
+    COMPILED = "torch.compile: _RowLosses, one block"
+    WRAPPED = "an array of a transform: _RowLossesFunc, one block"
+    TRANSFORMED = "under a transform: _RowLossesFunc, one block"
+    FORWARD = "eager forward mode: _RowLossesFunc"
+    PLAIN = "nothing recorded: the math, blocks in place"
+    FUSED = "a scalar loss of the logits alone: _Fused"
+    AUTOGRAD = "eager autograd: _RowLosses, blocks in place"
+
+
+#: The routes where the math runs in one block, out of place (no ``out=``, no setitem into views, no in-place
+#: update of a batched tensor); those of them under torch.func; those where an array's values cannot be read.
+_ONE_BLOCK = (Route.COMPILED, Route.WRAPPED, Route.TRANSFORMED)
+_TRANSFORMS = (Route.WRAPPED, Route.TRANSFORMED)
+_UNREAD = (Route.COMPILED, Route.WRAPPED)
+
+
+def route(x: Any, *arrays: Any, scalar: bool = False, options: bool = False) -> Route:
+    """How a call on the logits ``x`` and its other ``arrays`` (target, weight, tensor options; torch
+    tensors, None skipped) runs: the first row that holds. ``scalar``: a "mean"/"sum" loss that may be fused
+    (:func:`fused`); ``options``: label_smoothing or softcap are tensors autograd records.
+
+    ===  ============================================  ===========  ===============================================
+    row  condition                                     route        what runs
+    ===  ============================================  ===========  ===============================================
+    1    ``options``                                   OPTIONS      the math recorded by autograd (no Function),
+                                                                    one block, out of place, the shift detached:
+                                                                    the options get their gradients
+    2    ``torch.compile`` is tracing                  COMPILED     :class:`_RowLosses`, one block, out of place;
+                                                                    no eager index check (NaN instead)
+    3    an array of a torch.func transform            WRAPPED      :class:`_RowLossesFunc` through torch.func
+         (functorch's wrapper, or the legacy                        (generated vmap rule, closed-form ``jvp``):
+         batching of ``is_grads_batched``)                          one block, out of place
+    4    a torch.func transform is active (the         TRANSFORMED  as WRAPPED (``grad``, ``vmap``, ``jacrev``,
+         arrays are captured by the function)                       ``jacfwd``, ``hessian``, ``jvp``)
+    5    a forward-mode level and an array with a      FORWARD      :class:`_RowLossesFunc` eagerly (its ``jvp``;
+         tangent (``torch.autograd.forward_ad``)                    blocks in place as 8)
+    6    autograd records none of the arrays           PLAIN        the math alone: blocks of rows in place
+    7    ``scalar``, autograd records ``x`` alone,     FUSED        :class:`_Fused`: the loss and its gradient in
+         one block of rows (or on an accelerator)                   one pass; the backward scales the gradient
+    8    otherwise: eager autograd                     AUTOGRAD     :class:`_RowLosses`: blocks of rows in place
+                                                                    (one block on accelerators), the closed-form
+                                                                    backward in its own buffer
+    ===  ============================================  ===========  ===============================================
+
+    One array's route says whether its values can be read now (:func:`concrete`, :func:`scalar`,
+    :func:`check_on_device`): not under COMPILED or WRAPPED; under TRANSFORMED not as a NumPy view.
+    The backward is differentiable (one block, out of place) under ``create_graph=True``, WRAPPED or
+    TRANSFORMED (:func:`_backward`). With a process group: COMPILED, WRAPPED, TRANSFORMED, FORWARD and
+    OPTIONS are refused before the group's agreement (:func:`refuse_group`), a double backward in
+    :func:`_backward`; FUSED is not asked for (the group's collectives are in the other routes).
+
+    The one place that reads torch's private state: functorch's wrappers and active transforms (no public
+    twin), and the forward-mode level: a cheap test before the public
+    :func:`torch.autograd.forward_ad.unpack_dual` looks for a tangent on each array.
+    """
+    if options:
+        return Route.OPTIONS
+    if torch.compiler.is_compiling():
+        return Route.COMPILED
+    given = (x, *arrays)
+    functorch = torch._C._functorch
+    wrapped, legacy = functorch.is_functorch_wrapped_tensor, functorch.is_legacy_batchedtensor
+    for a in given:  # a loop, not any(...): this runs a few times per call, on the hot path too
+        if a is not None and (wrapped(a) or legacy(a)):
+            return Route.WRAPPED
+    if torch._C._are_functorch_transforms_active():
+        return Route.TRANSFORMED
+    if forward_ad._current_level >= 0 and _tangent(given):
+        return Route.FORWARD
+    if not _recorded(given):
+        return Route.PLAIN
+    return Route.FUSED if scalar and _fusable(given) else Route.AUTOGRAD
+
+
+def _tangent(arrays: tuple[Any, ...]) -> bool:
+    """Whether a tensor of ``arrays`` (None: none) carries a forward-mode tangent (at the current level)."""
+    unpack = forward_ad.unpack_dual
+    return any(a is not None and unpack(a).tangent is not None for a in arrays)  # type: ignore[no-untyped-call]
+
+
+def _recorded(arrays: tuple[Any, ...]) -> bool:
+    """Whether autograd records a tensor of ``arrays`` (reverse mode; None: none)."""
+    if torch.is_grad_enabled():
+        for a in arrays:
+            if a is not None and a.requires_grad:
+                return True
+    return False
+
+
+def _fusable(arrays: tuple[Any, ...]) -> bool:
+    """Autograd records the logits (the first array) alone, and they are one block of rows (or on an
+    accelerator, one block anyway): the loss and its gradient in one pass (:class:`_Fused`)."""
+    x = arrays[0]
+    if not x.requires_grad or _recorded(arrays[1:]):
+        return False
+    return x.shape[0] <= _blocked.block_rows_for(x.shape[-1]) or _accelerated(x)
+
+
 def scalar(a: Any) -> float | None:
     """A tensor option's value; None while compiling, under a transform, for meta tensors, or when
     autograd records it (``requires_grad``): the option stays a tensor and gets its gradient."""
-    if torch.compiler.is_compiling() or _wrapped(a) or a.is_meta or (a.requires_grad and torch.is_grad_enabled()):
+    if a.is_meta or route(a) in _UNREAD or (a.requires_grad and torch.is_grad_enabled()):
         return None
     return float(a)
 
@@ -58,16 +164,13 @@ def concrete(a: Any) -> Any:
     torch.func transform (there even an unwrapped tensor has no storage for ``numpy()``), nor
     for a subclass (DTensor and others keep their own semantics): the tensor itself then.
     """
-    if torch.compiler.is_compiling() or _wrapped(a) or (_accelerated(a) and not _compat.SYNC_CHECKS):
+    if _accelerated(a) and not _compat.SYNC_CHECKS:
         return None  # accelerators: checked on the device (:func:`check_on_device`), no host read
+    how = route(a)
+    if how in _UNREAD:
+        return None
     viewable = type(a) is torch.Tensor and a.is_cpu and a.layout == torch.strided and not a.requires_grad
-    return a.numpy() if viewable and not torch._C._are_functorch_transforms_active() else a
-
-
-_functorch_wrapped, _legacy_batched = (
-    torch._C._functorch.is_functorch_wrapped_tensor,
-    torch._C._functorch.is_legacy_batchedtensor,
-)
+    return a.numpy() if viewable and how is not Route.TRANSFORMED else a
 
 
 def _accelerated(a: Any) -> bool:
@@ -81,27 +184,15 @@ def check_on_device(target: Any, classes: int, ignore: int) -> None:
     (``torch._assert_async``, torch's own check for its losses; no host synchronisation). A failure is
     a device-side assertion, as for ``F.cross_entropy``; ``MULTIXENT_SYNC_CHECKS=1`` gives the
     ``IndexError`` instead."""
-    if not _accelerated(target) or torch.compiler.is_compiling() or _wrapped(target) or target.numel() == 0:
+    if not _accelerated(target) or target.numel() == 0 or route(target) in _UNREAD:
         return
     valid = ((target >= 0) & (target < classes)) | (target == ignore)
     torch._assert_async(valid.all(), "multixent: target holds a class index outside [0, C) that is not ignore_index")
 
 
-def _wrapped(a: Any) -> bool:
-    """A tensor of a torch.func transform, or of the legacy vmap behind ``is_grads_batched``."""
-    return isinstance(a, torch.Tensor) and (_functorch_wrapped(a) or _legacy_batched(a))
-
-
-def _transformed(*arrays: Any) -> bool:
-    """Under a transform (not compiling): no ``out=``, no setitem into views, no in-place update of a batched tensor."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._are_functorch_transforms_active() or any(map(_wrapped, arrays))
-
-
 def plan(
     x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False, shard: Any = None
-) -> _math.Plan:
+) -> _rows.Plan:
     """Eager: blocks of rows computed in place; compiled or transformed: one block, out of place.
 
     ``inputs`` are the call's other arrays: out= refuses any that autograd
@@ -112,14 +203,14 @@ def plan(
     ``shard``: the class axis split over a process group (:func:`shard`).
     """
     if in_op:
-        how = _math.Plan(block_rows=_math.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
+        how = _rows.Plan(block_rows=_blocked.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
     elif differentiable:
-        how = _math.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
-    elif torch.compiler.is_compiling() or _transformed(x, *inputs):
-        how = _math.Plan(may_ignore=may_ignore)
-    else:  # eager: blocks for the CPU's cache; one block on accelerators
-        recorded = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, *inputs))
-        how = _math.eager_plan(None if _accelerated(x) else x.shape[-1], not recorded, may_ignore)
+        how = _rows.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
+    elif route(x, *inputs) in _ONE_BLOCK:
+        how = _rows.Plan(may_ignore=may_ignore)
+    else:  # eager: blocks for the CPU's cache; one block on accelerators; out= refuses recorded inputs
+        recorded = _recorded((x, *inputs))
+        how = _rows.eager_plan(None if _accelerated(x) else x.shape[-1], not recorded, may_ignore)
     return how if shard is None else dataclasses.replace(how, shard=shard)
 
 
@@ -293,7 +384,7 @@ def shard(
     arrays: tuple[Any, ...],
     error: BaseException | None = None,
     agreed: tuple[tuple[str, int], ...] = (),
-) -> _math.Shard:
+) -> _formulas.Shard:
     """The class axis split over the torch process ``group``: this member holds ``num_local``
     classes from ``class_offset`` (None: ``rank · num_local``, equal shards).
 
@@ -321,7 +412,7 @@ def shard(
     offsets = _tiling(offsets, sizes)
     offset = offsets[dist.get_rank(group)]
     member = held_weakly(group)
-    return _math.Shard(
+    return _formulas.Shard(
         num_classes=sum(sizes),
         offset=lambda: offset,
         max=lambda a: _group_max(a, member()),
@@ -331,59 +422,88 @@ def shard(
     )
 
 
-class _RowLosses(torch.autograd.Function):
+def _forward(x: Any, target: Any, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any) -> Any:
     """``(ce, lse)`` per row, and the per-row stats ``(m, lse_s)`` the backward takes (not differentiable)."""
+    how = plan(x, target, weight, may_ignore=may_ignore, shard=shard)
+    return _rows.row_losses(x, target, weight, opts, how, xp=xp, keep_stats=True)
 
-    generate_vmap_rule = True
+
+def _save(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, target, weight, opts, may_ignore, xp, shard = inputs
+    _, _, shift, lse_shifted = output
+    ctx.mark_non_differentiable(shift, lse_shifted)
+    ctx.save_for_backward(x, target, weight, shift, lse_shifted)
+    ctx.opts, ctx.may_ignore, ctx.xp, ctx.shard = opts, may_ignore, xp, shard
+
+
+def _backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
+    """The closed-form backward of both Functions: in place, block by block; recomputed with differentiable
+    operations in one block under ``create_graph=True`` or a transform."""
+    x, target, weight, shift, lse_shifted = ctx.saved_tensors
+    if ce_bar is None:  # only lse used (the eager Function does not materialise unused gradients)
+        ce_bar = torch.zeros_like(shift)
+    differentiable = torch.is_grad_enabled() or route(x, ce_bar, lse_bar) in _TRANSFORMS
+    if differentiable and ctx.shard is not None:
+        raise NotImplementedError(
+            "multixent: a double backward (create_graph=True) or a torch.func transform with group="
+        )
+    how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable, shard=ctx.shard)
+    x_bar, t_bar = _rows.row_losses_vjp(
+        x,
+        target,
+        weight,
+        None if differentiable else (shift, lse_shifted),
+        ce_bar,
+        lse_bar,
+        ctx.opts,
+        how,
+        xp=ctx.xp,
+        target_grad=ctx.needs_input_grad[1],
+    )
+    w_bar = None
+    if ctx.needs_input_grad[2]:
+        w_bar = _rows.row_losses_weight_vjp(x, target, weight, ce_bar, ctx.opts, how, xp=ctx.xp)
+    return x_bar, t_bar, w_bar, None, None, None, None
+
+
+class _RowLosses(torch.autograd.Function):
+    """The row losses for torch.autograd: eager autograd and ``torch.compile`` (routes AUTOGRAD and
+    COMPILED of :func:`route`).
+
+    ``forward(ctx, ...)``, not torch.func's form: ``apply`` binds a ``setup_context`` Function's arguments
+    with ``inspect.signature`` on every call (about 10 µs). No ``jvp``: dynamo refuses a Function with one.
+    """
 
     @staticmethod
-    def forward(
-        x: torch.Tensor, target: torch.Tensor, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any
-    ) -> Any:
-        how = plan(x, target, weight, may_ignore=may_ignore, shard=shard)
-        return _math.row_losses(x, target, weight, opts, how, xp=xp, keep_stats=True)
+    def forward(ctx: Any, x: Any, target: Any, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any) -> Any:
+        output = _forward(x, target, weight, opts, may_ignore, xp, shard)
+        _save(ctx, (x, target, weight, opts, may_ignore, xp, shard), output)
+        if not torch.compiler.is_compiling():  # dynamo traces no set_materialize_grads
+            ctx.set_materialize_grads(False)  # no zeros for the outputs the loss does not use (lse, stats)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+class _RowLossesFunc(torch.autograd.Function):
+    """The row losses for torch.func and forward mode (routes WRAPPED, TRANSFORMED and FORWARD of
+    :func:`route`): torch.func's form (``setup_context``, a generated vmap rule) and the closed-form
+    ``jvp`` (:func:`multixent._rows.row_losses_jvp`).
+
+    Not one class with :class:`_RowLosses`: dynamo refuses a Function with a ``jvp`` (``Unsupported custom
+    jvp``), torch.func one without ``setup_context``, and forward mode through the recorded math instead
+    of this ``jvp`` loses a probability target's tangent where it is 0 (gradgradcheck's forward over
+    reverse, ``test_gradcheck_batched[probs-*]``).
+    """
+
+    generate_vmap_rule = True
+    forward = staticmethod(_forward)
+    backward = staticmethod(_backward)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, target, weight, opts, may_ignore, xp, shard = inputs
-        _, _, shift, lse_shifted = output
-        ctx.mark_non_differentiable(shift, lse_shifted)
-        ctx.save_for_backward(x, target, weight, shift, lse_shifted)
-        ctx.save_for_forward(x, target, weight)
-        ctx.opts, ctx.may_ignore, ctx.xp, ctx.shard = opts, may_ignore, xp, shard
-
-    @staticmethod
-    def backward(ctx: Any, ce_bar: torch.Tensor, lse_bar: torch.Tensor, *_: Any) -> Any:
-        x, target, weight, shift, lse_shifted = ctx.saved_tensors
-        if ce_bar is None:  # only lse used (the eager Function does not materialise unused gradients)
-            ce_bar = torch.zeros_like(shift)
-        # create_graph=True or a transform: recompute lse and stay out of place, in one block
-        differentiable = torch.is_grad_enabled() or _transformed(x, ce_bar, lse_bar)
-        if differentiable and ctx.shard is not None:
-            raise NotImplementedError(
-                "multixent: a double backward (create_graph=True) or a torch.func transform with group="
-            )
-        how = plan(x, may_ignore=ctx.may_ignore, differentiable=differentiable, shard=ctx.shard)
-        x_bar, t_bar = _math.row_losses_vjp(
-            x,
-            target,
-            weight,
-            None if differentiable else (shift, lse_shifted),
-            ce_bar,
-            lse_bar,
-            ctx.opts,
-            how,
-            xp=ctx.xp,
-            target_grad=ctx.needs_input_grad[1],
-        )
-        w_bar = None
-        if ctx.needs_input_grad[2]:
-            w_bar = _math.row_losses_weight_vjp(x, target, weight, ce_bar, ctx.opts, how, xp=ctx.xp)
-        return x_bar, t_bar, w_bar, None, None, None, None
-
-
-class _RowLossesJvp(_RowLosses):
-    """:class:`_RowLosses` with forward mode (eager only: dynamo refuses a Function with a ``jvp``)."""
+        _save(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
 
     @staticmethod
     def jvp(ctx: Any, x_dot: Any, target_dot: Any, weight_dot: Any, *_: Any) -> Any:
@@ -391,66 +511,43 @@ class _RowLossesJvp(_RowLosses):
         if ctx.shard is not None:
             raise NotImplementedError("multixent: forward-mode differentiation with group=")
         how = plan(x, may_ignore=ctx.may_ignore, differentiable=True)
-        _, _, ce_dot, lse_dot = _math.row_losses_jvp(
+        _, _, ce_dot, lse_dot = _rows.row_losses_jvp(
             x, target, weight, x_dot, target_dot, ctx.opts, how, xp=ctx.xp, weight_dot=weight_dot
         )
         return ce_dot, lse_dot, None, None
-
-
-class _RowLossesEager(torch.autograd.Function):
-    """:class:`_RowLossesJvp` with ``forward(ctx, ...)``, for eager autograd outside torch.func:
-    ``apply`` binds a ``setup_context`` Function's arguments with ``inspect.signature`` on every call."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Any, target: Any, weight: Any, opts: Any, may_ignore: bool, xp: Any, shard: Any) -> Any:
-        output = _RowLosses.forward(x, target, weight, opts, may_ignore, xp, shard)
-        _RowLosses.setup_context(ctx, (x, target, weight, opts, may_ignore, xp, shard), output)
-        ctx.set_materialize_grads(False)  # no zeros for the outputs the loss does not use (lse, stats)
-        return output
-
-    backward = staticmethod(_RowLosses.backward)
-    jvp = staticmethod(_RowLossesJvp.jvp)
-
-
-def _recorded(*arrays: Any) -> bool:
-    """Whether autograd (reverse or forward mode) may record an operation on ``arrays``."""
-    if torch.autograd.forward_ad._current_level >= 0:  # a dual level: any tensor may carry a tangent
-        return True
-    return torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays)
 
 
 def row_losses(
     x: Any,
     target: Any,
     weight: Any,
-    opts: _math.Options,
+    opts: _formulas.Options,
     may_ignore: bool,
     xp: Any,
     shard: Any = None,
     need_lse: bool = True,
 ) -> tuple[Any, Any]:
-    """``need_lse=False``: without autograd, ``lse`` is not computed (None)."""
-    if opts.arrays:  # tensor options: autograd differentiates the math itself (no Function), options included
-        how = plan(x, may_ignore=may_ignore, differentiable=True)
-        return _math.row_losses(x, target, weight, opts.astype(_math.compute_dtype(x.dtype, xp), xp), how, xp=xp)
-    if torch.compiler.is_compiling():
-        function: Any = _RowLosses
-    elif _transformed(x, target, weight):
-        function = _RowLossesJvp
-    elif not _recorded(x, target, weight):  # nothing to differentiate: the math alone, blocks in place
-        how = _math.eager_plan(x.shape[-1], True, may_ignore)
+    """Per-row ``(ce, lse)`` by the call's :func:`route`. ``need_lse=False``: without autograd, ``lse``
+    is not computed (None)."""
+    how = route(x, target, weight, options=bool(opts.arrays))
+    if how is Route.PLAIN:  # nothing to differentiate: the math alone, blocks in place
+        blocked = _rows.eager_plan(x.shape[-1], True, may_ignore)
         if shard is not None:
-            how = dataclasses.replace(how, shard=shard)
-        return _math.row_losses(x, target, weight, opts, how, xp=xp, need_lse=need_lse)  # type: ignore[return-value]
-    else:
-        function = _RowLossesEager
+            blocked = dataclasses.replace(blocked, shard=shard)
+        return _rows.row_losses(x, target, weight, opts, blocked, xp=xp, need_lse=need_lse)  # type: ignore[return-value]
+    if how is Route.OPTIONS:  # autograd differentiates the math itself, options included
+        recorded = plan(x, may_ignore=may_ignore, differentiable=True)
+        opts = opts.astype(_formulas.compute_dtype(x.dtype, xp), xp)
+        return _rows.row_losses(x, target, weight, opts, recorded, xp=xp)  # type: ignore[return-value]
+    function: Any = _RowLosses if how is Route.AUTOGRAD or how is Route.COMPILED else _RowLossesFunc
     ce, lse, _, _ = function.apply(x, target, weight, opts, may_ignore, xp, shard)
     return ce, lse
 
 
 class _Fused(torch.autograd.Function):
-    """A loss computed with its gradient (:func:`fused`): the backward scales the gradient, or gives it
-    away as it is for the usual upstream 1 (autograd then keeps it as ``x.grad`` without a copy).
+    """A loss computed with its gradient (the FUSED route of :func:`route`): the backward scales the
+    gradient, or gives it away as it is for the usual upstream 1 (autograd then keeps it as ``x.grad``
+    without a copy).
 
     A second backward (a retained graph) or ``create_graph=True`` recomputes the gradient through the
     ordinary route at the saved logits: saved with ``save_for_backward``, so an in-place change since the
@@ -458,11 +555,11 @@ class _Fused(torch.autograd.Function):
     not see (they run once, when autograd hands the result on) but whose graph reaches them."""
 
     @staticmethod
-    def forward(ctx: Any, x: Any, compute: Any, recompute: Any) -> Any:
-        loss, ctx.grad = compute()
+    def forward(ctx: Any, x: Any, loss: Any) -> Any:
+        value, ctx.grad = loss(x, True)
         ctx.save_for_backward(x)
-        ctx.recompute = recompute
-        return loss
+        ctx.loss = loss
+        return value
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
@@ -471,35 +568,34 @@ class _Fused(torch.autograd.Function):
             (x,) = ctx.saved_tensors
             with torch.enable_grad():
                 alias = x.view_as(x)
-                (x_bar,) = torch.autograd.grad(ctx.recompute(alias), alias, g, create_graph=torch.is_grad_enabled())
-            return x_bar, None, None
+                (x_bar,) = torch.autograd.grad(ctx.loss(alias), alias, g, create_graph=torch.is_grad_enabled())
+            return x_bar, None
         if _accelerated(grad):  # no host read of the upstream: scaled in place (the gradient is ours)
-            return grad.mul_(g.to(grad.dtype)), None, None
-        unit = not (torch.compiler.is_compiling() or _wrapped(g)) and bool(g == 1)
-        return grad if unit else grad * g.to(grad.dtype), None, None
+            return grad.mul_(g.to(grad.dtype)), None
+        unit = route(g) not in _UNREAD and bool(g == 1)
+        return grad if unit else grad * g.to(grad.dtype), None
 
 
-def fused(x: Any, target: Any, weight: Any, compute: Any, recompute: Any) -> Any:
-    """:class:`_Fused` when autograd records the logits alone (not the target nor the weights; no forward
-    mode), eagerly (not compiled, no torch.func transform), and the logits are one block; else None."""
-    if not (x.requires_grad and torch.is_grad_enabled()) or torch.autograd.forward_ad._current_level >= 0:
+def fused(x: Any, target: Any, weight: Any, loss: Callable[..., Any]) -> Any:
+    """:class:`_Fused` where the call's :func:`route` is FUSED (autograd records the logits alone, eagerly,
+    in one block); else None. ``loss(x)``: the scalar loss at the logits ``x`` through the usual route;
+    ``loss(x, True)``: ``(loss, ∂loss/∂x)`` in one pass."""
+    if not x.requires_grad or route(x, target, weight, scalar=True) is not Route.FUSED:  # FUSED records x
         return None
-    if target.requires_grad or (weight is not None and weight.requires_grad):
-        return None
-    if torch.compiler.is_compiling() or _transformed(x, target):
-        return None
-    if x.shape[0] > _math.block_rows_for(x.shape[-1]) and not _accelerated(x):  # the CPU's blocks: the usual route
-        return None
-    return _Fused.apply(x, compute, recompute)  # type: ignore[no-untyped-call]
+    return _Fused.apply(x, loss)  # type: ignore[no-untyped-call]
 
 
-def refuse_group(x: Any, target: Any, weight: Any, opts: _math.Options) -> None:
-    """NotImplementedError where a group is not supported: compiled, under a torch.func transform,
-    class weights requiring grad (each member would hold a part of their gradient), label_smoothing
-    or softcap as tensors autograd records (likewise: their gradient mixes replicated and per-member
-    parts, which the group's autograd Functions do not tell apart)."""
-    if torch.compiler.is_compiling() or _transformed(x, target, weight):
+def refuse_group(x: Any, target: Any, weight: Any, opts: _formulas.Options) -> None:
+    """NotImplementedError where a group is not supported: compiled, under a torch.func transform or
+    forward mode, class weights requiring grad (each member would hold a part of their gradient),
+    label_smoothing or softcap as tensors autograd records (likewise: their gradient mixes replicated
+    and per-member parts, which the group's autograd Functions do not tell apart)."""
+    tensors = [a for a in (x, target, weight) if isinstance(a, torch.Tensor)]  # not yet checked: any arrays
+    how = route(*tensors) if tensors else Route.PLAIN
+    if how in _ONE_BLOCK:
         raise NotImplementedError("multixent: group= under torch.compile or a torch.func transform")
+    if how is Route.FORWARD:
+        raise NotImplementedError("multixent: forward-mode differentiation with group=")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("multixent: class weights that require grad with group=")
     if opts.arrays:
@@ -527,7 +623,7 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any =
     """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
     ignore_index, smoothing, softcap, may_ignore, chunk = opts
     how = plan(w.T, may_ignore=may_ignore, in_op=True, shard=shard)  # blocks of a chunk's (rows, V) logits
-    spec = _linear.Spec(_math.Options(ignore_index, smoothing, softcap), how, chunk)
+    spec = _linear.Spec(_formulas.Options(ignore_index, smoothing, softcap), how, chunk)
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
     context.enter_context(torch.autocast(h.device.type, enabled=False))
@@ -681,7 +777,7 @@ class _LinearScalar(torch.autograd.Function):
         # without a copy; other upstreams scale them out of place (the gradients' size, not the
         # logits'), so a retained graph can be differentiated again (gradcheck does).
         *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
-        unit = not (torch.compiler.is_compiling() or _wrapped(g)) and bool(g == 1)
+        unit = route(g) not in _UNREAD and bool(g == 1)
         scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
@@ -754,7 +850,7 @@ def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:
 
 def linear_rows(call: _linear.LinearCall) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
-    if call.opts.arrays or _transformed(h, w, b, call.target, call.weight):
+    if call.opts.arrays or route(h, w, b, call.target, call.weight) in _TRANSFORMS:
         return _unchunked_rows(call, h, w, b)
     return _LinearRows.apply(h, w, b, call.target, call.weight, _op_opts(call), call)  # type: ignore[no-untyped-call]
 
@@ -762,7 +858,7 @@ def linear_rows(call: _linear.LinearCall) -> Any:
 def linear_scalar(call: _linear.LinearCall, ce_scale: Any, lse_scale: Any) -> Any:
     h, w, b = _autocast(call.h, call.w, call.b)
     t, weight, xp = call.target, call.weight, call.xp
-    if call.opts.arrays or _transformed(h, w, b, t, weight):
+    if call.opts.arrays or route(h, w, b, t, weight) in _TRANSFORMS:
         ce, lse = _unchunked_rows(call, h, w, b)
         return _linear.scalar_loss(ce, lse, ce_scale, lse_scale, xp)
     return _LinearScalar.apply(h, w, b, t, weight, ce_scale, lse_scale, _op_opts(call), xp, call)  # type: ignore[no-untyped-call]
