@@ -152,13 +152,14 @@ def _forward_for_grad(
     xp: Namespace,
     output: Any,
     span: tuple[int, int],
+    dtype: Any,
     *,
     keep_s: bool = False,
     need_lse: bool = True,
 ) -> _fused.Forward:
-    """The forward of block ``span`` whose gradient follows: in place into the output's scratch, or
-    fused (``keep_s``: the target's gradient needs ``s``, which an in-place ``exp`` would overwrite)."""
-    dtype = F.compute_dtype(x.dtype, xp)
+    """The forward of block ``span`` whose gradient follows, in the compute ``dtype``: in place into the
+    output's scratch, or fused (``keep_s``: the target's gradient needs ``s``, which an in-place ``exp``
+    would overwrite)."""
     if plan.in_place and not keep_s:
         out, tanh_out = output.scratch(*span), output.tanh_scratch(span[1] - span[0], opts)
         return _blocked.forward(x, target, weight, opts, plan, dtype, xp, out=out, tanh_out=tanh_out, need_lse=need_lse)
@@ -240,7 +241,7 @@ def row_losses_vjp(
         x_blk, t_blk, ce_bar_blk = rows_of(x, a, b), rows_of(target, a, b), rows_of(ce_bar, a, b)
         tg = None
         if stats is None or target_grad:
-            f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), keep_s=target_grad)
+            f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), dtype, keep_s=target_grad)
             parts = (f.e, 1.0 / f.sum_e, f.tanh, f.targets)
             if target_grad:
                 tg = xp.astype(F.target_grad(f.s, f.lse_s, ce_bar_blk, w_local, opts), target.dtype)
@@ -288,7 +289,7 @@ def row_losses_and_grad(
     g: Array = None
     for a, b in spans:
         x_blk, t_blk = rows_of(x, a, b), rows_of(target, a, b)
-        f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), need_lse=need_lse)
+        f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), dtype, need_lse=need_lse)
         ce_bar = full_like(f.ce, ce_scale, xp) if isinstance(ce_scale, float) else xp.zeros_like(f.ce) + ce_scale
         lse_bar = lse_scale * f.lse if _nonzero(lse_scale) and f.lse is not None else None
         e_scale = f.sum_e**-1.0  # one operation; 1.0 / sum_e is two in torch (reciprocal, then a product)
