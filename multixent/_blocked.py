@@ -6,18 +6,18 @@ is written into a reused buffer, straight into its slice of the gradient, or ove
 fresh ``s``, and updated there; the target's entry is one scatter instead of a one-hot ``where``.
 Fewer, larger operations: no block-sized temporaries, fewer passes. This module changes where
 results are written, never what is computed (:mod:`multixent._formulas`); its block size is a
-measured assumption about CPUs, stated once in :data:`BLOCK_ELEMENTS`.
+measured assumption about CPUs, stated once in :data:`BLOCK_ELEMENTS`, and a faster exponential
+for a framework's arrays comes from its adapter (``Plan.exp_into``).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import Any
 
-from . import _compat, _fused
 from . import _formulas as F
-from ._compat import device, is_torch_array, row_max, row_sum, subtract_at_rows
+from . import _fused
+from ._compat import device, row_max, row_sum, subtract_at_rows
 
 Array = Any
 Namespace = Any
@@ -29,32 +29,10 @@ Namespace = Any
 BLOCK_ELEMENTS = 2**22
 
 
-#: ``log2(e)``: ``exp(a) = exp2(a · log2(e))``.
-_LOG2_E = 1.4426950408889634
-
-#: Elements from which torch's float32 ``exp`` on the CPU is ``exp2`` of a product (below, the extra
-#: operation costs more).
-_EXP2_FROM = 8192
-
-
-def exp(a: Array, xp: Namespace, out: Array) -> Array:
-    """``exp(a)`` into ``out``; on the CPU, torch's large float32 tensors as ``exp2(a · log2 e)``.
-
-    A measured assumption about CPUs: torch's float32 ``exp`` there is slower than its ``exp2`` with
-    the product (``benchmarks/results/figures.md`` records the figures and the command). The relative
-    error is ``|a|·2⁻²⁴`` (the product's rounding) against half an ulp: an entry of ``exp(z - m)`` at
-    ``a = -80`` is off by 5e-6 of itself, and ``log Σ exp`` by at most ``2 log C·2⁻²⁴`` (the softmax's
-    mean of ``|a|`` is at most ``2 log C``), within float32's rounding of the loss.
-    """
-    if is_torch_array(a) and a.dtype == sys.modules["torch"].float32 and a.numel() >= _EXP2_FROM and _on_cpu(a):
-        torch = sys.modules["torch"]
-        return torch.exp2(torch.mul(a, _LOG2_E, out=out), out=out)
-    return xp.exp(a, out=out)
-
-
-def _on_cpu(a: Array) -> bool:
-    """A CPU tensor that takes the CPU's routes (not under :data:`multixent._compat.ACCELERATOR_ON_CPU`)."""
-    return bool(a.is_cpu) and not _compat.ACCELERATOR_ON_CPU
+def exp_into(s: Array, plan: Any, xp: Namespace) -> Array:
+    """``exp(s)`` over ``s``: the adapter's in-place exponential where its plan has one (a faster route on
+    its hardware, :attr:`multixent._rows.Plan.exp_into`), else the namespace's."""
+    return xp.exp(s, out=s) if plan.exp_into is None else plan.exp_into(s)
 
 
 def block_rows_for(num_classes: int) -> int:
@@ -140,7 +118,7 @@ def forward(
     s = z - m if out is None else xp.subtract(z, m, out=out)
     if not isinstance(targets, F.ClassTargets):
         tws = F.weighted_target_sum(targets, s, xp)
-        e = exp(s, xp, out=s)
+        e = exp_into(s, plan, xp)
         sum_e, tws, tw_sum = F.group_sums(shard, xp, row_sum(e, xp), tws, row_sum(targets, xp))
         lse_s = xp.log(sum_e)
         lse = lse_s + m[:, 0] if need_lse else None
@@ -152,7 +130,7 @@ def forward(
     if F.may_be_nonzero(opts.label_smoothing):
         smooth_sum = F.row_sum_weighted(s, F.local_weight(weight, shard, x, xp), xp)
         w_sum = F.weight_sum(weight, F.num_classes(x.shape[-1], shard), xp)
-    e = exp(s, xp, out=s)
+    e = exp_into(s, plan, xp)
     sum_e, s_y, smooth_sum = F.group_sums(shard, xp, row_sum(e, xp), s_y, smooth_sum)
     num_classes = F.num_classes(x.shape[-1], shard)
     ce, lse, lse_s = F.index_rows(sum_e, s_y, smooth_sum, m, targets, opts, num_classes, w_sum, xp, need_lse)
@@ -177,7 +155,7 @@ def from_stats(
     z, out, th = _logits_in(x, out, opts, dtype, xp, tanh_out)
     m, lse_s = stats
     s = z - m[:, None] if out is None else xp.subtract(z, m[:, None], out=out)
-    return exp(s, xp, out=s), xp.exp(-lse_s), th, targets
+    return exp_into(s, plan, xp), xp.exp(-lse_s), th, targets
 
 
 def forwards(

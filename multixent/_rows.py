@@ -44,21 +44,26 @@ class Plan:
     stop_gradient: Callable[[Array], Array] | None = None
     #: The class axis split over a group (None: all classes here).
     shard: F.Shard | None = None
+    #: In place: the adapter's ``exp`` over its argument where the namespace's is slower on its
+    #: hardware (None: ``xp.exp(s, out=s)``).
+    exp_into: Callable[[Array], Array] | None = None
 
 
-#: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore)``.
-_EAGER_PLANS: dict[tuple[int | None, bool, bool], Plan] = {}
+#: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore, exp_into)``.
+_EAGER_PLANS: dict[tuple[int | None, bool, bool, Any], Plan] = {}
 
 
-def eager_plan(num_classes: int | None, in_place: bool, may_ignore: bool) -> Plan:
+def eager_plan(
+    num_classes: int | None, in_place: bool, may_ignore: bool, exp_into: Callable[[Array], Array] | None = None
+) -> Plan:
     """The plan of an eager call without autodiff or group: blocks of rows for ``num_classes``
     (:func:`multixent._blocked.block_rows_for`; None: one block), in place or not; built once per kind
-    (the key holds Python numbers only, which ``torch.compile`` hashes: no memo)."""
+    (the key holds Python numbers and a function, which ``torch.compile`` hashes: no memo)."""
     rows = None if num_classes is None else _blocked.block_rows_for(num_classes)
-    key = (rows, in_place, may_ignore)
+    key = (rows, in_place, may_ignore, exp_into)
     found = _EAGER_PLANS.get(key)
     if found is None:
-        found = _EAGER_PLANS[key] = Plan(rows, in_place, may_ignore)
+        found = _EAGER_PLANS[key] = Plan(rows, in_place, may_ignore, exp_into=exp_into)
     return found
 
 

@@ -179,6 +179,36 @@ def _accelerated(a: Any) -> bool:
     return not a.is_cpu or _compat.ACCELERATOR_ON_CPU
 
 
+#: ``log2(e)``: ``exp(a) = exp2(a · log2(e))``.
+_LOG2_E = 1.4426950408889634
+
+#: Elements from which a float32 ``exp`` on the CPU is ``exp2`` of a product (below, the extra
+#: operation costs more).
+_EXP2_FROM = 8192
+
+
+def _cpu_exp_into(a: torch.Tensor) -> torch.Tensor:
+    """``exp(a)`` over ``a``; large float32 tensors as ``exp2(a · log2 e)``: the blocked way's exponential
+    on the CPU (:attr:`multixent._rows.Plan.exp_into`).
+
+    A measured assumption about CPUs: torch's float32 ``exp`` there is slower than its ``exp2`` with
+    the product (``benchmarks/results/figures.md`` records the figures and the command). The relative
+    error is ``|a|·2⁻²⁴`` (the product's rounding) against half an ulp: an entry of ``exp(z - m)`` at
+    ``a = -80`` is off by 5e-6 of itself, and ``log Σ exp`` by at most ``2 log C·2⁻²⁴`` (the softmax's
+    mean of ``|a|`` is at most ``2 log C``), within float32's rounding of the loss.
+    """
+    if a.dtype == torch.float32 and a.numel() >= _EXP2_FROM:
+        return torch.exp2(torch.mul(a, _LOG2_E, out=a), out=a)
+    return torch.exp(a, out=a)
+
+
+def _blocked_plan(x: Any, in_place: bool, may_ignore: bool) -> _rows.Plan:
+    """The eager plan of ``x``: on the CPU, blocks of rows and its exponential; on accelerators, one block."""
+    if _accelerated(x):
+        return _rows.eager_plan(None, in_place, may_ignore)
+    return _rows.eager_plan(x.shape[-1], in_place, may_ignore, _cpu_exp_into)
+
+
 def check_on_device(target: Any, classes: int, ignore: int) -> None:
     """On accelerators, eagerly: class indices in ``[0, classes)`` or ``ignore``, asserted on the device
     (``torch._assert_async``, torch's own check for its losses; no host synchronisation). A failure is
@@ -203,14 +233,15 @@ def plan(
     ``shard``: the class axis split over a process group (:func:`shard`).
     """
     if in_op:
-        how = _rows.Plan(block_rows=_blocked.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore)
+        exp = None if _accelerated(x) else _cpu_exp_into
+        how = _rows.Plan(_blocked.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore, exp_into=exp)
     elif differentiable:
         how = _rows.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
     elif route(x, *inputs) in _ONE_BLOCK:
         how = _rows.Plan(may_ignore=may_ignore)
     else:  # eager: blocks for the CPU's cache; one block on accelerators; out= refuses recorded inputs
         recorded = _recorded((x, *inputs))
-        how = _rows.eager_plan(None if _accelerated(x) else x.shape[-1], not recorded, may_ignore)
+        how = _blocked_plan(x, not recorded, may_ignore)
     return how if shard is None else dataclasses.replace(how, shard=shard)
 
 
@@ -531,7 +562,7 @@ def row_losses(
     is not computed (None)."""
     how = route(x, target, weight, options=bool(opts.arrays))
     if how is Route.PLAIN:  # nothing to differentiate: the math alone, blocks in place
-        blocked = _rows.eager_plan(x.shape[-1], True, may_ignore)
+        blocked = _blocked_plan(x, True, may_ignore)
         if shard is not None:
             blocked = dataclasses.replace(blocked, shard=shard)
         return _rows.row_losses(x, target, weight, opts, blocked, xp=xp, need_lse=need_lse)  # type: ignore[return-value]

@@ -20,12 +20,14 @@ INF, NAN = np.inf, np.nan
 
 @pytest.fixture(autouse=True, params=["exp", "exp2"])
 def exp_route(request, backend, monkeypatch):
-    """Each test on both of torch's float32 exponentials (:func:`multixent._blocked.exp`): ``exp``, and
-    ``exp2`` of the product by ``log2 e``, which large tensors take (here every tensor)."""
+    """Each test on both of torch's float32 exponentials on the CPU (the torch adapter's ``Plan.exp_into``):
+    ``exp``, and ``exp2`` of the product by ``log2 e``, which large tensors take (here every tensor)."""
     if request.param == "exp2":
         if backend.name != "torch":
             pytest.skip("the exp2 route is torch's")
-        monkeypatch.setattr(multixent._blocked, "_EXP2_FROM", 0)
+        import multixent._adapters.torch as torch_adapter
+
+        monkeypatch.setattr(torch_adapter, "_EXP2_FROM", 0)
     return request.param
 
 
