@@ -155,7 +155,7 @@ def from_stats(
     z, out, th = _logits_in(x, out, opts, dtype, xp, tanh_out)
     m, lse_s = stats
     s = z - m[:, None] if out is None else xp.subtract(z, m[:, None], out=out)
-    return exp_into(s, plan, xp), xp.exp(-lse_s), th, targets
+    return exp_into(s, plan, xp), xp.exp(lse_s), th, targets
 
 
 def forwards(
@@ -187,7 +187,7 @@ def forwards(
 
 def gradient(
     e: Array,
-    e_scale: Array,
+    sum_e: Array,
     th: Array | None,
     targets: Any,
     weight: Array | None,
@@ -200,7 +200,7 @@ def gradient(
 ) -> Array:
     """:func:`multixent._fused.gradient` written into ``out``, or over ``e``; the ignored rows' gradient
     is zeroed at the end (in place, their logits were not zeroed: their NaN or inf ends here)."""
-    r, d, a = F.grad_terms(e_scale, targets, weight, ce_bar, lse_bar, opts, xp, e, shard)
+    r, d, a = F.grad_terms(sum_e, targets, weight, ce_bar, lse_bar, opts, xp, e, shard)
     if out is None:
         e *= r[:, None]
         g = e

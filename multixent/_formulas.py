@@ -403,7 +403,7 @@ def mean(total: Array | float, count: Array | int, xp: Namespace) -> Array | flo
 
 
 def grad_terms(
-    e_scale: Array,
+    sum_e: Array,
     targets: Any,
     weight: Array | None,
     ce_bar: Array,
@@ -413,21 +413,21 @@ def grad_terms(
     block: Array,
     shard: Shard | None = None,
 ) -> tuple[Array, Array | None, Array | None]:
-    """``ce_bar·∂ce/∂z + lse_bar·∂lse/∂z`` as three terms ``(r, d, a)``, from ``softmax = e·e_scale``::
+    """``ce_bar·∂ce/∂z + lse_bar·∂lse/∂z`` as three terms ``(r, d, a)``, from ``softmax = e / sum_e``::
 
         ∂ = e·r[:, None] - d,  then  ∂[i, y_i] -= a[i]      (d, a None: no such term)
 
-    Class indices: ``r = e_scale·(ce_bar·((1-ε) w_y + ε/C Σw) + lse_bar)``, ``d = ce_bar·ε/C·w`` and
-    ``a = ce_bar·(1-ε)·w_y``; probabilities (``targets`` is ``t'w``): ``r = e_scale·(ce_bar·Σ t'w + lse_bar)``,
+    Class indices: ``r = (ce_bar·((1-ε) w_y + ε/C Σw) + lse_bar) / sum_e``, ``d = ce_bar·ε/C·w`` and
+    ``a = ce_bar·(1-ε)·w_y``; probabilities (``targets`` is ``t'w``): ``r = (ce_bar·Σ t'w + lse_bar) / sum_e``,
     ``d = ce_bar·t'w``. ``block``: the ``(rows, C_local)`` logits or ``e``.
     """
     num_total = num_classes(block.shape[-1], shard)
     eps = opts.label_smoothing
     if not isinstance(targets, ClassTargets):
         (t_sum,) = group_sums(shard, xp, xp.sum(targets, axis=-1))
-        return plus(ce_bar * t_sum, lse_bar) * e_scale, ce_bar[:, None] * targets, None
+        return plus(ce_bar * t_sum, lse_bar) / sum_e, ce_bar[:, None] * targets, None
     total = (1.0 - eps) * targets.weight_at_target + eps / num_total * weight_sum(weight, num_total, xp)
-    r = targets.nan_out_of_range(plus(scaled(ce_bar, total), lse_bar), xp) * e_scale
+    r = targets.nan_out_of_range(plus(scaled(ce_bar, total), lse_bar), xp) / sum_e
     d = None
     if may_be_nonzero(eps):
         smooth = targets.zero_ignored(ce_bar * (eps / num_total), xp)[:, None]

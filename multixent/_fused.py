@@ -137,20 +137,20 @@ def _smoothing_sum(
 def from_stats(
     x: Array, target: Array, weight: Array | None, stats: tuple[Array, Array], opts: F.Options, plan: Any, xp: Namespace
 ) -> tuple[Array, Array, Array | None, Any]:
-    """``(e, e_scale, tanh, targets)`` of some rows from the forward's per-row ``(m, lse_s)``:
-    ``e = exp(z - m)`` and ``softmax = e·e_scale`` with ``e_scale = exp(-lse_s)`` (``exp(z - lse)``
+    """``(e, sum_e, tanh, targets)`` of some rows from the forward's per-row ``(m, lse_s)``:
+    ``e = exp(z - m)`` and ``softmax = e / sum_e`` with ``sum_e = exp(lse_s)`` (``exp(z - lse)``
     would lose float32's precision at large logits)."""
     dtype = F.compute_dtype(x.dtype, xp)
     targets = targets_of(x, target, weight, opts, plan, dtype, xp)
     counted = targets.counted if isinstance(targets, F.ClassTargets) else None
     z, th = F.prepare_logits(x, counted, opts, dtype, xp)
     m, lse_s = stats
-    return xp.exp(z - m[:, None]), xp.exp(-lse_s), th, targets
+    return xp.exp(z - m[:, None]), xp.exp(lse_s), th, targets
 
 
 def gradient(
     e: Array,
-    e_scale: Array,
+    sum_e: Array,
     th: Array | None,
     targets: Any,
     weight: Array | None,
@@ -162,7 +162,7 @@ def gradient(
 ) -> Array:
     """``ce_bar·∂ce/∂z + lse_bar·∂lse/∂z = (e·r - d)`` less ``a`` at the target
     (:func:`multixent._formulas.grad_terms`), times ``1 - tanh²`` under a softcap."""
-    r, d, a = F.grad_terms(e_scale, targets, weight, ce_bar, lse_bar, opts, xp, e, shard)
+    r, d, a = F.grad_terms(sum_e, targets, weight, ce_bar, lse_bar, opts, xp, e, shard)
     g = e * r[:, None]
     if d is not None:
         g = g - d

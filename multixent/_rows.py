@@ -182,13 +182,13 @@ def _gradient(
     opts: F.Options,
     xp: Namespace,
 ) -> Array:
-    """Block ``span``'s gradient from ``parts = (e, e_scale, tanh, targets)``, put into the output."""
-    e, e_scale, th, targets = parts
+    """Block ``span``'s gradient from ``parts = (e, sum_e, tanh, targets)``, put into the output."""
+    e, sum_e, th, targets = parts
     if plan.in_place:
         dest = output.dest(*span)
-        g = _blocked.gradient(e, e_scale, th, targets, weight, ce_bar, lse_bar, opts, xp, dest, plan.shard)
+        g = _blocked.gradient(e, sum_e, th, targets, weight, ce_bar, lse_bar, opts, xp, dest, plan.shard)
     else:
-        g = _fused.gradient(e, e_scale, th, targets, weight, ce_bar, lse_bar, opts, xp, plan.shard)
+        g = _fused.gradient(e, sum_e, th, targets, weight, ce_bar, lse_bar, opts, xp, plan.shard)
     return output.put(*span, g)
 
 
@@ -203,7 +203,7 @@ def _softmax_parts(
     output: Any,
     span: tuple[int, int],
 ) -> tuple[Array, Array, Array | None, Any]:
-    """``(e, e_scale, tanh, targets)`` of block ``span`` from the forward's per-row stats."""
+    """``(e, sum_e, tanh, targets)`` of block ``span`` from the forward's per-row stats."""
     a, b = span
     m, lse_s = rows_of(stats[0], a, b), rows_of(stats[1], a, b)
     if plan.in_place:
@@ -247,7 +247,7 @@ def row_losses_vjp(
         tg = None
         if stats is None or target_grad:
             f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), dtype, keep_s=target_grad)
-            parts = (f.e, 1.0 / f.sum_e, f.tanh, f.targets)
+            parts = (f.e, f.sum_e, f.tanh, f.targets)
             if target_grad:
                 tg = xp.astype(F.target_grad(f.s, f.lse_s, ce_bar_blk, w_local, opts), target.dtype)
         else:
@@ -297,8 +297,7 @@ def row_losses_and_grad(
         f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), dtype, need_lse=need_lse)
         ce_bar = full_like(f.ce, ce_scale, xp) if isinstance(ce_scale, float) else xp.zeros_like(f.ce) + ce_scale
         lse_bar = lse_scale * f.lse if _nonzero(lse_scale) and f.lse is not None else None
-        e_scale = f.sum_e**-1.0  # one operation; 1.0 / sum_e is two in torch (reciprocal, then a product)
-        g = _gradient(plan, output, (a, b), (f.e, e_scale, f.tanh, f.targets), weight, ce_bar, lse_bar, opts, xp)
+        g = _gradient(plan, output, (a, b), (f.e, f.sum_e, f.tanh, f.targets), weight, ce_bar, lse_bar, opts, xp)
         ces.append(f.ce)
         lses.append(f.lse)
     if len(spans) == 1:
@@ -352,11 +351,10 @@ def _logits_tangent(
         counted = f.targets.counted if isinstance(f.targets, F.ClassTargets) else None
         th = xp.tanh(-F.prepare_logits(x, counted, F.Options(), f.e.dtype, xp)[0] / opts.softcap)
         x_dot = x_dot * F.softcap_factor(th, xp)
-    e_scale = xp.exp(-f.lse_s)
-    r, d, a = F.grad_terms(e_scale, f.targets, weight, xp.ones_like(f.ce), None, opts, xp, f.e, shard)
+    r, d, a = F.grad_terms(f.sum_e, f.targets, weight, xp.ones_like(f.ce), None, opts, xp, f.e, shard)
     e_dot = xp.sum(f.e * x_dot, axis=-1)
     index = f.targets.index if a is not None else None
-    return F.loss_tangent(r, d, a, e_dot, x_dot, index, xp), e_scale * e_dot
+    return F.loss_tangent(r, d, a, e_dot, x_dot, index, xp), e_dot / f.sum_e
 
 
 def row_losses_weight_vjp(

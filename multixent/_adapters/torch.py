@@ -95,7 +95,8 @@ def route(x: Any, *arrays: Any, scalar: bool = False, options: bool = False) -> 
     ===  ============================================  ===========  ===============================================
 
     One array's route says whether its values can be read now (:func:`concrete`, :func:`scalar`,
-    :func:`check_on_device`): not under COMPILED or WRAPPED; under TRANSFORMED not as a NumPy view.
+    :func:`check_on_device`, the backward's upstream gradient; :func:`_unread` asks rows 2 and 3 alone): not
+    under COMPILED or WRAPPED; under TRANSFORMED not as a NumPy view.
     The backward is differentiable (one block, out of place) under ``create_graph=True``, WRAPPED or
     TRANSFORMED (:func:`_backward`). With a process group: COMPILED, WRAPPED, TRANSFORMED, FORWARD and
     OPTIONS are refused before the group's agreement (:func:`refuse_group`), a double backward in
@@ -110,11 +111,8 @@ def route(x: Any, *arrays: Any, scalar: bool = False, options: bool = False) -> 
     if torch.compiler.is_compiling():
         return Route.COMPILED
     given = (x, *arrays)
-    functorch = torch._C._functorch
-    wrapped, legacy = functorch.is_functorch_wrapped_tensor, functorch.is_legacy_batchedtensor
-    for a in given:  # a loop, not any(...): this runs a few times per call, on the hot path too
-        if a is not None and (wrapped(a) or legacy(a)):
-            return Route.WRAPPED
+    if _wrapped(given):
+        return Route.WRAPPED
     if torch._C._are_functorch_transforms_active():
         return Route.TRANSFORMED
     if forward_ad._current_level >= 0 and _tangent(given):
@@ -122,6 +120,24 @@ def route(x: Any, *arrays: Any, scalar: bool = False, options: bool = False) -> 
     if not _recorded(given):
         return Route.PLAIN
     return Route.FUSED if scalar and _fusable(given) else Route.AUTOGRAD
+
+
+_functorch = torch._C._functorch
+
+
+def _wrapped(arrays: tuple[Any, ...]) -> bool:
+    """Whether a tensor of ``arrays`` (None: none) is a torch.func wrapper: functorch's, or the legacy
+    batching of ``is_grads_batched``."""
+    wrapped, legacy = _functorch.is_functorch_wrapped_tensor, _functorch.is_legacy_batchedtensor
+    for a in arrays:  # noqa: SIM110 (a loop, not any(...): this runs a few times per call, on the hot path too)
+        if a is not None and (wrapped(a) or legacy(a)):
+            return True
+    return False
+
+
+def _unread(a: Any) -> bool:
+    """``route(a) in _UNREAD`` for one tensor (its values cannot be read now), in a fraction of the time."""
+    return torch.compiler.is_compiling() or _wrapped((a,))
 
 
 def _tangent(arrays: tuple[Any, ...]) -> bool:
@@ -151,7 +167,7 @@ def _fusable(arrays: tuple[Any, ...]) -> bool:
 def scalar(a: Any) -> float | None:
     """A tensor option's value; None while compiling, under a transform, for meta tensors, or when
     autograd records it (``requires_grad``): the option stays a tensor and gets its gradient."""
-    if a.is_meta or route(a) in _UNREAD or (a.requires_grad and torch.is_grad_enabled()):
+    if a.is_meta or _unread(a) or (a.requires_grad and torch.is_grad_enabled()):
         return None
     return float(a)
 
@@ -166,11 +182,10 @@ def concrete(a: Any) -> Any:
     """
     if _accelerated(a) and not _compat.SYNC_CHECKS:
         return None  # accelerators: checked on the device (:func:`check_on_device`), no host read
-    how = route(a)
-    if how in _UNREAD:
+    if _unread(a):
         return None
     viewable = type(a) is torch.Tensor and a.is_cpu and a.layout == torch.strided and not a.requires_grad
-    return a.numpy() if viewable and how is not Route.TRANSFORMED else a
+    return a.numpy() if viewable and not torch._C._are_functorch_transforms_active() else a  # not TRANSFORMED
 
 
 def _accelerated(a: Any) -> bool:
@@ -214,7 +229,7 @@ def check_on_device(target: Any, classes: int, ignore: int) -> None:
     (``torch._assert_async``, torch's own check for its losses; no host synchronisation). A failure is
     a device-side assertion, as for ``F.cross_entropy``; ``MULTIXENT_SYNC_CHECKS=1`` gives the
     ``IndexError`` instead."""
-    if not _accelerated(target) or target.numel() == 0 or route(target) in _UNREAD:
+    if not _accelerated(target) or target.numel() == 0 or _unread(target):
         return
     valid = ((target >= 0) & (target < classes)) | (target == ignore)
     torch._assert_async(valid.all(), "multixent: target holds a class index outside [0, C) that is not ignore_index")
@@ -603,7 +618,7 @@ class _Fused(torch.autograd.Function):
             return x_bar, None
         if _accelerated(grad):  # no host read of the upstream: scaled in place (the gradient is ours)
             return grad.mul_(g.to(grad.dtype)), None
-        unit = route(g) not in _UNREAD and bool(g == 1)
+        unit = not _unread(g) and bool(g == 1)
         return grad if unit else grad * g.to(grad.dtype), None
 
 
@@ -808,7 +823,7 @@ class _LinearScalar(torch.autograd.Function):
         # without a copy; other upstreams scale them out of place (the gradients' size, not the
         # logits'), so a retained graph can be differentiated again (gradcheck does).
         *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
-        unit = route(g) not in _UNREAD and bool(g == 1)
+        unit = not _unread(g) and bool(g == 1)
         scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
