@@ -661,8 +661,12 @@ def refuse_group(x: Any, target: Any, weight: Any, opts: _formulas.Options) -> N
 _OPTS = "int ignore_index, float label_smoothing, float? softcap, bool may_ignore, int chunk"
 
 
+#: The custom ops' namespace: the package's name (a copy imported under another name registers its own).
+_NAMESPACE = __name__.partition(".")[0]
+
+
 def _op(name: str, schema: str) -> Any:
-    return torch.library.custom_op(f"multixent::{name}", mutates_args=(), schema=schema)
+    return torch.library.custom_op(f"{_NAMESPACE}::{name}", mutates_args=(), schema=schema)
 
 
 def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any = None) -> tuple[Any, Any, Any, Any]:
