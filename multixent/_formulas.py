@@ -266,14 +266,14 @@ def class_targets(
     return ClassTargets(index, counted, out_of_range, w_y, here)
 
 
-def gather_rows(x: Array, index: Array, xp: Namespace) -> Array:
+def gather_rows(x: Array, index: Array, xp: Namespace, *, one_hot: bool = False) -> Array:
     """``x[i, index[i]]`` for each row ``i`` of 2-D ``x`` (``index`` in range).
 
-    The namespace's ``take_along_axis``; where it has none (dask), a one-hot
-    select summed along the row: elementwise and a row reduction, so it works
-    on lazy arrays chunked along either axis.
+    The namespace's ``take_along_axis``; where it has none (dask), or with ``one_hot``, a one-hot
+    select summed along the row: elementwise and a row reduction, so it works on lazy arrays
+    chunked along either axis, and its derivative is a select, not a scatter.
     """
-    if hasattr(xp, "take_along_axis") and x.shape[-1]:
+    if hasattr(xp, "take_along_axis") and x.shape[-1] and not one_hot:
         return take_rows(x, index, xp)
     classes = xp.arange(x.shape[-1], dtype=index.dtype, device=device(x))
     return xp.sum(xp.where(classes == index[:, None], x, 0.0), axis=-1)

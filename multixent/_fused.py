@@ -93,7 +93,8 @@ def forward(
         lse = lse_s + m[:, 0] if need_lse else None
         return Forward(F.probability_loss(lse_s, tw_sum, tws), lse, s, m, sum_e, lse_s, e, th, targets)
     # the target's logit gathered from the input (XLA materialises a gather's operand)
-    z_y = F.prepare_logits(F.gather_rows(x, targets.index, xp)[:, None], counted, opts, dtype, xp)[0][:, 0]
+    picked = F.gather_rows(x, targets.index, xp, one_hot=plan.one_hot_target)
+    z_y = F.prepare_logits(picked[:, None], counted, opts, dtype, xp)[0][:, 0]
     s = z - m
     if targets.here is not None:  # the target's term: from the one shard holding it
         z_y = xp.where(targets.here, z_y, 0.0)

@@ -47,6 +47,9 @@ class Plan:
     #: In place: the adapter's ``exp`` over its argument where the namespace's is slower on its
     #: hardware (None: ``xp.exp(s, out=s)``).
     exp_into: Callable[[Array], Array] | None = None
+    #: Out of place: the target's logit picked by a one-hot select, not a gather (whose derivative,
+    #: a scatter, a compiler may get wrong where the framework differentiates the math itself).
+    one_hot_target: bool = False
 
 
 #: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore, exp_into)``.

@@ -224,6 +224,15 @@ def _blocked_plan(x: Any, in_place: bool, may_ignore: bool) -> _rows.Plan:
     return _rows.eager_plan(x.shape[-1], in_place, may_ignore, _cpu_exp_into)
 
 
+def _compiled_transform() -> bool:
+    """``torch.compile`` traces a torch.func transform (``grad``, ``vmap``, ...): autograd differentiates the
+    math, and Inductor compiles that derivative as an inference graph, where in torch 2.13 the scatter that
+    differentiates a gather can come out lost (the gradient without the target's term, for some shapes and
+    options; not with ``reorder_for_locality`` off, a pass run on inference graphs only; upstream,
+    pytorch/pytorch#136662). The target's logit is then picked by a one-hot select."""
+    return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def check_on_device(target: Any, classes: int, ignore: int) -> None:
     """On accelerators, eagerly: class indices in ``[0, classes)`` or ``ignore``, asserted on the device
     (``torch._assert_async``, torch's own check for its losses; no host synchronisation). A failure is
@@ -251,9 +260,9 @@ def plan(
         exp = None if _accelerated(x) else _cpu_exp_into
         how = _rows.Plan(_blocked.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore, exp_into=exp)
     elif differentiable:
-        how = _rows.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach)
+        how = _rows.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach, one_hot_target=_compiled_transform())
     elif route(x, *inputs) in _ONE_BLOCK:
-        how = _rows.Plan(may_ignore=may_ignore)
+        how = _rows.Plan(may_ignore=may_ignore, one_hot_target=_compiled_transform())
     else:  # eager: blocks for the CPU's cache; one block on accelerators; out= refuses recorded inputs
         recorded = _recorded((x, *inputs))
         how = _blocked_plan(x, not recorded, may_ignore)
