@@ -395,7 +395,7 @@ def mean(total: Array | float, count: Array | int, xp: Namespace) -> Array | flo
     if isinstance(count, int):  # known now; no rows: total is the empty sum, 0
         return total / count if count else total
     nonzero = count != 0
-    return xp.where(nonzero, total / xp.where(nonzero, count, xp.ones_like(count)), xp.zeros_like(total))
+    return xp.where(nonzero, total, 0.0) / xp.where(nonzero, count, 1.0)
 
 
 # --------------------------------------------------------------------------
