@@ -315,10 +315,10 @@ def row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
 
 
 def weighted_target_sum(tw: Array, s: Array, xp: Namespace) -> Array:
-    """``Σ_c t'_c w_c s_c`` per row, taking ``0·s_c`` as 0 where ``s_c`` is not finite (a ``-inf`` logit
+    """``Σ_c t'_c w_c s_c`` per row, taking ``0·s_c`` as 0 where ``s_c`` is infinite (a ``-inf`` logit
     where the target is 0); as a product by ``t'_c w_c``, so that its derivative in ``t'_c w_c`` is ``s_c``
-    there too (autodiff through the formulas)."""
-    return xp.sum(tw * xp.where((tw == 0) & ~xp.isfinite(s), 0.0, s), axis=-1)
+    there too (autodiff through the formulas). (A NaN ``s_c`` makes the row's ``lse`` NaN anyway.)"""
+    return xp.sum(tw * xp.where((tw == 0) & xp.isinf(s), 0.0, s), axis=-1)
 
 
 # --------------------------------------------------------------------------

@@ -60,10 +60,9 @@ class Route(enum.Enum):
 
 
 #: The routes where the math runs in one block, out of place (no ``out=``, no setitem into views, no in-place
-#: update of a batched tensor); those of them under torch.func; those where an array's values cannot be read.
+#: update of a batched tensor); those of them under torch.func.
 _ONE_BLOCK = (Route.COMPILED, Route.WRAPPED, Route.TRANSFORMED)
 _TRANSFORMS = (Route.WRAPPED, Route.TRANSFORMED)
-_UNREAD = (Route.COMPILED, Route.WRAPPED)
 
 
 def route(x: Any, *arrays: Any, scalar: bool = False, options: bool = False) -> Route:
@@ -136,7 +135,8 @@ def _wrapped(arrays: tuple[Any, ...]) -> bool:
 
 
 def _unread(a: Any) -> bool:
-    """``route(a) in _UNREAD`` for one tensor (its values cannot be read now), in a fraction of the time."""
+    """Whether one tensor's values cannot be read now: its route is COMPILED or WRAPPED (rows 2 and 3 of
+    :func:`route`, asked alone, in a fraction of the time)."""
     return torch.compiler.is_compiling() or _wrapped((a,))
 
 
