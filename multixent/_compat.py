@@ -204,6 +204,14 @@ def subtract_at_rows_copy(g: Any, index: Any, values: Any, xp: Any) -> Any:
     return xp.where(classes == index[:, None], g - values[:, None], g)
 
 
+def zero_nan(a: Any, xp: Any) -> Any:
+    """``a`` with its NaN entries 0, its infinities kept: ``where(isnan(a), 0, a)``; torch's ``nan_to_num``
+    (one operation where the mask and the select are two)."""
+    if is_torch_array(a):
+        return a.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return xp.where(xp.isnan(a), 0.0, a)
+
+
 def full_like(a: Any, value: float, xp: Any) -> Any:
     """``xp.full_like(a, value)``; NumPy's own function (compat's wrapper checks the device first)."""
     return numpy.full_like(a, value) if isinstance(a, numpy.ndarray) else xp.full_like(a, value)

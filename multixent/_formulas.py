@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import clip, device, float_bits, max_along, memo, take_rows
+from ._compat import clip, device, float_bits, max_along, memo, take_rows, zero_nan
 
 Array = Any
 Namespace = Any
@@ -316,9 +316,10 @@ def row_sum_weighted(s: Array, weight: Array | None, xp: Namespace) -> Array:
 
 def weighted_target_sum(tw: Array, s: Array, xp: Namespace) -> Array:
     """``Σ_c t'_c w_c s_c`` per row, taking ``0·s_c`` as 0 where ``s_c`` is infinite (a ``-inf`` logit
-    where the target is 0); as a product by ``t'_c w_c``, so that its derivative in ``t'_c w_c`` is ``s_c``
-    there too (autodiff through the formulas). (A NaN ``s_c`` makes the row's ``lse`` NaN anyway.)"""
-    return xp.sum(tw * xp.where((tw == 0) & xp.isinf(s), 0.0, s), axis=-1)
+    where the target is 0): the products' NaN as 0, so that the derivative in ``t'_c w_c`` is ``s_c`` at
+    zero targets too (autodiff through the formulas). A NaN ``s_c`` or ``t'_c`` makes the row's loss NaN
+    through ``lse`` or ``Σ t'_c w_c`` anyway."""
+    return xp.sum(zero_nan(tw * s, xp), axis=-1)
 
 
 # --------------------------------------------------------------------------
