@@ -3,11 +3,13 @@ write, and host reads, under a ``TorchDispatchMode``.
 
 ``count(fn)`` runs ``fn()`` once and answers::
 
-    {"ops": ..., "logits_ops": ..., "max_logits_touches": ..., "bytes_per_logit": ..., "host_reads": ...,
-     "op_names": [...]}
+    {"ops": ..., "launches": ..., "logits_ops": ..., "max_logits_touches": ..., "bytes_per_logit": ...,
+     "host_reads": ..., "op_names": [...]}
 
 - ``ops``: the operations dispatched, views and other metadata-only ones (``view``, ``t``, ``detach``,
-  ``expand``, ...) left out; ``op_names`` their names in order;
+  ``expand``, ...) left out; ``op_names`` their names in order; ``launches``: those less
+  ``aten.scalar_tensor``, the 0-d CPU tensor a Python number becomes in ``torch.where`` (on a GPU, a kernel
+  argument: no launch);
 - ``logits_ops``: those reading or writing a logits-sized tensor (``numel`` at least half the logits'; the
   logits' ``numel``, ``N·C``, is ``numel=`` or else the largest tensor seen); ``max_logits_touches``: the most
   logits-sized tensors one operation reads and writes (an in-place update of one: 2);
@@ -114,6 +116,7 @@ def count(fn: Callable[[], Any], numel: int | None = None) -> dict[str, Any]:
     logits_touches = [sum(2 * n >= logits for n, _ in reads + writes) for _, reads, writes in counter.calls]
     return {
         "ops": len(counter.calls),
+        "launches": sum(name != "aten.scalar_tensor" for name, _, _ in counter.calls),
         "logits_ops": sum(touches > 0 for touches in logits_touches),
         "max_logits_touches": max(logits_touches, default=0),
         "bytes_per_logit": moved / logits,
@@ -164,15 +167,17 @@ def table(
     lines = [
         f"{rows} × {classes} {str(dtype).removeprefix('torch.')} on {device}, forward+backward, reduction='mean'",
         "",
-        "| loss | operations | on a logits-sized tensor | bytes read+written per logit | host reads |",
-        "|---|---:|---:|---:|---:|",
+        "| loss | operations | device launches | on a logits-sized tensor | bytes read+written per logit "
+        "| host reads |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     listed: list[str] = []
     for name, run, forced in losses:
         with accelerator_strategy(forced) if device == "cpu" else contextlib.nullcontext():
             run()  # warm: first-call imports and caches are not the call's work
             c = count(run, numel=rows * classes)
-        lines.append(f"| {name} | {c['ops']} | {c['logits_ops']} | {c['bytes_per_logit']:.1f} | {c['host_reads']} |")
+        figures = (c["ops"], c["launches"], c["logits_ops"], f"{c['bytes_per_logit']:.1f}", c["host_reads"])
+        lines.append(f"| {name} | {' | '.join(map(str, figures))} |")
         listed.append(f"- {name}: {', '.join(c['op_names'])}")
     return "\n".join(lines + (["", *listed] if ops else []))
 

@@ -416,7 +416,8 @@ def _index_target(
     shard: _formulas.Shard | None = None,
     layout: Any = None,
 ) -> tuple[Array, _formulas.Options, bool]:
-    """Class indices in the default index dtype (what gathers take), checked now when concrete.
+    """Class indices in the default index dtype (what gathers take), checked now when concrete (an
+    eager accelerator's, whose values are not read: by the formulas, on the device, ``Plan.assert_none``).
 
     Returns the indices, the options, and whether an index may be ``ignore_index`` (False
     when they were checked and none is).
@@ -441,8 +442,7 @@ def _index_target(
         if layout is not None:  # a batch-sharded DTensor target: agreed over the batch ranks
             check = functools.partial(layout.agree, check)
         return target, opts, _on_every_member(check, shard)
-    adapter.check_on_device(target, classes, ignore)  # accelerators, eagerly: no host read
-    out_of_range = classes + 1 if ignore == classes else classes  # neither a class nor ignore_index: NaN
+    out_of_range = classes + 1 if ignore == classes else classes  # neither a class nor ignore_index
     if wrapped_bits:
         target = xp.where(target < 0, out_of_range, target)
     if not comparable:
@@ -508,7 +508,7 @@ def _denominators(call: _Call, dtype: Any, ce: Array | None = None) -> tuple[Arr
     if call.counted is None:
         total = None if ce is None else xp.sum(ce)
     elif ce is None or not known:  # (dask stacks no arrays of unknown sizes)
-        n = xp.sum(xp.astype(call.counted, dtype))
+        n = _compat.count_true(call.counted, dtype, xp)
         total = None if ce is None else xp.sum(ce)
     else:
         sums = xp.sum(xp.stack([ce, xp.astype(call.counted, dtype)]), axis=1)
@@ -544,10 +544,19 @@ def _wrap(call: _Call, out: Array, rows_only: bool = True) -> Array:
     return out if call.layout is None else call.layout.wrap(out, rows_only)
 
 
-def _reduce(call: _Call, ce: Array, lse: Array, z_coef: float | Array, out_dtype: Any) -> Array:
+def _reduce(
+    call: _Call,
+    ce: Array,
+    lse: Array,
+    z_coef: float | Array,
+    out_dtype: Any,
+    scales: tuple[Array | float, Array | float] | None = None,
+) -> Array:
     """Apply the reduction to the per-row terms (ce, lse); z-loss is ``c·lse²``; NaN for out-of-range array
     options. Sums over the rows include other ranks' rows (batch-sharded DTensor logits: :func:`_across`);
-    the result is this member's array (the entry points wrap a DTensor call's back: :func:`_wrap`)."""
+    the result is this member's array (the entry points wrap a DTensor call's back: :func:`_wrap`).
+    ``scales``: the sums' factors ``(ce_scale, z_scale)`` known already (the gradient's: "mean" as the sum
+    times ``1 / count``); None: "mean" divides the sums by their counts."""
     xp = call.xp
     if _one_reduction(call, ce, z_coef):
         total = xp.sum(ce) if call.reduction == "sum" else _compat.mean(ce, xp)
@@ -557,7 +566,7 @@ def _reduce(call: _Call, ce: Array, lse: Array, z_coef: float | Array, out_dtype
     if call.reduction == "none":
         per_row = _per_row(call, ce, lse, z_coef, nan_factor)
         return xp.astype(per_row, out_dtype, copy=False)
-    total = _total(call, ce, lse, z_coef)
+    total = _total(call, ce, lse, z_coef, scales)
     total = total if nan_factor is None else total * nan_factor
     return generic.as_array(total if total.dtype == out_dtype else xp.astype(total, out_dtype))
 
@@ -580,12 +589,16 @@ def _per_row(call: _Call, ce: Array, lse: Array, z_coef: float | Array, nan_fact
     return per_row if len(call.batch_shape) == 1 else call.xp.reshape(per_row, call.batch_shape)  # (R,): as it is
 
 
-def _total(call: _Call, ce: Array, lse: Array, z_coef: float | Array) -> Array:
-    """The "sum" or "mean" of the cross-entropy, plus the z-loss's, over every rank's rows."""
+def _total(
+    call: _Call, ce: Array, lse: Array, z_coef: float | Array, scales: tuple[Array | float, Array | float] | None
+) -> Array:
+    """The "sum" or "mean" of the cross-entropy, plus the z-loss's, over every rank's rows (:func:`_reduce`)."""
     xp = call.xp
     z_total = _across(call, xp.sum(lse * lse), ce.dtype) if _formulas.may_be_nonzero(z_coef) else None
-    if call.reduction == "sum":
-        total = _across(call, xp.sum(ce), ce.dtype)
+    if call.reduction == "sum" or scales is not None:
+        ce_scale, z_scale = scales or (1.0, 1.0)
+        total = _formulas.scaled(_across(call, xp.sum(ce), ce.dtype), ce_scale)
+        z_total = None if z_total is None else _formulas.scaled(z_total, z_scale)
     else:
         ce_count, z_count, ce_total = _denominators(call, ce.dtype, ce)
         total = _formulas.mean(ce_total, ce_count, xp)
@@ -775,11 +788,11 @@ def _loss_and_grad(call: _Call, z_coef: float | Array, out_dtype: Any) -> tuple[
     z_scale: Array | float = 1.0
     if call.reduction == "mean":
         ce_count, z_count, _ = _denominators(call, dtype)
-        one: Array | float = 1.0
-        if not (isinstance(ce_count, int) and isinstance(z_count, int)):
-            one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
-        ce_scale = _formulas.mean(one, ce_count, xp)
-        z_scale = _formulas.mean(one, z_count, xp) if _formulas.may_be_nonzero(z_coef) else 1.0
+        if call.weight is not None and call.is_index:  # Σ w_y
+            ce_scale = _formulas.mean(xp.ones((), dtype=dtype, device=device(call.rows)), ce_count, xp)
+        else:  # a count of rows
+            ce_scale = _formulas.inverse_count(ce_count, xp)
+        z_scale = _formulas.inverse_count(z_count, xp) if _formulas.may_be_nonzero(z_coef) else 1.0
     with call.adapter.quiet():
         ce, lse, grad = _rows.row_losses_and_grad(
             call.rows,
@@ -792,7 +805,7 @@ def _loss_and_grad(call: _Call, z_coef: float | Array, out_dtype: Any) -> tuple[
             xp=xp,
             need_lse=_formulas.may_be_nonzero(z_coef),
         )
-        loss = _reduce(call, ce, lse, z_coef, out_dtype)
+        loss = _reduce(call, ce, lse, z_coef, out_dtype, (ce_scale, z_scale))
         nan_factor = _option_nan_factor(call.opts, z_coef, ce, xp)
         return loss, grad if nan_factor is None else grad * xp.astype(nan_factor, grad.dtype)
 
@@ -974,6 +987,7 @@ def nll_loss(
     xp = call.xp
     dtype = _formulas.compute_dtype(log_probs.dtype, xp)
     local, shard = call.rows.shape[-1], call.shard
+    plan = call.adapter.plan(call.rows, call.target, call.weight, may_ignore=call.may_ignore)
     targets = _formulas.class_targets(
         call.target,
         call.weight,
@@ -983,12 +997,13 @@ def nll_loss(
         may_ignore=call.may_ignore,
         shard=shard,
         num_local=local,
+        assert_none=plan.assert_none,
     )
     picked = _formulas.gather_rows(call.rows, targets.index, xp)
     if shard is not None and targets.here is not None:  # from the one member holding the target's class
         picked = shard.sum(xp.where(targets.here, picked, xp.zeros_like(picked)))
     with call.adapter.quiet():
-        nll = targets.nan_out_of_range(-targets.weight_at_target * xp.astype(picked, dtype), xp)
+        nll = targets.row_values(-targets.weight_at_target * xp.astype(picked, dtype), xp)
         return _lazy(_wrap(call, _reduce(call, nll, nll, 0.0, log_probs.dtype)), log_probs, target, weight)
 
 
@@ -1233,8 +1248,7 @@ def _linear_may_ignore(
     """Whether a class index may be ``ignore_index``: concrete ones checked (an IndexError on every member of
     a group where one member's is out of range), traced ones NaN where out of range."""
     values = adapter.concrete(target)
-    if values is None:
-        adapter.check_on_device(target, classes, ignore)  # accelerators, eagerly: no host read
+    if values is None:  # (accelerators, eagerly: asserted on the device, Plan.assert_none)
         return True
     return _on_every_member(functools.partial(_checks.class_indices, values, classes, ignore), shard)
 
@@ -1245,7 +1259,7 @@ def _linear_loss(call: _Call, linear: _linear.LinearCall, z_coef: float | Array,
     if call.reduction == "none":
         ce, lse = adapter.linear_rows(linear)
         return _reduce(call, ce, lse, z_coef, out_dtype)
-    one = xp.asarray(1.0, dtype=dtype, device=device(call.rows))
+    one = xp.ones((), dtype=dtype, device=device(call.rows))  # made there (a Python number's copy would synchronise)
     ce_scale, z_scale = one, one
     if call.reduction == "mean":
         ce_count, z_count, _ = _denominators(call, dtype)

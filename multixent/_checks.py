@@ -287,7 +287,7 @@ def option_nan_factor(values: dict[str, Any], xp: Namespace, dtype: Any, device:
         valid = ok if valid is None else valid & ok
     if valid is None:
         return None
-    one, nan = (xp.asarray(v, dtype=dtype, device=device) for v in (1.0, math.nan))
+    one, nan = (xp.full((), v, dtype=dtype, device=device) for v in (1.0, math.nan))  # made on the device
     return xp.where(valid, one, nan)
 
 

@@ -79,6 +79,16 @@ def take_rows(x: Any, index: Any, xp: Any) -> Any:
     return xp.take_along_axis(x, index[:, None], axis=-1)[:, 0]
 
 
+def take(a: Any, index: Any, xp: Any) -> Any:
+    """``xp.take(a, index)`` of a 1-d ``a`` at indices already in range: torch's ``index_select`` (compat's
+    wrapper adds three operations that map negative indices), NumPy's integer-array indexing."""
+    if is_torch_array(a):
+        return a.index_select(0, index)
+    if isinstance(a, numpy.ndarray):
+        return a[index]
+    return xp.take(a, index)
+
+
 def mean(a: Any, xp: Any) -> Any:
     """``xp.mean(a)`` of a non-empty 1-d array: NumPy's as its sum (the ufunc's reduction, which
     ``a.sum()`` calls) over its length, what ``numpy.mean`` computes without its 5 us of wrappers;
@@ -210,6 +220,14 @@ def zero_nan(a: Any, xp: Any) -> Any:
     if is_torch_array(a):
         return a.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
     return xp.where(xp.isnan(a), 0.0, a)
+
+
+def count_true(mask: Any, dtype: Any, xp: Any) -> Any:
+    """The number of True entries of a boolean array, 0-d of ``dtype``: torch's sum with a dtype (one operation);
+    the standard's ``sum`` takes numbers only (a cast first)."""
+    if is_torch_array(mask):
+        return mask.sum(dtype=dtype)
+    return xp.sum(xp.astype(mask, dtype))
 
 
 def full_like(a: Any, value: float, xp: Any) -> Any:

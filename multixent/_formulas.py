@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import clip, device, float_bits, max_along, memo, take_rows, zero_nan
+from ._compat import clip, device, float_bits, max_along, memo, take, take_rows, zero_nan
 
 Array = Any
 Namespace = Any
@@ -229,10 +229,14 @@ class ClassTargets:
         return values if self.counted is None else xp.where(self.counted, values, 0.0)
 
     def nan_out_of_range(self, values: Array, xp: Namespace) -> Array:
-        """:meth:`zero_ignored`, and NaN on rows whose class index is out of range (the traced
-        path's answer to an index it cannot raise for)."""
-        values = self.zero_ignored(values, xp)
+        """``values``, NaN on rows whose class index is out of range (the traced path's answer to an
+        index it cannot raise for)."""
         return values if self.out_of_range is None else xp.where(self.out_of_range, math.nan, values)
+
+    def row_values(self, values: Array, xp: Namespace) -> Array:
+        """Per-row results: 0 where ignored (:meth:`zero_ignored`), NaN where out of range
+        (:meth:`nan_out_of_range`)."""
+        return self.nan_out_of_range(self.zero_ignored(values, xp), xp)
 
 
 def class_targets(
@@ -245,25 +249,35 @@ def class_targets(
     may_ignore: bool = True,
     shard: Shard | None = None,
     num_local: int = 0,
+    assert_none: Callable[[Array, str], bool] | None = None,
 ) -> ClassTargets:
     """The rows' classes and weights ``w_y``; ``may_ignore=False``: the indices were checked (none ignored).
 
     ``num_classes`` is the global C and ``weight`` the full ``(C,)``; with a ``shard`` of
     ``num_local`` classes, ``index`` is the local one (0 where ``y`` is on another shard).
+    ``index`` is ``y`` clipped into ``[0, C)``: a counted row whose clipped index differs is out of range.
+    ``assert_none``: the adapter's device-side assertion (:attr:`multixent._rows.Plan.assert_none`), given
+    those rows; where it asserts that there are none, no row's loss is made NaN for them.
     """
     if may_ignore:
         counted = target != opts.ignore_index
-        in_range = (target >= 0) & (target < num_classes)
-        index, out_of_range = xp.where(counted & in_range, target, 0), counted & ~in_range
+        index = clip(target, 0, max(num_classes - 1, 0), xp)
+        out_of_range = counted & (index != target)
+        if assert_none is not None and assert_none(out_of_range, OUT_OF_RANGE):
+            out_of_range = None
     else:  # checked concretely: every row counts and is in range
         index, counted, out_of_range = target, None, None
-    w_y = 1.0 if weight is None else xp.take(weight, index)
+    w_y = 1.0 if weight is None else take(weight, index, xp)
     here = None
     if shard is not None:
         local = index - shard.offset()
         here = (local >= 0) & (local < num_local)
         index = xp.where(here, local, 0)
     return ClassTargets(index, counted, out_of_range, w_y, here)
+
+
+#: The device-side assertion's message for a class index out of range (:func:`class_targets`).
+OUT_OF_RANGE = "multixent: target holds a class index outside [0, C) that is not ignore_index"
 
 
 def gather_rows(x: Array, index: Array, xp: Namespace, *, one_hot: bool = False) -> Array:
@@ -380,7 +394,7 @@ def index_rows(
     ``ce`` (:func:`index_loss`; NaN where the index is out of range, 0 where ignored) and
     ``lse = lse_s + m`` (0 where ignored; None unless ``need_lse``)."""
     lse_s = xp.log(sum_e)
-    ce = targets.nan_out_of_range(index_loss(lse_s, s_y, targets, opts, num_classes, smooth_sum, w_sum), xp)
+    ce = targets.row_values(index_loss(lse_s, s_y, targets, opts, num_classes, smooth_sum, w_sum), xp)
     lse = targets.zero_ignored(lse_s + m[:, 0], xp) if need_lse else None
     return ce, lse, lse_s
 
@@ -397,6 +411,14 @@ def mean(total: Array | float, count: Array | int, xp: Namespace) -> Array | flo
         return total / count if count else total
     nonzero = count != 0
     return xp.where(nonzero, total, 0.0) / xp.where(nonzero, count, 1.0)
+
+
+def inverse_count(count: Array | int, xp: Namespace) -> Array | float:
+    """``1 / count`` of a count of rows (a whole number), and 1 where it is 0: the factor of a "mean" of per-row
+    terms, whose sum over no row is 0 (:func:`mean`'s values; two operations where its guard is four)."""
+    if isinstance(count, int):
+        return 1.0 / max(count, 1)
+    return clip(count, 1, math.inf, xp) ** -1.0
 
 
 # --------------------------------------------------------------------------
@@ -427,15 +449,19 @@ def grad_terms(
     if not isinstance(targets, ClassTargets):
         (t_sum,) = group_sums(shard, xp, xp.sum(targets, axis=-1))
         return plus(ce_bar * t_sum, lse_bar) / sum_e, ce_bar[:, None] * targets, None
-    total = (1.0 - eps) * targets.weight_at_target + eps / num_total * weight_sum(weight, num_total, xp)
-    r = targets.nan_out_of_range(plus(scaled(ce_bar, total), lse_bar), xp) / sum_e
+    at_target = (1.0 - eps) * targets.weight_at_target
+    smoothing = may_be_nonzero(eps)
+    total = at_target + eps / num_total * weight_sum(weight, num_total, xp) if smoothing else at_target
+    coefficient = targets.zero_ignored(plus(scaled(ce_bar, total), lse_bar), xp)  # r · sum_e where in range
+    r = targets.nan_out_of_range(coefficient, xp) / sum_e
     d = None
-    if may_be_nonzero(eps):
+    if smoothing:
         smooth = targets.zero_ignored(ce_bar * (eps / num_total), xp)[:, None]
         d = smooth if weight is None else smooth * local_weight(weight, shard, block, xp)
     if isinstance(eps, float) and eps >= 1:
         return r, d, None
-    a = targets.zero_ignored(scaled(ce_bar, (1.0 - eps) * targets.weight_at_target), xp)
+    same = not smoothing and lse_bar is None  # then total is at_target: the coefficient is a's expression
+    a = coefficient if same else targets.zero_ignored(scaled(ce_bar, at_target), xp)
     return r, d, a if targets.here is None else xp.where(targets.here, a, 0.0)
 
 

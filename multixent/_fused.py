@@ -45,7 +45,15 @@ def targets_of(
     num_classes = F.num_classes(num_local, shard)
     if target.ndim == 1:
         return F.class_targets(
-            target, weight, num_classes, opts, xp, may_ignore=plan.may_ignore, shard=shard, num_local=num_local
+            target,
+            weight,
+            num_classes,
+            opts,
+            xp,
+            may_ignore=plan.may_ignore,
+            shard=shard,
+            num_local=num_local,
+            assert_none=plan.assert_none,
         )
     return F.smoothed(xp.astype(target, dtype), num_classes, opts, F.local_weight(weight, shard, x, xp))
 

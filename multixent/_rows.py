@@ -18,7 +18,7 @@ import array_api_extra as xpx
 from . import _blocked, _fused
 from . import _formulas as F
 from ._blocked import blocks, rows_of
-from ._compat import device, full_like
+from ._compat import device, full_like, known_size
 
 Array = Any
 Namespace = Any
@@ -50,23 +50,31 @@ class Plan:
     #: Out of place: the target's logit picked by a one-hot select, not a gather (whose derivative,
     #: a scatter, a compiler may get wrong where the framework differentiates the math itself).
     one_hot_target: bool = False
+    #: The adapter's device-side assertion that a boolean ``(rows,)`` array holds no True (eager
+    #: accelerators: no host read), given the rows whose class index is out of range, with the message;
+    #: answers whether it asserted (not for an array it cannot read now). None: such rows' loss is NaN.
+    assert_none: Callable[[Array, str], bool] | None = None
 
 
-#: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore, exp_into)``.
-_EAGER_PLANS: dict[tuple[int | None, bool, bool, Any], Plan] = {}
+#: The eager plans (:func:`eager_plan`) per ``(block rows, in place, may_ignore, exp_into, assert_none)``.
+_EAGER_PLANS: dict[tuple[int | None, bool, bool, Any, Any], Plan] = {}
 
 
 def eager_plan(
-    num_classes: int | None, in_place: bool, may_ignore: bool, exp_into: Callable[[Array], Array] | None = None
+    num_classes: int | None,
+    in_place: bool,
+    may_ignore: bool,
+    exp_into: Callable[[Array], Array] | None = None,
+    assert_none: Callable[[Array, str], bool] | None = None,
 ) -> Plan:
     """The plan of an eager call without autodiff or group: blocks of rows for ``num_classes``
     (:func:`multixent._blocked.block_rows_for`; None: one block), in place or not; built once per kind
-    (the key holds Python numbers and a function, which ``torch.compile`` hashes: no memo)."""
+    (the key holds Python numbers and functions, which ``torch.compile`` hashes: no memo)."""
     rows = None if num_classes is None else _blocked.block_rows_for(num_classes)
-    key = (rows, in_place, may_ignore, exp_into)
+    key = (rows, in_place, may_ignore, exp_into, assert_none)
     found = _EAGER_PLANS.get(key)
     if found is None:
-        found = _EAGER_PLANS[key] = Plan(rows, in_place, may_ignore, exp_into=exp_into)
+        found = _EAGER_PLANS[key] = Plan(rows, in_place, may_ignore, exp_into=exp_into, assert_none=assert_none)
     return found
 
 
@@ -269,6 +277,16 @@ def _nonzero(a: Array | float) -> bool:
     return not isinstance(a, (int, float)) or a != 0
 
 
+def _per_row(scale: Array | float, like: Array, xp: Namespace) -> Array:
+    """A Python float or a 0-d array as an array of ``like``'s shape: a view where that shape is known
+    (dask's may not be: rows selected by a lazy mask)."""
+    if isinstance(scale, float):
+        return full_like(like, scale, xp)
+    if all(map(known_size, like.shape)):
+        return xp.broadcast_to(scale, like.shape)
+    return xp.zeros_like(like) + scale
+
+
 def row_losses_and_grad(
     x: Array,
     target: Array,
@@ -298,7 +316,7 @@ def row_losses_and_grad(
     for a, b in spans:
         x_blk, t_blk = rows_of(x, a, b), rows_of(target, a, b)
         f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), dtype, need_lse=need_lse)
-        ce_bar = full_like(f.ce, ce_scale, xp) if isinstance(ce_scale, float) else xp.zeros_like(f.ce) + ce_scale
+        ce_bar = _per_row(ce_scale, f.ce, xp)
         lse_bar = lse_scale * f.lse if _nonzero(lse_scale) and f.lse is not None else None
         g = _gradient(plan, output, (a, b), (f.e, f.sum_e, f.tanh, f.targets), weight, ce_bar, lse_bar, opts, xp)
         ces.append(f.ce)

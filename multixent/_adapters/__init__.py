@@ -40,11 +40,6 @@ class Adapter(Protocol):
         """``a`` (or a host copy of it) when its values can be read now; None while traced."""
         ...
 
-    def check_on_device(self, target: Any, classes: int, ignore: int) -> None:
-        """Where :meth:`concrete` gave None for an eager accelerator array: class indices in ``[0, classes)``
-        or ``ignore``, asserted on the device without a host read (or nothing: NaN marks them)."""
-        ...
-
     def plan(
         self, x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None
     ) -> _rows.Plan:

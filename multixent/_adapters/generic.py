@@ -124,10 +124,6 @@ def concrete(a: Any) -> Any:
     return a
 
 
-def check_on_device(target: Any, classes: int, ignore: int) -> None:
-    """Nothing: no device-side assertion here (NaN marks an out-of-range index where it is not read)."""
-
-
 def scalar(a: Any) -> float | None:
     return None if array_api_compat.is_lazy_array(a) else float(a)
 

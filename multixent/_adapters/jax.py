@@ -47,10 +47,6 @@ def concrete(a: Any) -> Any:
     return np.asarray(a)
 
 
-def check_on_device(target: Any, classes: int, ignore: int) -> None:
-    """Nothing: JAX has no device-side assertion outside ``checkify``; NaN marks an out-of-range index."""
-
-
 def plan(x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, shard: Any = None) -> _rows.Plan:
     """One block, out of place: XLA fuses the whole computation; the row max's shift is not differentiated."""
     stop = jax.lax.stop_gradient if differentiable else None

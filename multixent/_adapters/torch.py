@@ -94,7 +94,7 @@ def route(x: Any, *arrays: Any, scalar: bool = False, options: bool = False) -> 
     ===  ============================================  ===========  ===============================================
 
     One array's route says whether its values can be read now (:func:`concrete`, :func:`scalar`,
-    :func:`check_on_device`, the backward's upstream gradient; :func:`_unread` asks rows 2 and 3 alone): not
+    :func:`_assert_none`, the backward's upstream gradient; :func:`_unread` asks rows 2 and 3 alone): not
     under COMPILED or WRAPPED; under TRANSFORMED not as a NumPy view.
     The backward is differentiable (one block, out of place) under ``create_graph=True``, WRAPPED or
     TRANSFORMED (:func:`_backward`). With a process group: COMPILED, WRAPPED, TRANSFORMED, FORWARD and
@@ -181,7 +181,7 @@ def concrete(a: Any) -> Any:
     for a subclass (DTensor and others keep their own semantics): the tensor itself then.
     """
     if _accelerated(a) and not _compat.SYNC_CHECKS:
-        return None  # accelerators: checked on the device (:func:`check_on_device`), no host read
+        return None  # accelerators: checked on the device (:func:`_assert_none`), no host read
     if _unread(a):
         return None
     viewable = type(a) is torch.Tensor and a.is_cpu and a.layout == torch.strided and not a.requires_grad
@@ -218,9 +218,10 @@ def _cpu_exp_into(a: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked_plan(x: Any, in_place: bool, may_ignore: bool) -> _rows.Plan:
-    """The eager plan of ``x``: on the CPU, blocks of rows and its exponential; on accelerators, one block."""
+    """The eager plan of ``x``: on the CPU, blocks of rows and its exponential; on accelerators, one block
+    and the class indices asserted on the device."""
     if _accelerated(x):
-        return _rows.eager_plan(None, in_place, may_ignore)
+        return _rows.eager_plan(None, in_place, may_ignore, assert_none=_device_assertion(x))
     return _rows.eager_plan(x.shape[-1], in_place, may_ignore, _cpu_exp_into)
 
 
@@ -233,15 +234,20 @@ def _compiled_transform() -> bool:
     return torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def check_on_device(target: Any, classes: int, ignore: int) -> None:
-    """On accelerators, eagerly: class indices in ``[0, classes)`` or ``ignore``, asserted on the device
-    (``torch._assert_async``, torch's own check for its losses; no host synchronisation). A failure is
-    a device-side assertion, as for ``F.cross_entropy``; ``MULTIXENT_SYNC_CHECKS=1`` gives the
-    ``IndexError`` instead."""
-    if not _accelerated(target) or target.numel() == 0 or _unread(target):
-        return
-    valid = ((target >= 0) & (target < classes)) | (target == ignore)
-    torch._assert_async(valid.all(), "multixent: target holds a class index outside [0, C) that is not ignore_index")
+def _assert_none(mask: Any, message: str) -> bool:
+    """Asserts on the device that ``mask`` holds no True: ``torch._assert_async``, torch's own check for its
+    losses (no host synchronisation; a failure is a device-side assertion, as for ``F.cross_entropy``, and
+    at once on the CPU). False, asserting nothing, for a mask whose values cannot be read now."""
+    if _unread(mask):
+        return False
+    torch._assert_async(mask.any().logical_not(), message)
+    return True
+
+
+def _device_assertion(x: Any) -> Any:
+    """:func:`_assert_none` for the accelerator strategy (:attr:`multixent._rows.Plan.assert_none`): class
+    indices checked on the device, unless ``MULTIXENT_SYNC_CHECKS=1`` read them on the host instead."""
+    return _assert_none if _accelerated(x) and not _compat.SYNC_CHECKS else None
 
 
 def plan(
@@ -256,13 +262,16 @@ def plan(
     ``in_op``: inside a custom op (the linear chunks), always eager, blocks in place.
     ``shard``: the class axis split over a process group (:func:`shard`).
     """
+    assertion = _device_assertion(x)
     if in_op:
         exp = None if _accelerated(x) else _cpu_exp_into
-        how = _rows.Plan(_blocked.block_rows_for(x.shape[-1]), in_place=True, may_ignore=may_ignore, exp_into=exp)
+        rows = _blocked.block_rows_for(x.shape[-1])
+        how = _rows.Plan(rows, in_place=True, may_ignore=may_ignore, exp_into=exp, assert_none=assertion)
     elif differentiable:
-        how = _rows.Plan(may_ignore=may_ignore, stop_gradient=torch.Tensor.detach, one_hot_target=_compiled_transform())
+        stop, one_hot = torch.Tensor.detach, _compiled_transform()
+        how = _rows.Plan(may_ignore=may_ignore, stop_gradient=stop, one_hot_target=one_hot, assert_none=assertion)
     elif route(x, *inputs) in _ONE_BLOCK:
-        how = _rows.Plan(may_ignore=may_ignore, one_hot_target=_compiled_transform())
+        how = _rows.Plan(may_ignore=may_ignore, one_hot_target=_compiled_transform(), assert_none=assertion)
     else:  # eager: blocks for the CPU's cache; one block on accelerators; out= refuses recorded inputs
         recorded = _recorded((x, *inputs))
         how = _blocked_plan(x, not recorded, may_ignore)

@@ -35,6 +35,14 @@ def test_views_are_not_operations_and_numel_sets_the_unit():
     assert c["logits_ops"] == 1
 
 
+def test_a_python_number_wrapped_on_the_host_is_no_launch():
+    """``torch.where(mask, x, 0.0)``: the 0 becomes a CPU ``scalar_tensor`` (an operation, no launch)."""
+    x = torch.ones(300, 70)
+    c = passes.count(lambda: torch.where(x > 0, x, 0.0))
+    assert c["op_names"] == ["aten.gt", "aten.scalar_tensor", "aten.where"]
+    assert (c["ops"], c["launches"]) == (3, 2)
+
+
 def test_every_host_read_is_counted_once():
     x = torch.arange(6.0).reshape(2, 3)
     item = torch.Tensor.item
