@@ -66,7 +66,7 @@ def test_parity_on_cpu_tensors_with_the_accelerator_strategy(monkeypatch):
     from multixent import _compat
 
     monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", True)
-    monkeypatch.setattr(_compat, "SYNC_CHECKS", False)  # (nox -s accelerator sets it for the rest of the suite)
+    monkeypatch.setattr(_compat, "SYNC_CHECKS", False)  # (set by the environment: the device-side check here)
     results = gpu.parity_torch("cpu", (6, 11))
     assert len(results) == 2 * len(gpu.CASES) * (3 + 2)  # "sum" and "mean" twice: autograd, cross_entropy_and_grad
     assert [r for r in results if not r["ok"]] == []
