@@ -106,6 +106,47 @@ def test_out_of_range_index_asserts_on_the_device(accelerator, monkeypatch):
         mx.cross_entropy(x, y)
 
 
+_ROUTES = {
+    "no autograd": lambda x, y, w: mx.cross_entropy(x.detach(), y),
+    "loss and gradient in one pass": lambda x, y, w: mx.cross_entropy(x, y).backward(),
+    "autograd of the rows": lambda x, y, w: mx.cross_entropy(x, y, weight=w).backward(),
+    "per row": lambda x, y, w: mx.cross_entropy(x, y, reduction="none").sum().backward(),
+    "double backward": lambda x, y, w: torch.autograd.grad(
+        torch.autograd.grad(mx.cross_entropy(x, y), x, create_graph=True)[0].sum(), x
+    ),
+    "forward mode": lambda x, y, w: torch.func.jvp(lambda a: mx.cross_entropy(a, y), (x.detach(),), (x.detach(),)),
+    "torch.func.grad": lambda x, y, w: torch.func.grad(lambda a: mx.cross_entropy(a, y))(x.detach()),
+    "cross_entropy_and_grad": lambda x, y, w: mx.cross_entropy_and_grad(x.detach(), y),
+    "nll_loss": lambda x, y, w: mx.nll_loss(torch.log_softmax(x, -1), y),
+}
+
+
+@pytest.mark.parametrize("route", list(_ROUTES))
+def test_every_eager_route_asserts_on_the_device(accelerator, route):
+    """Each eager way through torch (the adapter's routes, a transform with the arrays captured) asserts the
+    class indices on the device, and computes the other rows' values where none is out of range."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    with pytest.raises(RuntimeError, match="outside \\[0, C\\)"):
+        _ROUTES[route](x, torch.tensor([0, 1, 4, -100, 2, 3]), w)
+    _ROUTES[route](x, torch.tensor([0, 1, 3, -100, 2, 3]), w)
+
+
+def test_batched_targets_out_of_range_are_nan(accelerator):
+    """Under ``torch.func.vmap`` over the targets their values cannot be asserted: the out-of-range row's
+    loss is NaN (the traced path's answer), the others equal ``F.cross_entropy``'s."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([[0, 1, 3, -100], [0, 1, 2, -100]])
+    out = torch.func.vmap(lambda a, t: mx.cross_entropy(a, t, reduction="none"))(x, y)
+    assert torch.isnan(out[0, 2])
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[0, 2] = False
+    ref = torch.stack([F.cross_entropy(x[i], y[i].clamp(max=2), reduction="none") for i in range(2)])
+    torch.testing.assert_close(out[keep], ref[keep], rtol=1e-12, atol=1e-12)
+
+
 def test_cpu_tensors_take_the_cpu_route(monkeypatch):
     """Without the switch, CPU tensors read their class indices on the host (an IndexError, at once)."""
     monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", False)
