@@ -250,6 +250,13 @@ def _device_assertion(x: Any) -> Any:
     return _assert_none if _accelerated(x) and not _compat.SYNC_CHECKS else None
 
 
+def _in_group(how: _rows.Plan, shard: Any) -> _rows.Plan:
+    """``how`` over a class axis split over a group: without the device-side assertion, which would stop
+    the one member whose device asserts while the others wait in the group's next collective (its rows'
+    loss is NaN instead, on every member that holds the same targets)."""
+    return dataclasses.replace(how, shard=shard, assert_none=None)
+
+
 def plan(
     x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False, shard: Any = None
 ) -> _rows.Plan:
@@ -275,7 +282,7 @@ def plan(
     else:  # eager: blocks for the CPU's cache; one block on accelerators; out= refuses recorded inputs
         recorded = _recorded((x, *inputs))
         how = _blocked_plan(x, not recorded, may_ignore)
-    return how if shard is None else dataclasses.replace(how, shard=shard)
+    return how if shard is None else _in_group(how, shard)
 
 
 # --------------------------------------------------------------------------
@@ -597,7 +604,7 @@ def row_losses(
     if how is Route.PLAIN:  # nothing to differentiate: the math alone, blocks in place
         blocked = _blocked_plan(x, True, may_ignore)
         if shard is not None:
-            blocked = dataclasses.replace(blocked, shard=shard)
+            blocked = _in_group(blocked, shard)
         return _rows.row_losses(x, target, weight, opts, blocked, xp=xp, need_lse=need_lse)  # type: ignore[return-value]
     if how is Route.OPTIONS:  # autograd differentiates the math itself, options included
         recorded = plan(x, may_ignore=may_ignore, differentiable=True)

@@ -265,6 +265,48 @@ def test_errors_are_raised_on_every_rank(errors, case):
         assert re.match(expected, errors[rank][case], re.S), (rank, errors[rank][case])
 
 
+def _accelerator_strategy(rank: int, world_size: int) -> dict[str, str]:
+    """The accelerator strategy forced on CPU tensors (class indices not read on the host), with a group: an
+    index out of range is not asserted on one member's device (the others would wait in the group's next
+    collective); its row's loss is NaN, the other rows equal the unsharded call's."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    import multixent as mx
+    from multixent import _compat
+
+    _compat.ACCELERATOR_ON_CPU, _compat.SYNC_CHECKS = True, False
+    world = torch.distributed.group.WORLD
+    x, target, _, _ = _data(C_EQUAL, torch.float64)
+    part = slice(6 * rank, 6 * rank + 6)
+    bad = target.clone()
+    bad[3] = C_EQUAL
+    ok = bad != C_EQUAL
+    rows = mx.cross_entropy(x[:, part], bad, group=world, reduction="none")
+    expected = F.cross_entropy(x[ok], target[ok], reduction="none")
+    half = x[:, part].clone().requires_grad_()
+    loss = mx.cross_entropy(half, bad, group=world)
+    loss.backward()
+    h, w = torch.randn(9, 4, dtype=torch.float64), torch.randn(C_EQUAL, 4, dtype=torch.float64)
+    linear = mx.linear_cross_entropy(h, w[part], bad, group=world, reduction="none")
+    one_rank = target.clone()
+    one_rank[3] = C_EQUAL if rank == 1 else 3  # out of range on rank 1 only: no member waits
+    mx.cross_entropy(x[:, part].clone().requires_grad_(), one_rank, group=world).backward()
+    return {
+        "row out of range": str(math.isnan(rows[3]) and math.isnan(linear[3])),
+        "other rows": str(torch.allclose(rows[ok], expected, rtol=1e-12, atol=1e-12)),
+        "mean and its gradient": str(math.isnan(loss) and bool(half.grad[3].isnan().all())),
+    }
+
+
+def test_accelerator_strategy_gives_nan_for_an_index_out_of_range():
+    results = run_ranks(_accelerator_strategy, 2, timeout=120)
+    expected = {"row out of range": "True", "other rows": "True", "mean and its gradient": "True"}
+    assert results[0] == results[1] == expected
+
+
 LINEAR_OPTIONS = {
     "plain": {},
     "every-option": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 3.0, "weight": True},
