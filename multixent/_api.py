@@ -417,7 +417,8 @@ def _index_target(
     layout: Any = None,
 ) -> tuple[Array, _formulas.Options, bool]:
     """Class indices in the default index dtype (what gathers take), checked now when concrete (an
-    eager accelerator's, whose values are not read: by the formulas, on the device, ``Plan.assert_none``).
+    eager accelerator's, whose values are not read but over a group: by the formulas, on the device,
+    ``Plan.assert_none``).
 
     Returns the indices, the options, and whether an index may be ``ignore_index`` (False
     when they were checked and none is).
@@ -431,9 +432,10 @@ def _index_target(
     ignore = opts.ignore_index
     comparable = low <= ignore <= high
     given, target = target, target if target.dtype == dtype else xp.astype(target, dtype)
-    values = adapter.concrete(target) if _checks.readable(target) else None
+    in_group = shard is not None or layout is not None
+    values = adapter.concrete(target, in_group) if _checks.readable(target) else None
     if values is None and target is not given and _checks.readable(given):  # a concrete target cast under jit
-        before = adapter.concrete(given)
+        before = adapter.concrete(given, in_group)
         values = None if before is None else _compat.array_namespace(before).astype(before, dtype)
     if values is not None:
         if shard is None and layout is None:  # the usual call
@@ -1247,7 +1249,7 @@ def _linear_may_ignore(
 ) -> bool:
     """Whether a class index may be ``ignore_index``: concrete ones checked (an IndexError on every member of
     a group where one member's is out of range), traced ones NaN where out of range."""
-    values = adapter.concrete(target)
+    values = adapter.concrete(target, shard is not None)
     if values is None:  # (accelerators, eagerly: asserted on the device, Plan.assert_none)
         return True
     return _on_every_member(functools.partial(_checks.class_indices, values, classes, ignore), shard)

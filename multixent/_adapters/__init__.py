@@ -36,8 +36,9 @@ class Adapter(Protocol):
         """A context without floating-point warnings."""
         ...
 
-    def concrete(self, a: Any) -> Any:
-        """``a`` (or a host copy of it) when its values can be read now; None while traced."""
+    def concrete(self, a: Any, in_group: bool = False) -> Any:
+        """``a`` (or a host copy of it) when its values can be read now; None while traced. ``in_group``: a
+        call over a process group, whose members agree on the host anyway: read on an accelerator too."""
         ...
 
     def plan(

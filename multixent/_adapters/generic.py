@@ -114,9 +114,9 @@ class _Quiet:
 NUMPY_INPUTS: bool | str = False
 
 
-def concrete(a: Any) -> Any:
+def concrete(a: Any, in_group: bool = False) -> Any:
     """None for lazy arrays, and for CuPy's unless ``MULTIXENT_SYNC_CHECKS=1`` (no host read on a GPU:
-    out-of-range indices give NaN there, as under tracing)."""
+    out-of-range indices give NaN there, as under tracing). No process groups here: ``in_group`` is unused."""
     if isinstance(a, numpy.ndarray):
         return a
     if array_api_compat.is_lazy_array(a) or (array_api_compat.is_cupy_array(a) and not _compat.SYNC_CHECKS):

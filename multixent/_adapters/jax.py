@@ -36,10 +36,10 @@ def scalar(a: Any) -> float | None:
     return None if isinstance(a, jax.core.Tracer) else float(a)
 
 
-def concrete(a: Any) -> Any:
+def concrete(a: Any, in_group: bool = False) -> Any:
     """A NumPy copy of a concrete array (operations on it inside ``jit`` would be traced); None for
     one on an accelerator unless ``MULTIXENT_SYNC_CHECKS=1`` (no host read: an out-of-range index
-    gives NaN there, as under ``jit``)."""
+    gives NaN there, as under ``jit``). ``in_group`` changes nothing: JAX's groups are traced (``shard_map``)."""
     if isinstance(a, jax.core.Tracer):
         return None
     if isinstance(a, jax.Array) and not _compat.SYNC_CHECKS and any(d.platform != "cpu" for d in a.devices()):

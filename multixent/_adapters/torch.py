@@ -172,15 +172,18 @@ def scalar(a: Any) -> float | None:
     return float(a)
 
 
-def concrete(a: Any) -> Any:
-    """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor.
+def concrete(a: Any, in_group: bool = False) -> Any:
+    """``a`` when its values can be read: not while compiling, nor a batched (vmapped) tensor; on an
+    accelerator only with ``in_group`` (a call over a process group: its members agree on the host anyway,
+    and an index out of range is then the same IndexError on every member, where a device-side assertion
+    would stop one member and leave the others waiting in a collective) or ``MULTIXENT_SYNC_CHECKS=1``.
 
     A plain CPU tensor comes as a NumPy view (no copy): the index check's reductions then cost
     NumPy's microsecond, not a torch operation's dispatch and a host read. Not under an active
     torch.func transform (there even an unwrapped tensor has no storage for ``numpy()``), nor
     for a subclass (DTensor and others keep their own semantics): the tensor itself then.
     """
-    if _accelerated(a) and not _compat.SYNC_CHECKS:
+    if _accelerated(a) and not (in_group or _compat.SYNC_CHECKS):
         return None  # accelerators: checked on the device (:func:`_assert_none`), no host read
     if _unread(a):
         return None
@@ -250,13 +253,6 @@ def _device_assertion(x: Any) -> Any:
     return _assert_none if _accelerated(x) and not _compat.SYNC_CHECKS else None
 
 
-def _in_group(how: _rows.Plan, shard: Any) -> _rows.Plan:
-    """``how`` over a class axis split over a group: without the device-side assertion, which would stop
-    the one member whose device asserts while the others wait in the group's next collective (its rows'
-    loss is NaN instead, on every member that holds the same targets)."""
-    return dataclasses.replace(how, shard=shard, assert_none=None)
-
-
 def plan(
     x: Any, *inputs: Any, may_ignore: bool, differentiable: bool = False, in_op: bool = False, shard: Any = None
 ) -> _rows.Plan:
@@ -282,7 +278,7 @@ def plan(
     else:  # eager: blocks for the CPU's cache; one block on accelerators; out= refuses recorded inputs
         recorded = _recorded((x, *inputs))
         how = _blocked_plan(x, not recorded, may_ignore)
-    return how if shard is None else _in_group(how, shard)
+    return how if shard is None else dataclasses.replace(how, shard=shard)
 
 
 # --------------------------------------------------------------------------
@@ -604,7 +600,7 @@ def row_losses(
     if how is Route.PLAIN:  # nothing to differentiate: the math alone, blocks in place
         blocked = _blocked_plan(x, True, may_ignore)
         if shard is not None:
-            blocked = _in_group(blocked, shard)
+            blocked = dataclasses.replace(blocked, shard=shard)
         return _rows.row_losses(x, target, weight, opts, blocked, xp=xp, need_lse=need_lse)  # type: ignore[return-value]
     if how is Route.OPTIONS:  # autograd differentiates the math itself, options included
         recorded = plan(x, may_ignore=may_ignore, differentiable=True)

@@ -266,11 +266,10 @@ def test_errors_are_raised_on_every_rank(errors, case):
 
 
 def _accelerator_strategy(rank: int, world_size: int) -> dict[str, str]:
-    """The accelerator strategy forced on CPU tensors (class indices not read on the host), with a group: an
-    index out of range is not asserted on one member's device (the others would wait in the group's next
-    collective); its row's loss is NaN, the other rows equal the unsharded call's."""
-    import math
-
+    """The accelerator strategy forced on CPU tensors, with a group: the class indices are read on the host
+    (the members agree there anyway), so that an index out of range on one member is the IndexError on
+    every member, where a device-side assertion would stop that member alone; in range, the unsharded
+    call's values."""
     import torch
     import torch.nn.functional as F
 
@@ -281,30 +280,26 @@ def _accelerator_strategy(rank: int, world_size: int) -> dict[str, str]:
     world = torch.distributed.group.WORLD
     x, target, _, _ = _data(C_EQUAL, torch.float64)
     part = slice(6 * rank, 6 * rank + 6)
-    bad = target.clone()
-    bad[3] = C_EQUAL
-    ok = bad != C_EQUAL
-    rows = mx.cross_entropy(x[:, part], bad, group=world, reduction="none")
-    expected = F.cross_entropy(x[ok], target[ok], reduction="none")
-    half = x[:, part].clone().requires_grad_()
-    loss = mx.cross_entropy(half, bad, group=world)
-    loss.backward()
     h, w = torch.randn(9, 4, dtype=torch.float64), torch.randn(C_EQUAL, 4, dtype=torch.float64)
-    linear = mx.linear_cross_entropy(h, w[part], bad, group=world, reduction="none")
     one_rank = target.clone()
-    one_rank[3] = C_EQUAL if rank == 1 else 3  # out of range on rank 1 only: no member waits
-    mx.cross_entropy(x[:, part].clone().requires_grad_(), one_rank, group=world).backward()
-    return {
-        "row out of range": str(math.isnan(rows[3]) and math.isnan(linear[3])),
-        "other rows": str(torch.allclose(rows[ok], expected, rtol=1e-12, atol=1e-12)),
-        "mean and its gradient": str(math.isnan(loss) and bool(half.grad[3].isnan().all())),
+    one_rank[3] = C_EQUAL if rank == 1 else 3  # out of range on rank 1 only
+    half = x[:, part].clone().requires_grad_()
+    cases = {
+        "out-of-range-on-one-rank": lambda: mx.cross_entropy(x[:, part], one_rank, group=world),
+        "linear-out-of-range-on-one-rank": lambda: mx.linear_cross_entropy(h, w[part], one_rank, group=world),
+        "in-range": lambda: _same(mx.cross_entropy(half, target, group=world), F.cross_entropy(x, target)),
     }
+    return outcomes(cases)
 
 
-def test_accelerator_strategy_gives_nan_for_an_index_out_of_range():
+def test_accelerator_strategy_with_a_group_raises_on_every_rank():
+    import re
+
     results = run_ranks(_accelerator_strategy, 2, timeout=120)
-    expected = {"row out of range": "True", "other rows": "True", "mean and its gradient": "True"}
-    assert results[0] == results[1] == expected
+    assert results[0] == results[1], results
+    for case in ("out-of-range-on-one-rank", "linear-out-of-range-on-one-rank"):
+        assert re.match(r"IndexError: .*class index 12 .*\[raised on rank 1 ", results[0][case], re.S), results
+    assert results[0]["in-range"] == "none", results
 
 
 LINEAR_OPTIONS = {
