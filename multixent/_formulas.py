@@ -449,19 +449,21 @@ def grad_terms(
     if not isinstance(targets, ClassTargets):
         (t_sum,) = group_sums(shard, xp, xp.sum(targets, axis=-1))
         return plus(ce_bar * t_sum, lse_bar) / sum_e, ce_bar[:, None] * targets, None
+    ce_bar = targets.zero_ignored(ce_bar, xp)  # an ignored row's terms are 0
+    lse_bar = None if lse_bar is None else targets.zero_ignored(lse_bar, xp)
     at_target = (1.0 - eps) * targets.weight_at_target
     smoothing = may_be_nonzero(eps)
     total = at_target + eps / num_total * weight_sum(weight, num_total, xp) if smoothing else at_target
-    coefficient = targets.zero_ignored(plus(scaled(ce_bar, total), lse_bar), xp)  # r · sum_e where in range
+    coefficient = plus(scaled(ce_bar, total), lse_bar)  # r · sum_e where in range
     r = targets.nan_out_of_range(coefficient, xp) / sum_e
     d = None
     if smoothing:
-        smooth = targets.zero_ignored(ce_bar * (eps / num_total), xp)[:, None]
+        smooth = (ce_bar * (eps / num_total))[:, None]
         d = smooth if weight is None else smooth * local_weight(weight, shard, block, xp)
     if isinstance(eps, float) and eps >= 1:
         return r, d, None
     same = not smoothing and lse_bar is None  # then total is at_target: the coefficient is a's expression
-    a = coefficient if same else targets.zero_ignored(scaled(ce_bar, at_target), xp)
+    a = coefficient if same else scaled(ce_bar, at_target)
     return r, d, a if targets.here is None else xp.where(targets.here, a, 0.0)
 
 

@@ -218,15 +218,17 @@ class TorchEager:
 
 def alternating_best(*fs: Any, rounds: int = 7, budget: float = 0.05) -> list[float]:
     """Seconds per call of each of ``fs``, all in this process: each warmed up (20 calls), then the best of
-    ``rounds`` rounds of about ``budget`` seconds each, the functions' rounds alternating."""
+    ``rounds`` rounds of about ``budget`` seconds each, the functions' rounds alternating, in reverse order
+    every other round (a function timed right after another pays no fixed share of its aftermath)."""
     import timeit
 
     for f in fs:
         timeit.timeit(f, number=20)
     numbers = [max(1, int(budget / max(timeit.timeit(f, number=10) / 10, 1e-7))) for f in fs]
     times: list[list[float]] = [[] for _ in fs]
-    for _ in range(rounds):
-        for f, n, t in zip(fs, numbers, times, strict=True):
+    runs = list(zip(fs, numbers, times, strict=True))
+    for i in range(rounds):
+        for f, n, t in runs if i % 2 == 0 else runs[::-1]:
             t.append(timeit.timeit(f, number=n) / n)
     return [min(t) for t in times]
 
