@@ -779,6 +779,22 @@ def _loss(call: _Call, z_coef: float | Array, out_dtype: Any) -> Array:
         return _reduce(call, ce, lse, z_coef, out_dtype)
 
 
+def _scales(call: _Call, dtype: Any, with_z: bool) -> tuple[Array | float, Array | float]:
+    """The factors of ``Σ ce`` and of the z-loss's ``Σ lse²`` in the call's reduction: 1 for "sum"; for "mean"
+    ``1 / Σ w_y`` (class indices with weights; 0 where that is 0) or one over the count of rows
+    (:func:`multixent._formulas.inverse_count`), and the z-loss's over the counted rows (1 without z-loss).
+    Python floats where the counts are known now."""
+    if call.reduction != "mean":
+        return 1.0, 1.0
+    xp = call.xp
+    ce_count, z_count, _ = _denominators(call, dtype)
+    if call.weight is not None and call.is_index:  # Σ w_y
+        ce_scale = _formulas.mean(xp.ones((), dtype=dtype, device=device(call.rows)), ce_count, xp)
+    else:
+        ce_scale = _formulas.inverse_count(ce_count, xp)
+    return ce_scale, _formulas.inverse_count(z_count, xp) if with_z else 1.0
+
+
 def _loss_and_grad(call: _Call, z_coef: float | Array, out_dtype: Any) -> tuple[Array, Array]:
     """The reduced loss ("mean" or "sum") and its gradient with respect to ``call.rows``, in one pass."""
     xp = call.xp
@@ -786,15 +802,7 @@ def _loss_and_grad(call: _Call, z_coef: float | Array, out_dtype: Any) -> tuple[
     z_coef = _in_dtype(z_coef, dtype, xp)
     arrays = call.opts.arrays
     plan = call.adapter.plan(call.rows, call.target, call.weight, *arrays, may_ignore=call.may_ignore, shard=call.shard)
-    ce_scale: Array | float = 1.0
-    z_scale: Array | float = 1.0
-    if call.reduction == "mean":
-        ce_count, z_count, _ = _denominators(call, dtype)
-        if call.weight is not None and call.is_index:  # Σ w_y
-            ce_scale = _formulas.mean(xp.ones((), dtype=dtype, device=device(call.rows)), ce_count, xp)
-        else:  # a count of rows
-            ce_scale = _formulas.inverse_count(ce_count, xp)
-        z_scale = _formulas.inverse_count(z_count, xp) if _formulas.may_be_nonzero(z_coef) else 1.0
+    ce_scale, z_scale = _scales(call, dtype, _formulas.may_be_nonzero(z_coef))
     with call.adapter.quiet():
         ce, lse, grad = _rows.row_losses_and_grad(
             call.rows,
@@ -1261,11 +1269,9 @@ def _linear_loss(call: _Call, linear: _linear.LinearCall, z_coef: float | Array,
     if call.reduction == "none":
         ce, lse = adapter.linear_rows(linear)
         return _reduce(call, ce, lse, z_coef, out_dtype)
-    one = xp.ones((), dtype=dtype, device=device(call.rows))  # made there (a Python number's copy would synchronise)
-    ce_scale, z_scale = one, one
-    if call.reduction == "mean":
-        ce_count, z_count, _ = _denominators(call, dtype)
-        ce_scale, z_scale = _formulas.mean(one, ce_count, xp), _formulas.mean(one, z_count, xp)
+    # the scales as arrays (the chunk loop's op takes tensors), made there: a Python number's copy would synchronise
+    one = xp.ones((), dtype=dtype, device=device(call.rows))
+    ce_scale, z_scale = (_formulas.scaled(one, s) for s in _scales(call, dtype, _formulas.may_be_nonzero(z_coef)))
     z_coef = _in_dtype(z_coef, dtype, xp)
     lse_scale = (2.0 * z_coef) * z_scale if _formulas.may_be_nonzero(z_coef) else None
     loss = adapter.linear_scalar(linear, ce_scale, lse_scale)

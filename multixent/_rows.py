@@ -277,7 +277,7 @@ def _nonzero(a: Array | float) -> bool:
     return not isinstance(a, (int, float)) or a != 0
 
 
-def _per_row(scale: Array | float, like: Array, xp: Namespace) -> Array:
+def _as_rows(scale: Array | float, like: Array, xp: Namespace) -> Array:
     """A Python float or a 0-d array as an array of ``like``'s shape: a view where that shape is known
     (dask's may not be: rows selected by a lazy mask)."""
     if isinstance(scale, float):
@@ -316,7 +316,7 @@ def row_losses_and_grad(
     for a, b in spans:
         x_blk, t_blk = rows_of(x, a, b), rows_of(target, a, b)
         f = _forward_for_grad(x_blk, t_blk, weight, opts, plan, xp, output, (a, b), dtype, need_lse=need_lse)
-        ce_bar = _per_row(ce_scale, f.ce, xp)
+        ce_bar = _as_rows(ce_scale, f.ce, xp)
         lse_bar = lse_scale * f.lse if _nonzero(lse_scale) and f.lse is not None else None
         g = _gradient(plan, output, (a, b), (f.e, f.sum_e, f.tanh, f.targets), weight, ce_bar, lse_bar, opts, xp)
         ces.append(f.ce)

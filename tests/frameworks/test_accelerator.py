@@ -124,7 +124,8 @@ _ROUTES = {
 @pytest.mark.parametrize("route", list(_ROUTES))
 def test_every_eager_route_asserts_on_the_device(accelerator, route):
     """Each eager way through torch (the adapter's routes, a transform with the arrays captured) asserts the
-    class indices on the device, and computes the other rows' values where none is out of range."""
+    class indices on the device, and runs where none is out of range (the values of those routes under the
+    strategy: ``nox -s accelerator``'s suite)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
     w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
