@@ -73,12 +73,15 @@ def accelerator(session: nox.Session) -> None:
     """The torch suite with the accelerator strategy (one block, no host read, class indices asserted on the
     device) forced on CPU tensors (``MULTIXENT_ACCELERATOR_ON_CPU=1``); the tests that expect an IndexError for
     an index out of range with ``MULTIXENT_SYNC_CHECKS=1`` (the indices read on the host, as when debugging).
-    Tests marked ``slow`` are left to `tests`."""
+    Tests marked ``slow`` are left to `tests`. Then the fused route's autograd contract (hooks, in-place
+    changes, retained graphs) with the strategy's pass compiled (``MULTIXENT_COMPILED_STRATEGY=1``)."""
     session.install(*TEST, TORCH)
     session.install(".")
     forced = {"MULTIXENT_ACCELERATOR_ON_CPU": "1"}
     _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=forced)
     _suite(session, "torch", "-m", "not slow", "-k", INDEX_ERRORS, env={**forced, "MULTIXENT_SYNC_CHECKS": "1"})
+    compiled = {**forced, "MULTIXENT_COMPILED_STRATEGY": "1"}
+    _suite(session, "torch", "tests/frameworks/test_fused_contract.py", env=compiled)
 
 
 def _floors(*extras: str) -> list[str]:

@@ -14,13 +14,17 @@ It measures the checkout it lies in (the repository root goes first on ``sys.pat
    JAX arrays (``F.cross_entropy``'s float64 where optax lacks the option); multixent on NumPy float64 for
    CuPy arrays (``cross_entropy_and_grad``). Each torch call's host synchronisations are counted too
    (``torch.cuda.set_sync_debug_mode``; on the CPU the host reads of ``benchmarks/passes.py``). With ``--dry``:
-   CPU tensors, CPU JAX arrays, and NumPy standing in for CuPy.
+   CPU tensors, CPU JAX arrays, and NumPy standing in for CuPy. Four option sets again with the pass compiled
+   (``COMPILED_PARITY``; one with ``--dry``, where the CPU's host-read count runs it eagerly).
 2. **Passes**: the eager forward+backward's operations, bytes read and written per logit and host reads, counted
    with a ``TorchDispatchMode`` (``benchmarks/passes.py``), beside ``F.cross_entropy``'s.
 3. **Grid** 64×10, 512×1000, 4096×32000, 8192×128256, float32 and bfloat16: time (CUDA events, warm, median) and
    peak memory beyond the inputs (``torch.cuda.max_memory_allocated``) of forward and forward+backward, multixent
-   against ``F.cross_entropy`` eager; both under ``torch.compile`` (forward+backward at 4096×32000, compile time
-   apart); ``jax.jit(value_and_grad)`` against optax (memory from ``compile().memory_analysis()``);
+   against ``F.cross_entropy`` eager, and the kernels one call launches (torch's profiler, CUDA only); both under
+   ``torch.compile`` (forward+backward at 4096×32000, compile time apart), and there multixent's eager call with
+   its loss-and-gradient pass compiled (the private ``COMPILED_STRATEGY``) against the eager native loss: on by
+   default only if faster than the eager strategy; ``jax.jit(value_and_grad)`` against optax (memory from
+   ``compile().memory_analysis()``);
    ``linear_cross_entropy`` at 8192 × 4096 × 128256 bfloat16 against ``F.linear`` + ``F.cross_entropy`` (and
    Liger-Kernel, Cut Cross-Entropy when they import). Ratios are against the native loss of the same run.
 
@@ -169,12 +173,41 @@ def parity_cases(dtypes: list[str]) -> Iterator[tuple[str, str, dict[str, Any], 
                 yield dtype, case, spec, reduction, seed
 
 
-def parity_torch(device: str, shape: tuple[int, int]) -> list[dict[str, Any]]:
-    """multixent's value and gradient (autograd, and cross_entropy_and_grad) on ``device`` against torch_oracle."""
+#: parity of the strategy compiled (``COMPILED_STRATEGY``; each a compile): (dtype, case, reduction)
+COMPILED_PARITY = [
+    ("float32", "every option", "mean"),
+    ("bfloat16", "every option", "mean"),
+    ("float32", "none", "sum"),
+    ("bfloat16", "ignore_index", "mean"),
+]
+
+
+def parity_torch(device: str, shape: tuple[int, int], compiled_cases: int) -> list[dict[str, Any]]:
+    """multixent's value and gradient (autograd, and cross_entropy_and_grad) on ``device`` against torch_oracle;
+    then the first ``compiled_cases`` of :data:`COMPILED_PARITY` with the strategy compiled."""
+    from multixent import _compat
+
+    results = _parity_torch(device, shape, parity_cases(["float32", "bfloat16"]))
+    chosen = set(COMPILED_PARITY[:compiled_cases])
+    cases = [c for c in parity_cases(["float32", "bfloat16"]) if (c[0], c[1], c[3]) in chosen]
+    saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, True
+    try:
+        compiled = _parity_torch(device, shape, iter(cases), and_grad=False)
+    finally:
+        _compat.COMPILED_STRATEGY = saved
+    return results + [{**r, "framework": "torch, strategy compiled"} for r in compiled]
+
+
+def _parity_torch(
+    device: str,
+    shape: tuple[int, int],
+    cases: Iterator[tuple[str, str, dict[str, Any], str, int]],
+    and_grad: bool = True,
+) -> list[dict[str, Any]]:
     import torch
 
     results = []
-    for dtype, case, spec, reduction, seed in parity_cases(["float32", "bfloat16"]):
+    for dtype, case, spec, reduction, seed in cases:
         d = case_inputs(spec, shape, seed)
         tdtype = getattr(torch, dtype)
         x = torch.tensor(d["x"]).to(device=device, dtype=tdtype).requires_grad_()
@@ -190,7 +223,7 @@ def parity_torch(device: str, shape: tuple[int, int]) -> list[dict[str, Any]]:
         loss, syncs = host_syncs(functools.partial(_forward_backward, x, t, w, opts, g), device)
         row = {"framework": "torch", "dtype": dtype, "case": case, "reduction": reduction, "host_syncs": syncs}
         results.append(check(row, loss, x.grad, ref, x64.grad))
-        if reduction != "none":
+        if reduction != "none" and and_grad:
             pair, syncs = host_syncs(functools.partial(_and_grad, x.detach(), t, w, opts), device)
             row = {**row, "case": f"{case} (cross_entropy_and_grad)", "host_syncs": syncs}
             results.append(check(row, *pair, ref, x64.grad))
@@ -385,6 +418,13 @@ class Meter:
         self.sync()
         return torch.cuda.max_memory_allocated() - base
 
+    def launches(self, fn: Callable[[], Any]) -> int | None:
+        """The kernels (memory copies and sets too) one warm call of ``fn`` runs on the GPU, by torch's
+        profiler; None on the CPU, or where the profiler fails."""
+        if not self.cuda:
+            return None
+        return device_events(fn, cuda=True)
+
     def ms(self, fn: Callable[[], Any]) -> float:
         """Median milliseconds of warm calls, as many as fit ``target_s`` (3 to 25)."""
         self.sync()
@@ -408,6 +448,23 @@ class Meter:
             end.record()
         self.sync()
         return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def device_events(fn: Callable[[], Any], cuda: bool) -> int | None:
+    """The events on the device (``cuda``) or the CPU that torch's profiler records for one call of ``fn``;
+    None if the profiler fails."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activity, kind = (ProfilerActivity.CUDA, "CUDA") if cuda else (ProfilerActivity.CPU, "CPU")
+    try:
+        with profile(activities=[activity]) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == getattr(torch.autograd.DeviceType, kind))
+    except Exception:
+        return None
 
 
 def is_oom(e: BaseException) -> bool:
@@ -436,12 +493,24 @@ def run_point(
     free()
 
 
+#: The losses of the torch grid: (name, its native loss for the ratios).
+TORCH_LOSSES = {
+    "multixent": "F.cross_entropy",
+    "multixent, strategy compiled": "F.cross_entropy",
+    "multixent compiled": "F.cross_entropy compiled",
+}
+
+
 def torch_grid(args: argparse.Namespace, device: str, budget: Budget, errors: list[str]) -> list[dict[str, Any]]:
-    """multixent against F.cross_entropy, eager (forward, forward+backward) and compiled (forward+backward)."""
+    """multixent against F.cross_entropy, eager (forward, forward+backward) and compiled (forward+backward);
+    at the compile point also multixent's eager call with its strategy compiled (the private
+    ``COMPILED_STRATEGY``: its loss-and-gradient pass through ``torch.compile(dynamic=True)``), against the
+    eager native loss."""
     import torch
     import torch.nn.functional as F
 
     import multixent
+    from multixent import _compat
 
     meter = Meter(device == "cuda", 0.05 if args.dry else 0.3)
     rows: list[dict[str, Any]] = []
@@ -452,43 +521,56 @@ def torch_grid(args: argparse.Namespace, device: str, budget: Budget, errors: li
         if not budget.allows(label, needs=60.0 if compiled and not args.dry else 0.0):
             continue
         base = {"size": f"{n}×{c}", "dtype": dtype, "logits_bytes": n * c * getattr(torch, dtype).itemsize}
+        base["part"] = "compiled" if compiled else "eager"
 
         def body(n: int = n, c: int = c, dtype: str = dtype, compiled: bool = compiled) -> list[dict[str, Any]]:
             gen = torch.Generator(device).manual_seed(n + c)
             x = torch.randn(n, c, device=device, generator=gen).to(getattr(torch, dtype))
             t = torch.randint(0, c, (n,), device=device, generator=gen)
             xg = x.clone().requires_grad_()
-            losses = {"multixent": multixent.cross_entropy, "F.cross_entropy": F.cross_entropy}
+            if compiled:  # the user's torch.compile of each loss; the strategy compiled inside an eager call
+                torch._dynamo.reset()
+                c_mx, c_native = (
+                    torch.compile(f, backend=args.compile_backend, dynamic=False)
+                    for f in (multixent.cross_entropy, F.cross_entropy)
+                )
+                losses = {"multixent compiled": c_mx, "F.cross_entropy compiled": c_native}
+                losses["multixent, strategy compiled"] = multixent.cross_entropy
+            else:
+                losses = {"multixent": multixent.cross_entropy, "F.cross_entropy": F.cross_entropy}
             out = []
             for name, loss in losses.items():
-                if compiled:
-                    torch._dynamo.reset()
-                    loss = torch.compile(loss, backend=args.compile_backend, dynamic=False)
-                    name += " compiled"
 
                 def step(loss: Callable[..., Any] = loss) -> None:
                     xg.grad = None
                     loss(xg, t).backward()
 
                 passes = [("fwd+bwd", step)] if compiled else [("fwd", lambda loss=loss: loss(x, t)), ("fwd+bwd", step)]
-                for kind, fn in passes:
-                    t0 = time.perf_counter()
-                    meter.sync()
-                    fn()  # compile, or warm
-                    meter.sync()
-                    first = time.perf_counter() - t0
-                    peak = meter.peak(fn, reset=lambda: setattr(xg, "grad", None))
-                    out.append({"pass": kind, "loss": name, "ms": meter.ms(fn), "peak": peak})
-                    if compiled:
-                        out[-1]["compile_s"] = first
+                saved = _compat.COMPILED_STRATEGY
+                _compat.COMPILED_STRATEGY = name == "multixent, strategy compiled"
+                try:
+                    for kind, fn in passes:
+                        t0 = time.perf_counter()
+                        meter.sync()
+                        fn()  # compile, or warm
+                        meter.sync()
+                        first = time.perf_counter() - t0
+                        peak = meter.peak(fn, reset=lambda: setattr(xg, "grad", None))
+                        row = {"pass": kind, "loss": name, "ms": meter.ms(fn), "peak": peak}
+                        out.append({**row, "launches": meter.launches(fn)})
+                        if compiled:
+                            out[-1]["compile_s"] = first
+                finally:
+                    _compat.COMPILED_STRATEGY = saved
             return out
 
         run_point(rows, errors, base, body)
-    return ratios(rows, native={"multixent": "F.cross_entropy", "multixent compiled": "F.cross_entropy compiled"})
+    return ratios(rows, native=TORCH_LOSSES)
 
 
 def ratios(rows: list[dict[str, Any]], native: dict[str, str]) -> list[dict[str, Any]]:
-    """Each multixent row's time and peak as multiples of the native loss's at the same point."""
+    """Each multixent row's time and peak as multiples of the native loss's at the same point (the same size,
+    dtype and pass, in any part of the grid)."""
     key = lambda r: (r.get("size"), r.get("dtype"), r.get("pass"))  # noqa: E731
     by = {(key(r), r["loss"]): r for r in rows if "ms" in r}
     for r in rows:
@@ -499,8 +581,8 @@ def ratios(rows: list[dict[str, Any]], native: dict[str, str]) -> list[dict[str,
                 r["x_peak"] = r["peak"] / other["peak"]
     first = {}  # the points in their order, each pass's losses together
     for r in rows:
-        first.setdefault((r.get("size"), r.get("dtype"), "compiled" in r.get("loss", "")), len(first))
-    order = lambda r: (first[r.get("size"), r.get("dtype"), "compiled" in r.get("loss", "")], r.get("pass", ""))  # noqa: E731
+        first.setdefault((r.get("size"), r.get("dtype"), r.get("part")), len(first))
+    order = lambda r: (first[r.get("size"), r.get("dtype"), r.get("part")], r.get("pass", ""))  # noqa: E731
     return sorted(rows, key=order)
 
 
@@ -706,7 +788,7 @@ def grid_table(title: str, rows: list[dict[str, Any]], ratio_of: str, extra: str
         f"| size | dtype | pass | loss | ms | × {ratio_of} | peak beyond inputs MiB | × logits | × {ratio_of} (peak) |"
     )
     head += f" {extra} MiB |" if extra else ""
-    head += " compile s | note |"
+    head += " launches | compile s | note |"
     lines = [title, "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         peak = r.get("peak")
@@ -714,7 +796,7 @@ def grid_table(title: str, rows: list[dict[str, Any]], ratio_of: str, extra: str
         cells = [r.get("size"), r.get("dtype"), r.get("pass", ""), r.get("loss"), fmt(r.get("ms"), ".3f")]
         cells += [fmt(r.get("x_ms"), ".2f"), mib(peak), fmt(x_logits, ".3f"), fmt(r.get("x_peak"), ".2f")]
         cells += [mib(r.get("beyond_grads"))] if extra else []
-        cells += [fmt(r.get("compile_s"), ".1f"), r.get("note", "")]
+        cells += [fmt(r.get("launches"), "d"), fmt(r.get("compile_s"), ".1f"), r.get("note", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines
 
@@ -764,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         " oracle's largest magnitude, for the value and the gradient."
     ]
     stages: list[tuple[str, Callable[[], list[dict[str, Any]]], bool]] = [
-        ("torch", lambda: parity_torch(device, parity_shape), torch is not None),
+        ("torch", lambda: parity_torch(device, parity_shape, 1 if args.dry else 4), torch is not None),
         ("jax", lambda: parity_jax(jax_device, parity_shape), jax_device is not None),
         ("cupy", lambda: parity_array_api(cupy, "cupy", parity_shape), cupy is not None),
         ("numpy (standing in for CuPy)", lambda: parity_array_api(np, "numpy", parity_shape), args.dry),

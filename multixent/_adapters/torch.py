@@ -240,8 +240,9 @@ def _compiled_transform() -> bool:
 def _assert_none(mask: Any, message: str) -> bool:
     """Asserts on the device that ``mask`` holds no True: ``torch._assert_async``, torch's own check for its
     losses (no host synchronisation; a failure is a device-side assertion, as for ``F.cross_entropy``, and
-    at once on the CPU). False, asserting nothing, for a mask whose values cannot be read now."""
-    if _unread(mask):
+    at once on the CPU). False, asserting nothing, for a mask whose values cannot be read now: a batched
+    tensor, or one the user's ``torch.compile`` traces (not the compiled strategy's, :func:`_compiled`)."""
+    if not _compiled_strategy_tracing if torch.compiler.is_compiling() else _wrapped((mask,)):
         return False
     torch._assert_async(mask.any().logical_not(), message)
     return True
@@ -646,10 +647,44 @@ class _Fused(torch.autograd.Function):
 def fused(x: Any, target: Any, weight: Any, loss: Callable[..., Any]) -> Any:
     """:class:`_Fused` where the call's :func:`route` is FUSED (autograd records the logits alone, eagerly,
     in one block); else None. ``loss(x)``: the scalar loss at the logits ``x`` through the usual route;
-    ``loss(x, True)``: ``(loss, ∂loss/∂x)`` in one pass."""
+    ``loss(x, True)``: ``(loss, ∂loss/∂x)`` in one pass (compiled on accelerators with
+    :data:`multixent._compat.COMPILED_STRATEGY`)."""
     if not x.requires_grad or route(x, target, weight, scalar=True) is not Route.FUSED:  # FUSED records x
         return None
+    if _compat.COMPILED_STRATEGY and _accelerated(x):
+        loss = _compiled(loss)
     return _Fused.apply(x, loss)  # type: ignore[no-untyped-call]
+
+
+#: True while the compiled strategy's pass runs (:func:`_compiled`): traced, it still asserts the class
+#: indices on the device (:func:`_assert_none`), as the eager strategy does; dynamo guards on this value.
+_compiled_strategy_tracing = False
+
+
+def _compiled(loss: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss`` whose one pass ``loss(x, True)`` runs through ``torch.compile(dynamic=True)``
+    (:func:`_compiled_pass`); ``loss(x)`` (a second backward's recomputation) stays eager."""
+
+    def run(rows: Any, grad: bool = False) -> Any:
+        global _compiled_strategy_tracing
+        if not grad:
+            return loss(rows)
+        _compiled_strategy_tracing = True
+        try:
+            return _compiled_pass()(loss, rows)
+        finally:
+            _compiled_strategy_tracing = False
+
+    return run
+
+
+@functools.cache
+def _compiled_pass() -> Callable[..., Any]:
+    """``(loss, x) ↦ loss(x, True)`` through ``torch.compile(dynamic=True)``, made once: compiled on the first
+    call of each kind (reduction, options, dtypes, which arrays are given; the guards dynamo keeps on the
+    function ``loss`` and what it holds) for every shape; past dynamo's recompile limit a new kind runs
+    eagerly."""
+    return torch.compile(lambda loss, x: loss(x, True), dynamic=True)
 
 
 def refuse_group(x: Any, target: Any, weight: Any, opts: _formulas.Options) -> None:

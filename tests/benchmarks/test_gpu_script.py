@@ -67,7 +67,7 @@ def test_parity_on_cpu_tensors_with_the_accelerator_strategy(monkeypatch):
 
     monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", True)
     monkeypatch.setattr(_compat, "SYNC_CHECKS", False)  # (set by the environment: the device-side check here)
-    results = gpu.parity_torch("cpu", (6, 11))
+    results = gpu.parity_torch("cpu", (6, 11), compiled_cases=0)
     assert len(results) == 2 * len(gpu.CASES) * (3 + 2)  # "sum" and "mean" twice: autograd, cross_entropy_and_grad
     assert [r for r in results if not r["ok"]] == []
     assert [r for r in results if r["host_syncs"]] == []  # no .item(), .tolist(), .numpy() during any call
@@ -77,3 +77,8 @@ def test_dry_run_never_overwrites_the_recorded_report():
     with pytest.raises(SystemExit) as e:
         gpu.main(["--dry", "--out", str(gpu.DEFAULT_OUT)])
     assert e.value.code == 2
+
+
+def test_profiler_events_of_a_call():
+    """The launch count's profiler call works here (on the CPU it counts CPU events: the GPU counts kernels)."""
+    assert gpu.device_events(lambda: torch.ones(3) * 2, cuda=False) >= 1

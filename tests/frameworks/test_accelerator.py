@@ -74,6 +74,11 @@ def test_counted_forward_and_backward_at_4096_by_32000(accelerator, options, mos
 )
 def test_values_and_gradients(accelerator, options):
     """Against ``F.cross_entropy`` in float64 (the z-loss added to its rows)."""
+    _check_against_native(options)
+
+
+def _check_against_native(options):
+    """multixent's loss and gradient against ``F.cross_entropy``'s in float64 (the z-loss added to its rows)."""
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(33, 17, generator=g, dtype=torch.float64) * 4).requires_grad_()
     y = torch.randint(0, 17, (33,), generator=g)
@@ -91,6 +96,58 @@ def test_values_and_gradients(accelerator, options):
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5
     torch.testing.assert_close(*(torch.autograd.grad((upstream * a).sum(), b)[0] for a, b in ((loss, x), (ref, x_ref))))
+
+
+@pytest.fixture
+def compiled_strategy(accelerator, monkeypatch):
+    """The strategy with its loss-and-gradient pass compiled (``COMPILED_STRATEGY``), on CPU tensors."""
+    monkeypatch.setattr(_compat, "COMPILED_STRATEGY", True)
+
+
+def _compiled_regions(fn):
+    """How many times ``fn()`` runs a ``torch.compile``'d region (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "sum", "label_smoothing": 0.2}, {"weight": True, "z_loss": 1e-3}],
+    ids=["mean", "sum-smoothing", "weight-z-loss"],
+)
+def test_compiled_strategy_values_and_gradients(compiled_strategy, options):
+    """The compiled pass (one compiled region per call) against ``F.cross_entropy`` in float64."""
+    assert _compiled_regions(lambda: _check_against_native(options)) == 1
+
+
+def test_compiled_strategy_compiles_once_for_every_shape(compiled_strategy):
+    """``dynamic=True``: after a first call, other shapes of the same kind of call compile nothing new; each
+    equals ``F.cross_entropy`` (float32, every 7th row ignored, softcap's tanh on both sides)."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(5)
+    for i, (n, c) in enumerate([(8, 5), (33, 17), (100, 50), (64, 1000)]):
+        x = torch.randn(n, c, generator=g).mul_(3).requires_grad_()
+        y = torch.randint(0, c, (n,), generator=g)
+        y[::7] = -100
+        loss = mx.cross_entropy(x, y, softcap=4.0)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        loss.backward()
+        x_ref = x.detach().clone().requires_grad_()
+        F.cross_entropy(4.0 * torch.tanh(x_ref / 4.0), y).backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_strategy_asserts_on_the_device(compiled_strategy):
+    """The compiled pass keeps the device-side index check (``torch._assert_async`` in the graph); the user's
+    own ``torch.compile`` of the call still gives the traced answer, NaN."""
+    x, y = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 3, -100])
+    with pytest.raises(RuntimeError, match="outside \\[0, C\\)"):
+        mx.cross_entropy(x, y, label_smoothing=0.05)
+    assert torch.compile(mx.cross_entropy, backend="eager")(x, y, label_smoothing=0.05).isnan()
 
 
 def test_out_of_range_index_asserts_on_the_device(accelerator, monkeypatch):
@@ -156,10 +213,21 @@ def test_cpu_tensors_take_the_cpu_route(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("options", ["smoothing", "weight", "linear"])
-def test_cuda_values_without_host_synchronisation(options):
+@pytest.mark.parametrize(
+    ("options", "strategy"),
+    [
+        ("smoothing", "eager"),
+        ("weight", "eager"),
+        ("linear", "eager"),
+        ("smoothing", "compiled"),
+        ("weight", "compiled"),
+    ],
+)
+def test_cuda_values_without_host_synchronisation(options, strategy, monkeypatch):
     """A CUDA call makes no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``) and
-    equals ``F.cross_entropy`` in float64 on the CPU (of ``F.linear``'s logits for ``linear_cross_entropy``)."""
+    equals ``F.cross_entropy`` in float64 on the CPU (of ``F.linear``'s logits for ``linear_cross_entropy``);
+    with the strategy eager, and compiled (``COMPILED_STRATEGY``)."""
+    monkeypatch.setattr(_compat, "COMPILED_STRATEGY", strategy == "compiled")
     g = torch.Generator().manual_seed(2)
     h, w = torch.randn(64, 32, generator=g), torch.randn(1000, 32, generator=g) / 8
     x = F.linear(h, w) if options != "linear" else h
@@ -192,9 +260,12 @@ def test_cuda_values_without_host_synchronisation(options):
 
 
 @needs_cuda
-def test_cuda_graph_capture_of_a_training_step():
+@pytest.mark.parametrize("strategy", ["eager", "compiled"])
+def test_cuda_graph_capture_of_a_training_step(strategy, monkeypatch):
     """A linear model's step (forward, multixent's loss, backward, SGD) captured in a CUDA graph and
-    replayed gives the eager step's parameters."""
+    replayed gives the eager step's parameters; with the strategy eager, and compiled (``COMPILED_STRATEGY``,
+    compiled during the warm-up)."""
+    monkeypatch.setattr(_compat, "COMPILED_STRATEGY", strategy == "compiled")
     g = torch.Generator().manual_seed(3)
     inputs = torch.randn(32, 16, generator=g).cuda()
     target = torch.randint(0, 10, (32,), generator=g).cuda()
