@@ -76,6 +76,7 @@ COMPILE_AT, DRY_COMPILE_AT = (4096, 32000), (128, 1000)
 PASSES_AT, DRY_PASSES_AT = (4096, 32000), (256, 1000)
 LINEAR, DRY_LINEAR = (8192, 4096, 128256), (128, 64, 1000)
 PARITY_SHAPE, DRY_PARITY_SHAPE = (37, 1000), (37, 50)
+LINEAR_PARITY, DRY_LINEAR_PARITY = (64, 256, 32000), (37, 16, 50)
 #: parity: the largest error allowed, relative to the oracle's largest magnitude, by the device's dtype
 TOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
 #: option sets of the parity grid (``ignore``: every 5th target is ignore_index; ``probs``: probability targets)
@@ -227,6 +228,55 @@ def _parity_torch(
             pair, syncs = host_syncs(functools.partial(_and_grad, x.detach(), t, w, opts), device)
             row = {**row, "case": f"{case} (cross_entropy_and_grad)", "host_syncs": syncs}
             results.append(check(row, *pair, ref, x64.grad))
+    return results
+
+
+#: parity of linear_cross_entropy in bfloat16 (its products take the inputs' dtype on accelerators): case → options
+LINEAR_CASES: dict[str, dict[str, Any]] = {
+    "none": {},
+    "label_smoothing, ignore_index": {"label_smoothing": 0.1, "ignore": True},
+    "sum, z_loss": {"reduction": "sum", "z_loss": 1e-2},
+}
+
+
+def parity_linear(device: str, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """``linear_cross_entropy`` of bfloat16 ``(N, D)`` hidden states and a ``(V, D)`` classifier on ``device``
+    (8 chunks) against ``F.cross_entropy`` of ``F.linear`` in float64 of the same values: the value and the
+    gradients of both (the z-loss added to the oracle's rows)."""
+    import torch
+    import torch.nn.functional as F
+
+    import multixent
+
+    n, d, v = shape
+    results = []
+    for seed, (case, spec) in enumerate(LINEAR_CASES.items()):
+        gen = torch.Generator().manual_seed(100 + seed)
+        h, w = torch.randn(n, d, generator=gen).bfloat16(), (torch.randn(v, d, generator=gen) / 8).bfloat16()
+        t = torch.randint(0, v, (n,), generator=gen)
+        kw = dict(spec)
+        if kw.pop("ignore", False):
+            t[::5] = -100
+        z = kw.pop("z_loss", 0.0)
+        hd, wd = (a.to(device, copy=True).requires_grad_() for a in (h, w))
+
+        def step(hd: Any = hd, wd: Any = wd, t: Any = t, kw: dict[str, Any] = kw, z: float = z) -> Any:
+            loss = multixent.linear_cross_entropy(hd, wd, t.to(device), chunk_size=-(-n // 8), z_loss=z, **kw)
+            loss.backward()
+            return loss
+
+        loss, syncs = host_syncs(step, device)
+        h64, w64 = (a.double().requires_grad_() for a in (h, w))
+        logits = h64 @ w64.T
+        ref = F.cross_entropy(logits, t, **kw)
+        if z:
+            lse = torch.logsumexp(logits, -1)[t != -100]
+            ref = ref + z * (lse * lse).sum()
+        ref.backward()
+        row = {"framework": "torch linear_cross_entropy", "dtype": "bfloat16", "case": case, "host_syncs": syncs}
+        row["reduction"] = kw.get("reduction", "mean")
+        results.append(check({**row, "case": f"{case} (h̄)"}, loss, hd.grad, ref, h64.grad))
+        results.append(check({**row, "case": f"{case} (W̄)"}, loss, wd.grad, ref, w64.grad))
     return results
 
 
@@ -652,10 +702,12 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
     n, d, v = args.linear
     if not budget.allows(f"linear_cross_entropy {n}×{d}×{v}"):
         return []
-    losses: dict[str, Callable[..., Any]] = {
-        "multixent.linear_cross_entropy": multixent.linear_cross_entropy,
-        "F.linear + F.cross_entropy": lambda h, w, t: F.cross_entropy(F.linear(h, w), t),
-    }
+    losses: dict[str, Callable[..., Any]] = {"multixent.linear_cross_entropy": multixent.linear_cross_entropy}
+    for chunks in (32, 16):  # fewer chunks than the default's: W̄ read and written fewer times, larger products
+        chunk = -(-n // chunks)
+        name = f"multixent.linear_cross_entropy, chunk_size={chunk}"
+        losses[name] = functools.partial(multixent.linear_cross_entropy, chunk_size=chunk)
+    losses["F.linear + F.cross_entropy"] = lambda h, w, t: F.cross_entropy(F.linear(h, w), t)
     ours = list(losses)  # another library's loss that fails is noted in its row, not an error of the run
     liger = optional("liger_kernel.transformers.functional")
     cce = optional("cut_cross_entropy")
@@ -816,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     args.compile_at, args.linear = (DRY_COMPILE_AT, DRY_LINEAR) if args.dry else (COMPILE_AT, LINEAR)
     args.compile_backend = "aot_eager" if args.dry else "inductor"
     parity_shape, passes_at = (DRY_PARITY_SHAPE, DRY_PASSES_AT) if args.dry else (PARITY_SHAPE, PASSES_AT)
+    linear_parity = DRY_LINEAR_PARITY if args.dry else LINEAR_PARITY
     budget = Budget(args.budget)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside torch: no 75% grab of the GPU
     sys.path.insert(0, str(ROOT))  # the checkout's multixent
@@ -847,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     stages: list[tuple[str, Callable[[], list[dict[str, Any]]], bool]] = [
         ("torch", lambda: parity_torch(device, parity_shape, 1 if args.dry else 4), torch is not None),
+        ("torch linear_cross_entropy", lambda: parity_linear(device, linear_parity), torch is not None),
         ("jax", lambda: parity_jax(jax_device, parity_shape), jax_device is not None),
         ("cupy", lambda: parity_array_api(cupy, "cupy", parity_shape), cupy is not None),
         ("numpy (standing in for CuPy)", lambda: parity_array_api(np, "numpy", parity_shape), args.dry),

@@ -122,14 +122,31 @@ class Hooks:
     #: ``lax.scan``: an unrolled Python loop lets XLA schedule every chunk's
     #: logits at once (all the memory the chunking saves) and compiles slowly.
     loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = chunk_loop
+    #: ``matmul_to(a, b, dtype)``: ``a @ b`` of operands in a narrower dtype, accumulated and returned in
+    #: ``dtype``. None: the products take their operands in the compute dtype (the classifier cast to it
+    #: once). Given (torch on accelerators: tensor cores), they take them in the inputs' own dtype
+    #: (:func:`_classifier`).
+    matmul_to: Callable[[Array, Array, Any], Array] | None = None
 
 
 PLAIN = Hooks()
 
 
-def _logits(h: Array, w: Array, b: Array | None, dtype: Any, xp: Namespace) -> Array:
-    """One chunk's logits in the compute dtype."""
-    z = xp.astype(h, dtype, copy=False) @ w.T
+def _classifier(h: Array, w: Array, b: Array | None, xp: Namespace, hooks: Hooks) -> tuple[Any, Array]:
+    """The compute dtype, and the classifier in the dtype the matrix products take their operands in: the
+    compute dtype; with ``hooks.matmul_to``, the inputs' own (no copy of a half-precision classifier: the
+    logits ``h_c @ Wᵀ`` accumulated in the compute dtype, the logits' gradient rounded to the inputs' dtype
+    for ``ḡ @ W`` and ``ḡᵀ @ h_c``, and ``W̄`` accumulated in the classifier's dtype, as ``F.linear``'s
+    backward gives it)."""
+    dtype = compute_dtype(h, w, b, xp)
+    operands = dtype if hooks.matmul_to is None else xp.result_type(h.dtype, w.dtype)
+    return dtype, xp.astype(w, operands, copy=False)
+
+
+def _logits(h: Array, w: Array, b: Array | None, dtype: Any, xp: Namespace, hooks: Hooks = PLAIN) -> Array:
+    """One chunk's logits ``h @ Wᵀ + b`` in the compute dtype ``dtype`` (``w`` from :func:`_classifier`)."""
+    a = xp.astype(h, w.dtype, copy=False)
+    z = a @ w.T if hooks.matmul_to is None or w.dtype == dtype else hooks.matmul_to(a, w.T, dtype)
     return z if b is None else z + b
 
 
@@ -147,10 +164,11 @@ def compute_dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
 
 
 def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace, spec: Spec) -> tuple[Array, Array | None]:
-    """Zeros for ``W̄`` and ``b̄``: the member's own (sharded) arrays with a group (``Shard.spread``)."""
+    """Zeros for ``W̄`` (in the products' dtype, ``w``'s from :func:`_classifier`) and ``b̄`` (in ``dtype``): the
+    member's own (sharded) arrays with a group (``Shard.spread``)."""
     dev = device(w)
     w_bar, b_bar = (
-        xp.zeros(w.shape, dtype=dtype, device=dev),
+        xp.zeros(w.shape, dtype=w.dtype, device=dev),
         None if b is None else xp.zeros(b.shape, dtype=dtype, device=dev),
     )
     shard = spec.plan.shard
@@ -162,11 +180,13 @@ def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace, spec: Spec
 def _backprop(
     carry: tuple[Array, Array | None], g: Array, h_c: Array, w: Array, hooks: Hooks, xp: Namespace
 ) -> tuple[tuple[Array, Array | None], Array]:
-    """A chunk's ``h̄_c = ḡ @ W`` and its terms of ``W̄`` and ``b̄`` (added to ``carry``)."""
+    """A chunk's ``h̄_c = ḡ @ W`` and its terms of ``W̄`` and ``b̄`` (added to ``carry``); the products in
+    ``w``'s dtype (:func:`_classifier`)."""
     w_bar, b_bar = carry
-    w_bar = hooks.matmul_add(w_bar, g.T, xp.astype(h_c, g.dtype, copy=False))
     if b_bar is not None:
         b_bar = b_bar + xp.sum(g, axis=0)
+    g = xp.astype(g, w.dtype, copy=False)
+    w_bar = hooks.matmul_add(w_bar, g.T, xp.astype(h_c, w.dtype, copy=False))
     return (w_bar, b_bar), g @ w
 
 
@@ -196,12 +216,11 @@ def rows(
     hooks: Hooks = PLAIN,
 ) -> tuple[Array, Array]:
     """Per-row ``(ce, lse)`` in the compute dtype, as :func:`multixent._rows.row_losses` of ``h @ W.T + b``."""
-    dtype = compute_dtype(h, w, b, xp)
-    wc = xp.astype(w, dtype, copy=False)
+    dtype, wc = _classifier(h, w, b, xp, hooks)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
-        z = _logits(h_c, wc, b, dtype, xp)
+        z = _logits(h_c, wc, b, dtype, xp, hooks)
         return carry, _rows.row_losses(z, t_c, weight, spec.opts, spec.plan, xp=xp, overwrite=True)
 
     _, (ce, lse) = hooks.loop(body, None, (h, target), spec.chunk, xp)
@@ -225,12 +244,11 @@ def rows_vjp(
 
     The gradients come in the inputs' dtypes.
     """
-    dtype = compute_dtype(h, w, b, xp)
-    wc = xp.astype(w, dtype, copy=False)
+    dtype, wc = _classifier(h, w, b, xp, hooks)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c, ce_bar_c, lse_bar_c = xs
-        z = _logits(h_c, wc, b, dtype, xp)
+        z = _logits(h_c, wc, b, dtype, xp, hooks)
         g, _ = _rows.row_losses_vjp(
             z, t_c, weight, None, ce_bar_c, lse_bar_c, spec.opts, spec.plan, xp=xp, overwrite=True
         )
@@ -239,7 +257,7 @@ def rows_vjp(
         return carry, (h_bar,)
 
     bars = (xp.astype(ce_bar, dtype, copy=False), xp.astype(lse_bar, dtype, copy=False))
-    carry, (h_bar,) = hooks.loop(body, _zero_grads(w, b, dtype, xp, spec), (h, target, *bars), spec.chunk, xp)
+    carry, (h_bar,) = hooks.loop(body, _zero_grads(wc, b, dtype, xp, spec), (h, target, *bars), spec.chunk, xp)
     return _cast_grads(h_bar, carry, h, w, b, xp, spec)
 
 
@@ -269,12 +287,11 @@ def loss_and_grads(
     ``lse_scale`` is ``2·z_loss·(z-loss denominator)⁻¹``, or None without z-loss.
     Each chunk's ``ḡ`` comes from :func:`multixent._rows.row_losses_and_grad`.
     """
-    dtype = compute_dtype(h, w, b, xp)
-    wc = xp.astype(w, dtype, copy=False)
+    dtype, wc = _classifier(h, w, b, xp, hooks)
 
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
-        z = _logits(h_c, wc, b, dtype, xp)
+        z = _logits(h_c, wc, b, dtype, xp, hooks)
         ce, lse, g = _rows.row_losses_and_grad(
             z,
             t_c,
@@ -290,7 +307,7 @@ def loss_and_grads(
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
         return carry, (ce, lse, h_bar)
 
-    carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(w, b, dtype, xp, spec), (h, target), spec.chunk, xp)
+    carry, (ce, lse, h_bar) = hooks.loop(body, _zero_grads(wc, b, dtype, xp, spec), (h, target), spec.chunk, xp)
     return (ce, lse), _cast_grads(h_bar, carry, h, w, b, xp, spec)
 
 
@@ -314,8 +331,7 @@ def weight_vjp(
     (ce is linear in ``w``, so this does not depend on ``w``). The "mean"
     denominator ``Σ w_y`` is the caller's (its ``ce_scale``).
     """
-    dtype = compute_dtype(h, w, b, xp)
-    wc = xp.astype(w, dtype, copy=False)
+    dtype, wc = _classifier(h, w, b, xp, hooks)
     shard, num_local, eps = spec.plan.shard, w.shape[0], spec.opts.label_smoothing
     num_classes = num_local if shard is None else shard.num_classes
     classes = xp.arange(num_local, dtype=target.dtype, device=device(h))
@@ -326,7 +342,7 @@ def weight_vjp(
         cls = _formulas.class_targets(
             t_c, None, num_classes, spec.opts, xp, may_ignore=may_ignore, shard=shard, num_local=num_local
         )
-        z, _ = _formulas.prepare_logits(_logits(h_c, wc, b, dtype, xp), cls.counted, spec.opts, dtype, xp)
+        z, _ = _formulas.prepare_logits(_logits(h_c, wc, b, dtype, xp, hooks), cls.counted, spec.opts, dtype, xp)
         nll = _formulas.logsumexp(z, axis=-1, keepdims=True, xp=xp, shard=shard) - z  # lse - z_c
         at_y = classes == cls.index[:, None]
         if cls.here is not None:

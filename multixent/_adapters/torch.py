@@ -733,7 +733,29 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any =
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
     context.enter_context(torch.autocast(h.device.type, enabled=False))
-    return spec, array_namespace(h), _linear.Hooks(matmul_add=lambda acc, a, b: acc.addmm_(a, b)), context
+    matmul_to = _matmul_to if _accelerated(h) else None  # accelerators: products in the inputs' dtype
+    hooks = _linear.Hooks(matmul_add=lambda acc, a, b: acc.addmm_(a, b), matmul_to=matmul_to)
+    return spec, array_namespace(h), hooks, context
+
+
+def _matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` of half-precision operands, accumulated and returned in ``dtype``
+    (:attr:`multixent._linear.Hooks.matmul_to`): on CUDA one tensor-core product (``out_dtype``); elsewhere,
+    or where torch lacks it, the operands cast to ``dtype`` first (the same products, more time and memory)."""
+    if a.is_cuda and _has_out_dtype():
+        return torch.mm(a, b, out_dtype=dtype)
+    return a.to(dtype) @ b.to(dtype)
+
+
+@functools.cache
+def _has_out_dtype() -> bool:
+    """Whether this torch's ``mm`` takes ``out_dtype`` (a float32 result of bfloat16 operands)."""
+    meta = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.mm(meta, meta, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.dtype:
@@ -844,6 +866,16 @@ def _op_opts(call: _linear.LinearCall) -> tuple[Any, ...]:
 
 
 class _LinearScalar(torch.autograd.Function):
+    """``linear_cross_entropy``'s "mean"/"sum": the gradients computed in the forward (one pass over the chunks),
+    scaled by the backward's upstream gradient.
+
+    On the CPU the gradients are saved tensors, returned as they are for the usual upstream 1 (read on the
+    host) and scaled out of place otherwise, so a retained graph gives them again. On accelerators the
+    upstream is not read (no host synchronisation): the gradients are given away on the first backward,
+    scaled in place (no second gradient-sized copy), and a second backward through a retained graph
+    recomputes them by the forward's pass from the inputs, saved with ``save_for_backward`` (an in-place
+    change since the forward raises torch's own error)."""
+
     @staticmethod
     def forward(
         ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any, call: Any
@@ -855,9 +887,12 @@ class _LinearScalar(torch.autograd.Function):
             ce, lse, *grads = _ops(call)[1](h, w, b, t, weight, ce_s, lse_s, *opts)
         else:
             ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
+        grads = tuple(g if n else None for g, n in zip(grads, need[:3], strict=True))
+        ctx.given = _accelerated(h)  # the gradients given away (ctx.grads), not saved
+        ctx.grads = grads if ctx.given else None
         ctx.save_for_backward(
-            *(g if n else None for g, n in zip(grads, need[:3], strict=True)),
-            *((h, w, b, t, ce_s) if need[4] else (None,) * 5),
+            *((None,) * 3 if ctx.given else grads),
+            *((h, w, b, t, ce_s) if need[4] or ctx.given else (None,) * 5),
             torch.sum(ce) if need[5] else None,
             torch.sum(lse * lse) / 2 if need[6] else None,
         )
@@ -867,29 +902,46 @@ class _LinearScalar(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
         if torch.is_grad_enabled():  # create_graph=True: differentiate the unchunked path, which is differentiable
-            h, w, b, weight, ce_s, lse_s = ctx.inputs
-            wanted = [i for i in (0, 1, 2, 4, 5, 6) if ctx.needs_input_grad[i]]
-            args = dict(enumerate((h, w, b, None, weight, ce_s, lse_s)))
-            with torch.enable_grad():
-                call = dataclasses.replace(ctx.call, weight=weight)
-                ce, lse = _unchunked_rows(call, h, w, b)
-                loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, call.xp)
-                grads = torch.autograd.grad(loss, [args[i] for i in wanted], g, create_graph=True, allow_unused=True)
-            out: list[Any] = [None] * 11
-            for i, gr in zip(wanted, grads, strict=True):
-                out[i] = gr
-            return tuple(out)
-        # The saved gradients are returned as they are for the usual upstream 1 (loss.backward()),
-        # without a copy; other upstreams scale them out of place (the gradients' size, not the
-        # logits'), so a retained graph can be differentiated again (gradcheck does).
+            return _LinearScalar._differentiated(ctx, g)
         *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
-        unit = not _unread(g) and bool(g == 1)
-        scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
+        if ctx.given:  # accelerators: scaled in place, no host read (the gradients are ours)
+            scaled = _LinearScalar._given_scaled(ctx, g, h, w, b, t)
+        else:  # the saved gradients as they are for the usual upstream 1, without a copy; others out of place
+            unit = not _unread(g) and bool(g == 1)
+            scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _ops(ctx.call)[3](h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
         extra = [None if s is None else g * s for s in (ce_sum, lse_sq)]
         return (*scaled, None, weight_bar, *extra, None, None, None)
+
+    @staticmethod
+    def _given_scaled(ctx: Any, g: torch.Tensor, h: Any, w: Any, b: Any, t: Any) -> list[Any]:
+        """Accelerators: the forward's gradients, given away, scaled by ``g`` in place; for a second backward
+        (a retained graph) the forward's pass again at the saved inputs (the same values)."""
+        given, ctx.grads = ctx.grads, None
+        if given is None:
+            weight, ce_s, lse_s = ctx.inputs[3:]
+            _, _, *grads = _ops(ctx.call)[1](h, w, b, t, weight, ce_s, lse_s, *ctx.opts)
+            given = tuple(gr if n else None for gr, n in zip(grads, ctx.needs_input_grad[:3], strict=True))
+        batched = _unread(g)  # an upstream batched by torch.func (is_grads_batched): out of place
+        return [None if s is None else s * g if batched else s.mul_(g) for s in given]
+
+    @staticmethod
+    def _differentiated(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        """``create_graph=True``: the gradients through the unchunked path, which is differentiable."""
+        h, w, b, weight, ce_s, lse_s = ctx.inputs
+        wanted = [i for i in (0, 1, 2, 4, 5, 6) if ctx.needs_input_grad[i]]
+        args = dict(enumerate((h, w, b, None, weight, ce_s, lse_s)))
+        with torch.enable_grad():
+            call = dataclasses.replace(ctx.call, weight=weight)
+            ce, lse = _unchunked_rows(call, h, w, b)
+            loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, call.xp)
+            grads = torch.autograd.grad(loss, [args[i] for i in wanted], g, create_graph=True, allow_unused=True)
+        out: list[Any] = [None] * 11
+        for i, gr in zip(wanted, grads, strict=True):
+            out[i] = gr
+        return tuple(out)
 
 
 class _LinearRows(torch.autograd.Function):

@@ -150,6 +150,55 @@ def test_compiled_strategy_asserts_on_the_device(compiled_strategy):
     assert torch.compile(mx.cross_entropy, backend="eager")(x, y, label_smoothing=0.05).isnan()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_linear_products_in_bfloat16(accelerator, device):
+    """``linear_cross_entropy`` under bfloat16 autocast (float32 leaves), 16 chunks: the products take bfloat16
+    operands (on CUDA tensor cores, ``out_dtype``; on the CPU the operands cast, the same products) and
+    the logits accumulate in float32, so the float32 loss is the float64 loss of the bfloat16-rounded
+    inputs to float32 precision (bfloat16 logits would be ~1e-3 off); the gradients, whose products take
+    the logits' gradient rounded to bfloat16 and whose ``W̄`` accumulates in bfloat16, equal the float64
+    ones to bfloat16's rounding."""
+    g = torch.Generator().manual_seed(6)
+    n, d, v = 64, 32, 300
+    leaves = {"h": torch.randn(n, d, generator=g), "w": torch.randn(v, d, generator=g) / 4}
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::5] = -100
+    h, w = (leaves[k].to(device, copy=True).requires_grad_() for k in ("h", "w"))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = mx.linear_cross_entropy(h, w, y.to(device), chunk_size=4, label_smoothing=0.1)
+    loss.backward()
+    h64, w64 = (leaves[k].bfloat16().double().requires_grad_() for k in ("h", "w"))
+    ref = F.cross_entropy(h64 @ w64.T, y, label_smoothing=0.1)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-5, atol=0)
+    eps = torch.finfo(torch.bfloat16).eps
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double().cpu(), want, rtol=16 * eps, atol=16 * eps * scale)
+
+
+def test_linear_gradients_scaled_in_place_keep_the_autograd_contract(accelerator):
+    """On accelerators ``linear_cross_entropy``'s gradients are scaled by the upstream in place (no host read):
+    a retained graph's second backward recomputes them (the same values, for another upstream too), and an
+    in-place change of an input before it raises torch's own error."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (12,), generator=g)
+    loss = mx.linear_cross_entropy(h, w, y, chunk_size=5)
+    (0.5 * loss).backward(retain_graph=True)
+    first = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (2.0 * loss).backward(retain_graph=True)
+    for a, b in zip(first, (h.grad, w.grad), strict=True):
+        torch.testing.assert_close(4 * a, b, rtol=1e-14, atol=0)
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_out_of_range_index_asserts_on_the_device(accelerator, monkeypatch):
     """``torch._assert_async`` (on the CPU it raises at once; on a GPU, a device-side assertion as for
     ``F.cross_entropy``); ``SYNC_CHECKS`` gives the IndexError naming the index."""
