@@ -736,7 +736,7 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
             try:
                 step()
                 peak = meter.peak(step, reset=lambda: setattr(h, "grad", None) or setattr(w, "grad", None))
-                row = {"loss": name, "ms": meter.ms(step), "peak": peak}
+                row = {"loss": name, "ms": meter.ms(step), "peak": peak, "launches": meter.launches(step)}
                 row["beyond_grads"] = None if peak is None else peak - grads
             except Exception as e:
                 if name in ours and not is_oom(e):

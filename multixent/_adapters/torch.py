@@ -263,14 +263,13 @@ def plan(
     records (cross_entropy_and_grad under grad mode), and then nothing is in place.
     ``differentiable``: the math itself is recorded (a backward with ``create_graph``,
     a transform, forward mode): one block, out of place, the row max's shift detached.
-    ``in_op``: inside a custom op (the linear chunks), always eager, blocks in place.
+    ``in_op``: inside a custom op (the linear chunks), always eager, in place: blocks of rows on the CPU,
+    one block on accelerators.
     ``shard``: the class axis split over a process group (:func:`shard`).
     """
     assertion = _device_assertion(x)
-    if in_op:
-        exp = None if _accelerated(x) else _cpu_exp_into
-        rows = _blocked.block_rows_for(x.shape[-1])
-        how = _rows.Plan(rows, in_place=True, may_ignore=may_ignore, exp_into=exp, assert_none=assertion)
+    if in_op:  # a chunk's logits, ours: in place (on accelerators one block, the chunk sized for memory)
+        how = _blocked_plan(x, True, may_ignore)
     elif differentiable:
         stop, one_hot = torch.Tensor.detach, _compiled_transform()
         how = _rows.Plan(may_ignore=may_ignore, stop_gradient=stop, one_hot_target=one_hot, assert_none=assertion)
@@ -728,7 +727,7 @@ def _op(name: str, schema: str) -> Any:
 def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any = None) -> tuple[Any, Any, Any, Any]:
     """``(spec, xp, hooks, context)`` for running a chunk loop in an op: blocks in place, no autocast."""
     ignore_index, smoothing, softcap, may_ignore, chunk = opts
-    how = plan(w.T, may_ignore=may_ignore, in_op=True, shard=shard)  # blocks of a chunk's (rows, V) logits
+    how = plan(w.T, may_ignore=may_ignore, in_op=True, shard=shard)  # a chunk's (rows, V) logits, in place
     spec = _linear.Spec(_formulas.Options(ignore_index, smoothing, softcap), how, chunk)
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
