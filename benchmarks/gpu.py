@@ -31,16 +31,9 @@ It measures the checkout it lies in (the repository root goes first on ``sys.pat
 A point that runs out of memory is recorded as OOM; once ``--budget`` seconds have passed the remaining points
 are skipped, and the report says which. The exit status is 1 when a parity case fails or a point raises.
 
-The GPU machine has no network. Fill a local wheel folder beforehand, on a machine that has one
-(``wheels/`` is git-ignored):
-
-    pip wheel --no-deps -w wheels . array-api-compat array-api-extra optax absl-py
-
-then, there, with the folder copied beside the checkout (being git-ignored, it is not in a clone):
-
-    pip install --no-index --find-links wheels array-api-compat array-api-extra
-    pip install --no-index --find-links wheels optax absl-py  # may fail against an older JAX: optax is optional
-    python benchmarks/gpu.py
+The GPU machine has no network: ``benchmarks/gpu_check.sh`` installs what it lacks from a local wheel folder
+(``wheels/``, git-ignored, filled beforehand by the command in DEVELOPERS.md), runs the CUDA tests, then this
+script.
 """
 
 from __future__ import annotations

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a machine with one CUDA GPU and no network (torch installed;
+# JAX and CuPy where present), run from the repository root with wheels/ beside it (DEVELOPERS.md fills it):
+#
+#     bash benchmarks/gpu_check.sh
+#
+# 1. installs from wheels/ what the machine lacks (array-api-compat, array-api-extra; optax and pytest if
+#    they install);
+# 2. the CUDA tests (tests/frameworks/test_accelerator.py: no host synchronisation, CUDA graph capture, the
+#    compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at most 150 s;
+# 3. benchmarks/gpu.py (parity, passes, the grids), at most 330 s: benchmarks/results/gpu.md.
+# The logs and the report go to $OUT too when it is set (the device tool's output folder).
+set -u
+out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
+have() { python -c "import $1" 2>/dev/null; }
+install() { pip install -q --no-index --find-links wheels "$@" >>"$out/install.log" 2>&1; }
+have array_api_compat && have array_api_extra || install array-api-compat array-api-extra
+have optax || install optax absl-py || echo "optax: not installed (optional)"
+have pytest || install pytest || echo "pytest: not installed, the CUDA tests are skipped"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -VV; } >"$out/machine.txt" 2>&1
+if have pytest; then
+  PYTHONPATH=$PWD MULTIXENT_BACKENDS=torch timeout 150 python -m pytest -q -rs -p no:cacheprovider \
+    tests/frameworks/test_accelerator.py -k "cuda or cupy" >"$out/cuda-tests.log" 2>&1
+  echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
+fi
+timeout 330 python benchmarks/gpu.py --out "$out/gpu.md" >"$out/gpu.log" 2>&1
+echo "gpu.py: exit $?"
+cp "$out/gpu.md" benchmarks/results/gpu.md 2>/dev/null
+tail -n 25 "$out/gpu.log"
