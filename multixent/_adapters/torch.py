@@ -637,7 +637,7 @@ class _Fused(torch.autograd.Function):
                 alias = x.view_as(x)
                 (x_bar,) = torch.autograd.grad(ctx.loss(alias), alias, g, create_graph=torch.is_grad_enabled())
             return x_bar, None
-        if _accelerated(grad):  # no host read of the upstream: scaled in place (the gradient is ours)
+        if _accelerated(grad) and not _unread(g):  # no host read of the upstream: scaled in place (ours)
             return grad.mul_(g.to(grad.dtype)), None
         unit = not _unread(g) and bool(g == 1)
         return grad if unit else grad * g.to(grad.dtype), None

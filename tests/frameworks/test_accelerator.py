@@ -199,6 +199,21 @@ def test_linear_gradients_scaled_in_place_keep_the_autograd_contract(accelerator
         loss.backward()
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_batched_upstream_gradients(accelerator, loss):
+    """The gradients scaled in place by the upstream take a batched upstream too (``is_grads_batched``, as
+    ``gradcheck(check_batched_grad=True)`` does): out of place there, equal to ``F.cross_entropy``'s."""
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 6, -100, 3])
+    upstream = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    ours = mx.cross_entropy(h @ w.T, y) if loss == "cross_entropy" else mx.linear_cross_entropy(h, w, y)
+    ref = F.cross_entropy(h @ w.T, y)
+    got, want = (torch.autograd.grad(a, h, upstream, is_grads_batched=True)[0] for a in (ours, ref))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_out_of_range_index_asserts_on_the_device(accelerator, monkeypatch):
     """``torch._assert_async`` (on the CPU it raises at once; on a GPU, a device-side assertion as for
     ``F.cross_entropy``); ``SYNC_CHECKS`` gives the IndexError naming the index."""
