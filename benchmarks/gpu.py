@@ -825,6 +825,37 @@ def parity_section(results: list[dict[str, Any]], notes: list[str]) -> list[str]
     return lines
 
 
+def strategy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The decision the compiled strategy waits for: its forward+backward time over the eager strategy's, per
+    size and dtype (below 1: compiling is faster, and may become the accelerators' default)."""
+    eager = {
+        (r.get("size"), r.get("dtype")): r["ms"]
+        for r in rows
+        if r.get("loss") == "multixent" and "ms" in r and r.get("pass") == "fwd+bwd"
+    }
+    lines = [
+        f"- {r['size']} {r['dtype']}: {r['ms'] / eager[r['size'], r['dtype']]:.2f}"
+        for r in rows
+        if r.get("loss") == "multixent, strategy compiled" and "ms" in r and (r.get("size"), r.get("dtype")) in eager
+    ]
+    return [
+        "The strategy compiled over the eager strategy, forward+backward (below 1: compiling is faster):",
+        "",
+        *lines,
+    ]
+
+
+def chunk_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The decision the accelerators' default chunk size waits for: each chunking's time over the naive path's
+    and its memory beyond the inputs and their gradients over the logits' bytes."""
+    lines = []
+    for r in rows:
+        if r.get("loss", "").startswith("multixent") and "x_ms" in r and r.get("beyond_grads") is not None:
+            memory = r["beyond_grads"] / r["logits_bytes"]
+            lines.append(f"- {r['loss']}: × naive time {r['x_ms']:.2f}, beyond × logits {memory:.3f}")
+    return ["linear_cross_entropy's chunkings (the bar: time ≤ 1.2× naive, memory beyond ≤ 0.1× logits):", "", *lines]
+
+
 def grid_table(title: str, rows: list[dict[str, Any]], ratio_of: str, extra: str | None = None) -> list[str]:
     if not rows:
         return []
@@ -943,11 +974,13 @@ def main(argv: list[str] | None = None) -> int:
         write("passes")
         rows = torch_grid(args, device, budget, errors)
         sections += ["", *grid_table("## torch: cross_entropy against F.cross_entropy", rows, "native")]
+        sections += ["", *strategy_lines(rows)]
         free()
         write("torch grid")
         rows = linear_point(args, device, budget, errors)
         title_linear = "## linear_cross_entropy against F.linear + F.cross_entropy (bfloat16)"
         sections += ["", *grid_table(title_linear, rows, "naive", extra="beyond inputs and their gradients")]
+        sections += ["", *chunk_lines(rows)]
         free()
         write("linear")
     if jax_device is not None:  # last: JAX's allocator keeps the memory it took
