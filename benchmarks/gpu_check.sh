@@ -7,8 +7,10 @@
 # 1. installs from wheels/ what the machine lacks (array-api-compat, array-api-extra; optax and pytest if
 #    they install);
 # 2. the CUDA tests (tests/frameworks/test_accelerator.py: no host synchronisation, CUDA graph capture, the
-#    compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at most 150 s;
-# 3. benchmarks/gpu.py (parity, passes, the grids), at most 330 s: benchmarks/results/gpu.md.
+#    compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at most 120 s;
+# 3. benchmarks/gpu.py (parity, passes, the grids; the grids' budget 180 s), at most 300 s:
+#    benchmarks/results/gpu.md.
+# About 7 minutes at most: with the machine's start, a device session of 15 minutes holds one run.
 # The logs and the report go to $OUT too when it is set (the device tool's output folder).
 set -u
 out=${OUT:-$(mktemp -d)}
@@ -20,11 +22,11 @@ have optax || install optax absl-py || echo "optax: not installed (optional)"
 have pytest || install pytest || echo "pytest: not installed, the CUDA tests are skipped"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -VV; } >"$out/machine.txt" 2>&1
 if have pytest; then
-  PYTHONPATH=$PWD MULTIXENT_BACKENDS=torch timeout 150 python -m pytest -q -rs -p no:cacheprovider \
+  PYTHONPATH=$PWD MULTIXENT_BACKENDS=torch timeout 120 python -m pytest -q -rs -p no:cacheprovider \
     tests/frameworks/test_accelerator.py -k "cuda or cupy" >"$out/cuda-tests.log" 2>&1
   echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
 fi
-timeout 330 python benchmarks/gpu.py --out "$out/gpu.md" >"$out/gpu.log" 2>&1
+timeout 300 python benchmarks/gpu.py --budget 180 --out "$out/gpu.md" >"$out/gpu.log" 2>&1
 echo "gpu.py: exit $?"
 cp "$out/gpu.md" benchmarks/results/gpu.md 2>/dev/null
 tail -n 25 "$out/gpu.log"
