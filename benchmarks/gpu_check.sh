@@ -4,8 +4,9 @@
 #
 #     bash benchmarks/gpu_check.sh
 #
-# 1. installs from wheels/ what the machine lacks (array-api-compat, array-api-extra; optax and pytest if
-#    they install);
+# 1. installs from wheels/, into a folder of its own put first on PYTHONPATH (no permission needed), what
+#    the machine lacks: array-api-compat and array-api-extra (always: the versions tested here), optax and
+#    pytest (when they do not import);
 # 2. the CUDA tests (tests/frameworks/test_accelerator.py: no host synchronisation, CUDA graph capture, the
 #    compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at most 120 s;
 # 3. benchmarks/gpu.py (parity, passes, the grids; the grids' budget 180 s), at most 300 s:
@@ -14,15 +15,19 @@
 # The logs and the report go to $OUT too when it is set (the device tool's output folder).
 set -u
 out=${OUT:-$(mktemp -d)}
+deps=$(mktemp -d)
 mkdir -p "$out"
 have() { python -c "import $1" 2>/dev/null; }
-install() { pip install -q --no-index --find-links wheels "$@" >>"$out/install.log" 2>&1; }
-have array_api_compat && have array_api_extra || install array-api-compat array-api-extra
-have optax || install optax absl-py || echo "optax: not installed (optional)"
-have pytest || install pytest || echo "pytest: not installed, the CUDA tests are skipped"
+wanted=(array-api-compat array-api-extra)
+have optax || wanted+=(optax absl-py)
+have pytest || wanted+=(pytest pluggy iniconfig packaging pygments exceptiongroup tomli)
+have typing_extensions || wanted+=(typing_extensions)
+pip install -q --no-index --no-deps --find-links wheels --target "$deps" "${wanted[@]}" >"$out/install.log" 2>&1 \
+  || echo "install from wheels/ failed: $out/install.log"
+export PYTHONPATH="$deps:$PWD"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -VV; } >"$out/machine.txt" 2>&1
 if have pytest; then
-  PYTHONPATH=$PWD MULTIXENT_BACKENDS=torch timeout 120 python -m pytest -q -rs -p no:cacheprovider \
+  MULTIXENT_BACKENDS=torch timeout 120 python -m pytest -q -rs -p no:cacheprovider \
     tests/frameworks/test_accelerator.py -k "cuda or cupy" >"$out/cuda-tests.log" 2>&1
   echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
 fi
