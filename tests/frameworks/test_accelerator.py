@@ -100,8 +100,10 @@ def _check_against_native(options):
 
 @pytest.fixture
 def compiled_strategy(accelerator, monkeypatch):
-    """The strategy with its loss-and-gradient pass compiled (``COMPILED_STRATEGY``), on CPU tensors."""
+    """The strategy with its loss-and-gradient pass compiled (``COMPILED_STRATEGY``), on CPU tensors; dynamo's
+    caches emptied first (other tests' kinds of call count towards its recompile limit)."""
     monkeypatch.setattr(_compat, "COMPILED_STRATEGY", True)
+    torch._dynamo.reset()
 
 
 def _compiled_regions(fn):
