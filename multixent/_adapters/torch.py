@@ -242,7 +242,10 @@ def _assert_none(mask: Any, message: str) -> bool:
     losses (no host synchronisation; a failure is a device-side assertion, as for ``F.cross_entropy``, and
     at once on the CPU). False, asserting nothing, for a mask whose values cannot be read now: a batched
     tensor, or one the user's ``torch.compile`` traces (not the compiled strategy's, :func:`_compiled`)."""
-    if not _compiled_strategy_tracing if torch.compiler.is_compiling() else _wrapped((mask,)):
+    if torch.compiler.is_compiling():
+        if not _compiled_strategy_tracing:  # the user's torch.compile: NaN, the traced answer
+            return False
+    elif _wrapped((mask,)):  # batched by a transform: NaN
         return False
     torch._assert_async(mask.any().logical_not(), message)
     return True
