@@ -742,9 +742,10 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any =
 
 def _matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` of half-precision operands, accumulated and returned in ``dtype``
-    (:attr:`multixent._linear.Hooks.matmul_to`): on CUDA one tensor-core product (``out_dtype``); elsewhere,
-    or where torch lacks it, the operands cast to ``dtype`` first (the same products, more time and memory)."""
-    if a.is_cuda and _has_out_dtype():
+    (:attr:`multixent._linear.Hooks.matmul_to`): on CUDA and XPU one tensor-core product (``out_dtype``, which
+    torch has there for float16/bfloat16 operands and a float32 result); elsewhere, or where torch lacks it,
+    the operands cast to ``dtype`` first (the same products, more time and memory)."""
+    if a.device.type in ("cuda", "xpu") and _has_out_dtype():
         return torch.mm(a, b, out_dtype=dtype)
     return a.to(dtype) @ b.to(dtype)
 
