@@ -640,10 +640,19 @@ class _Fused(torch.autograd.Function):
                 alias = x.view_as(x)
                 (x_bar,) = torch.autograd.grad(ctx.loss(alias), alias, g, create_graph=torch.is_grad_enabled())
             return x_bar, None
-        if _accelerated(grad) and not _unread(g):  # no host read of the upstream: scaled in place (ours)
-            return grad.mul_(g.to(grad.dtype)), None
-        unit = not _unread(g) and bool(g == 1)
-        return grad if unit else grad * g.to(grad.dtype), None
+        return _times_upstream(grad, g, owned=True), None
+
+
+def _times_upstream(grad: torch.Tensor, g: torch.Tensor, owned: bool) -> torch.Tensor:
+    """A gradient computed in the forward, times the backward's upstream ``g``: out of place for an upstream
+    batched by torch.func (``is_grads_batched``); on accelerators in place where the gradient is ``owned`` (given
+    away by the forward: no host read, no second copy); elsewhere the usual upstream 1 is read and skips the
+    product (the gradient as it is), others out of place (a gradient still saved stays as it is)."""
+    if _unread(g):
+        return (grad * g).to(grad.dtype)
+    if owned and _accelerated(grad):
+        return grad.mul_(g.to(grad.dtype))
+    return grad if bool(g == 1) else (grad * g).to(grad.dtype)
 
 
 def fused(x: Any, target: Any, weight: Any, loss: Callable[..., Any]) -> Any:
@@ -735,19 +744,26 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any =
     context = contextlib.ExitStack()
     context.enter_context(torch.no_grad())
     context.enter_context(torch.autocast(h.device.type, enabled=False))
-    matmul_to = _matmul_to if _accelerated(h) else None  # accelerators: products in the inputs' dtype
+    matmul_to = _matmul_to if _half_products(h) else None  # accelerators: products in the inputs' dtype
     hooks = _linear.Hooks(matmul_add=lambda acc, a, b: acc.addmm_(a, b), matmul_to=matmul_to)
     return spec, array_namespace(h), hooks, context
 
 
+def _half_products(h: torch.Tensor) -> bool:
+    """Whether the linear products take half-precision operands as they are (:func:`_matmul_to`): on CUDA and
+    XPU where torch has ``out_dtype`` products (float16/bfloat16 operands, a float32 result), and on CPU
+    tensors under :data:`multixent._compat.ACCELERATOR_ON_CPU` (to test the route). Elsewhere the classifier
+    is cast to the compute dtype once."""
+    if h.is_cpu:
+        return _compat.ACCELERATOR_ON_CPU
+    return h.device.type in ("cuda", "xpu") and _has_out_dtype()
+
+
 def _matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` of half-precision operands, accumulated and returned in ``dtype``
-    (:attr:`multixent._linear.Hooks.matmul_to`): on CUDA and XPU one tensor-core product (``out_dtype``, which
-    torch has there for float16/bfloat16 operands and a float32 result); elsewhere, or where torch lacks it,
-    the operands cast to ``dtype`` first (the same products, more time and memory)."""
-    if a.device.type in ("cuda", "xpu") and _has_out_dtype():
-        return torch.mm(a, b, out_dtype=dtype)
-    return a.to(dtype) @ b.to(dtype)
+    (:attr:`multixent._linear.Hooks.matmul_to`): one tensor-core product (``out_dtype``); on CPU tensors the
+    operands cast first (the same products)."""
+    return a.to(dtype) @ b.to(dtype) if a.is_cpu else torch.mm(a, b, out_dtype=dtype)
 
 
 @functools.cache
@@ -907,11 +923,9 @@ class _LinearScalar(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the unchunked path, which is differentiable
             return _LinearScalar._differentiated(ctx, g)
         *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
-        if ctx.given:  # accelerators: scaled in place, no host read (the gradients are ours)
-            scaled = _LinearScalar._given_scaled(ctx, g, h, w, b, t)
-        else:  # the saved gradients as they are for the usual upstream 1, without a copy; others out of place
-            unit = not _unread(g) and bool(g == 1)
-            scaled = [None if s is None else s if unit else (s * g).to(s.dtype) for s in grads]
+        if ctx.given:  # accelerators: the gradients given away by the forward, scaled in place
+            grads = _LinearScalar._given(ctx, h, w, b, t)
+        scaled = [None if s is None else _times_upstream(s, g, owned=ctx.given) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _ops(ctx.call)[3](h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
@@ -919,16 +933,15 @@ class _LinearScalar(torch.autograd.Function):
         return (*scaled, None, weight_bar, *extra, None, None, None)
 
     @staticmethod
-    def _given_scaled(ctx: Any, g: torch.Tensor, h: Any, w: Any, b: Any, t: Any) -> list[Any]:
-        """Accelerators: the forward's gradients, given away, scaled by ``g`` in place; for a second backward
-        (a retained graph) the forward's pass again at the saved inputs (the same values)."""
+    def _given(ctx: Any, h: Any, w: Any, b: Any, t: Any) -> tuple[Any, ...]:
+        """Accelerators: the forward's gradients, given away once; for a second backward (a retained graph)
+        the forward's pass again at the saved inputs (the same values)."""
         given, ctx.grads = ctx.grads, None
         if given is None:
             weight, ce_s, lse_s = ctx.inputs[3:]
             _, _, *grads = _ops(ctx.call)[1](h, w, b, t, weight, ce_s, lse_s, *ctx.opts)
             given = tuple(gr if n else None for gr, n in zip(grads, ctx.needs_input_grad[:3], strict=True))
-        batched = _unread(g)  # an upstream batched by torch.func (is_grads_batched): out of place
-        return [None if s is None else s * g if batched else s.mul_(g) for s in given]
+        return given  # type: ignore[no-any-return]
 
     @staticmethod
     def _differentiated(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
