@@ -28,6 +28,10 @@ It measures the checkout it lies in (the repository root goes first on ``sys.pat
    ``linear_cross_entropy`` at 8192 × 4096 × 128256 bfloat16 against ``F.linear`` + ``F.cross_entropy`` (and
    Liger-Kernel, Cut Cross-Entropy when they import). Ratios are against the native loss of the same run.
 
+They run in the order that keeps what the open decisions need first, should the budget or the machine's time
+run out: torch's parity, the passes, the 4096×32000 point (eager and compiled), ``linear_cross_entropy``, JAX's
+and CuPy's parity, JAX at 4096×32000, then the rest of the grid. The report is written after each part.
+
 A point that runs out of memory is recorded as OOM; once ``--budget`` seconds have passed the remaining points
 are skipped, and the report says which. The exit status is 1 when a parity case fails or a point raises.
 
@@ -545,11 +549,13 @@ TORCH_LOSSES = {
 }
 
 
-def torch_grid(args: argparse.Namespace, device: str, budget: Budget, errors: list[str]) -> list[dict[str, Any]]:
-    """multixent against F.cross_entropy, eager (forward, forward+backward) and compiled (forward+backward);
-    at the compile point also multixent's eager call with its strategy compiled (the private
-    ``COMPILED_STRATEGY``: its loss-and-gradient pass through ``torch.compile(dynamic=True)``), against the
-    eager native loss."""
+def torch_grid(
+    args: argparse.Namespace, device: str, budget: Budget, errors: list[str], sizes: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """multixent against F.cross_entropy at ``sizes``, eager (forward, forward+backward), and where ``sizes``
+    hold the compile point, compiled (forward+backward); there also multixent's eager call with its strategy
+    compiled (the private ``COMPILED_STRATEGY``: its loss-and-gradient pass through
+    ``torch.compile(dynamic=True)``), against the eager native loss."""
     import torch
     import torch.nn.functional as F
 
@@ -558,8 +564,9 @@ def torch_grid(args: argparse.Namespace, device: str, budget: Budget, errors: li
 
     meter = Meter(device == "cuda", 0.05 if args.dry else 0.3)
     rows: list[dict[str, Any]] = []
-    points = [(n, c, dt, False) for n, c in args.grid for dt in ("float32", "bfloat16")]
-    points += [(*args.compile_at, dt, True) for dt in (["float32"] if args.dry else ["float32", "bfloat16"])]
+    points = [(n, c, dt, False) for n, c in sizes for dt in ("float32", "bfloat16")]
+    if tuple(args.compile_at) in sizes:
+        points += [(*args.compile_at, dt, True) for dt in (["float32"] if args.dry else ["float32", "bfloat16"])]
     for n, c, dtype, compiled in points:
         label = f"torch {n}×{c} {dtype}{' compiled' if compiled else ''}"
         if not budget.allows(label, needs=60.0 if compiled and not args.dry else 0.0):
@@ -630,8 +637,10 @@ def ratios(rows: list[dict[str, Any]], native: dict[str, str]) -> list[dict[str,
     return sorted(rows, key=order)
 
 
-def jax_grid(args: argparse.Namespace, device: Any, budget: Budget, errors: list[str]) -> list[dict[str, Any]]:
-    """``jax.jit(jax.value_and_grad)`` of multixent's mean loss against optax's."""
+def jax_grid(
+    args: argparse.Namespace, device: Any, budget: Budget, errors: list[str], sizes: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """``jax.jit(jax.value_and_grad)`` of multixent's mean loss against optax's at ``sizes``."""
     import jax
     import jax.numpy as jnp
 
@@ -643,7 +652,7 @@ def jax_grid(args: argparse.Namespace, device: Any, budget: Budget, errors: list
         losses["optax"] = lambda x, t: optax.softmax_cross_entropy_with_integer_labels(x, t).mean()
     rows: list[dict[str, Any]] = []
     target_s = 0.05 if args.dry else 0.3
-    for n, c in args.grid:
+    for n, c in sizes:
         for dtype in ("float32", "bfloat16"):
             if not budget.allows(f"jax {n}×{c} {dtype}"):
                 continue
@@ -697,7 +706,9 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
     if not budget.allows(f"linear_cross_entropy {n}×{d}×{v}"):
         return []
     losses: dict[str, Callable[..., Any]] = {"multixent.linear_cross_entropy": multixent.linear_cross_entropy}
-    for chunks in (32, 16):  # fewer chunks than the default's: W̄ read and written fewer times, larger products
+    # fewer chunks than the default's: W̄ read and written fewer times, larger products (more rows to
+    # fill a GPU's matrix tiles), and more memory held per chunk
+    for chunks in (64, 32, 16):
         chunk = -(-n // chunks)
         name = f"multixent.linear_cross_entropy, chunk_size={chunk}"
         losses[name] = functools.partial(multixent.linear_cross_entropy, chunk_size=chunk)
@@ -923,37 +934,62 @@ def main(argv: list[str] | None = None) -> int:
         f"{parity_shape[0]}×{parity_shape[1]}; each case's error is the largest difference relative to the"
         " oracle's largest magnitude, for the value and the gradient."
     ]
-    stages: list[tuple[str, Callable[[], list[dict[str, Any]]], bool]] = [
-        ("torch", lambda: parity_torch(device, parity_shape, 1 if args.dry else 4), torch is not None),
-        ("torch linear_cross_entropy", lambda: parity_linear(device, linear_parity), torch is not None),
-        ("jax", lambda: parity_jax(jax_device, parity_shape), jax_device is not None),
-        ("cupy", lambda: parity_array_api(cupy, "cupy", parity_shape), cupy is not None),
-        ("numpy (standing in for CuPy)", lambda: parity_array_api(np, "numpy", parity_shape), args.dry),
-    ]
-    for name, stage, present in stages:
-        if not present:
-            notes.append(f"- {name}: skipped (not importable, or no GPU for it)")
-            continue
-        t0 = time.perf_counter()
-        try:
-            results.extend(stage())
-        except Exception as e:
-            errors.append(f"parity {name}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
-        notes.append(f"- {name}: {time.perf_counter() - t0:.1f} s")
-    print(f"parity: {sum(r['ok'] for r in results)}/{len(results)} passed", flush=True)
-
-    sections: list[str] = []
-    header = versions()
     title = (
         "multixent's GPU check, dry run on the CPU: tiny sizes, not a measurement" if args.dry else "multixent on a GPU"
     )
+    header = versions()
+    passes: list[str] = []
+    torch_rows: list[dict[str, Any]] = []
+    linear_rows: list[dict[str, Any]] = []
+    jax_rows: list[dict[str, Any]] = []
+
+    def parity(name: str, stage: Callable[[], list[dict[str, Any]]], present: bool) -> Callable[[], None]:
+        def run() -> None:
+            if not present:
+                notes.append(f"- {name}: skipped (not importable, or no GPU for it)")
+                return
+            t0 = time.perf_counter()
+            try:
+                results.extend(stage())
+            except Exception as e:
+                errors.append(f"parity {name}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
+            notes.append(f"- {name}: {time.perf_counter() - t0:.1f} s")
+
+        return run
+
+    def count_passes() -> None:
+        try:
+            forced = "" if device == "cuda" else " (the accelerator strategy forced on CPU tensors)"
+            passes[:] = [
+                "## Passes: eager operations, counted" + forced,
+                "",
+                load_passes().table(*passes_at, device=device),
+            ]
+        except Exception as e:
+            errors.append(f"passes: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
+
+    def sections() -> list[str]:
+        torch_table = grid_table(
+            "## torch: cross_entropy against F.cross_entropy", ratios(torch_rows, TORCH_LOSSES), "native"
+        )
+        title_linear = "## linear_cross_entropy against F.linear + F.cross_entropy (bfloat16)"
+        linear_table = grid_table(title_linear, linear_rows, "naive", extra="beyond inputs and their gradients")
+        jax_table = grid_table(
+            "## JAX: jit(value_and_grad), mean, against optax", ratios(jax_rows, {"multixent": "optax"}), "optax"
+        )
+        out = [*passes]
+        out += ["", *torch_table, "", *strategy_lines(torch_rows)] if torch_rows else []
+        out += ["", *linear_table, "", *chunk_lines(linear_rows)] if linear_rows else []
+        jax_note = "JAX's peak: the compiled program's temporaries and outputs (`memory_analysis()`)."
+        out += ["", *jax_table, "", jax_note] if jax_rows else []
+        return out
 
     def write(done: str) -> None:
         """The report so far (written after each part: a run stopped midway leaves what it measured)."""
         elapsed = time.perf_counter() - budget.start
         report = [f"# {title}", "", *header, f"- total: {elapsed:.0f} s (budget {args.budget:.0f} s)", ""]
         report += parity_section(results, notes)
-        report += ["", *sections, ""]
+        report += ["", *sections(), ""]
         if budget.skipped:
             report += ["## Skipped: over the time budget", "", *[f"- {s}" for s in budget.skipped], ""]
         if errors:
@@ -962,32 +998,46 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text("\n".join(report))
         print(f"{done}: {elapsed:.0f} s", flush=True)
 
-    write("parity")
-    if torch is not None:
-        try:
-            forced = "" if device == "cuda" else " (the accelerator strategy forced on CPU tensors)"
-            counted = load_passes().table(*passes_at, device=device)
-            sections += ["## Passes: eager operations, counted" + forced, "", counted]
-        except Exception as e:
-            errors.append(f"passes: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
-        free()
-        write("passes")
-        rows = torch_grid(args, device, budget, errors)
-        sections += ["", *grid_table("## torch: cross_entropy against F.cross_entropy", rows, "native")]
-        sections += ["", *strategy_lines(rows)]
-        free()
-        write("torch grid")
-        rows = linear_point(args, device, budget, errors)
-        title_linear = "## linear_cross_entropy against F.linear + F.cross_entropy (bfloat16)"
-        sections += ["", *grid_table(title_linear, rows, "naive", extra="beyond inputs and their gradients")]
-        sections += ["", *chunk_lines(rows)]
-        free()
-        write("linear")
-    if jax_device is not None:  # last: JAX's allocator keeps the memory it took
-        rows = jax_grid(args, jax_device, budget, errors)
-        sections += ["", *grid_table("## JAX: jit(value_and_grad), mean, against optax", rows, "optax")]
-        sections += ["", "JAX's peak: the compiled program's temporaries and outputs (`memory_analysis()`)."]
-        write("jax grid")
+    # What the decisions wait for first (the compile point, linear_cross_entropy), so that a run cut short by
+    # its budget or its machine's time still leaves them; the rest of the grid last.
+    key = [tuple(args.compile_at)]
+    rest = [size for size in args.grid if tuple(size) not in key]
+    has_torch, has_jax = torch is not None, jax_device is not None
+    steps: list[tuple[str, Callable[[], None], bool]] = [
+        (
+            "parity torch",
+            parity("torch", lambda: parity_torch(device, parity_shape, 1 if args.dry else 4), has_torch),
+            True,
+        ),
+        (
+            "parity linear",
+            parity("torch linear_cross_entropy", lambda: parity_linear(device, linear_parity), has_torch),
+            True,
+        ),
+        ("passes", count_passes, has_torch),
+        (
+            "torch grid, compile point",
+            lambda: torch_rows.extend(torch_grid(args, device, budget, errors, key)),
+            has_torch,
+        ),
+        ("linear", lambda: linear_rows.extend(linear_point(args, device, budget, errors)), has_torch),
+        ("parity jax", parity("jax", lambda: parity_jax(jax_device, parity_shape), has_jax), True),
+        ("parity cupy", parity("cupy", lambda: parity_array_api(cupy, "cupy", parity_shape), cupy is not None), True),
+        (
+            "parity numpy",
+            parity("numpy (standing in for CuPy)", lambda: parity_array_api(np, "numpy", parity_shape), args.dry),
+            args.dry,
+        ),
+        ("jax grid, compile point", lambda: jax_rows.extend(jax_grid(args, jax_device, budget, errors, key)), has_jax),
+        ("torch grid, the rest", lambda: torch_rows.extend(torch_grid(args, device, budget, errors, rest)), has_torch),
+        ("jax grid, the rest", lambda: jax_rows.extend(jax_grid(args, jax_device, budget, errors, rest)), has_jax),
+    ]
+    for done, step, wanted in steps:
+        if wanted:
+            step()
+            free()
+            write(done)
+    print(f"parity: {sum(r['ok'] for r in results)}/{len(results)} passed", flush=True)
     print(f"report: {args.out}")
     failed = [r for r in results if not r["ok"]]
     for e in errors:
