@@ -5,8 +5,8 @@
 #     bash benchmarks/gpu_check.sh
 #
 # 1. installs from wheels/, into a folder of its own put first on PYTHONPATH (no permission needed), what
-#    the machine lacks: array-api-compat and array-api-extra (always: the versions tested here), optax and
-#    pytest (when they do not import);
+#    the machine lacks: array-api-compat and array-api-extra (always: the versions tested here), optax,
+#    pytest, Liger-Kernel and Cut Cross-Entropy (when they do not import);
 # 2. the CUDA tests (tests/frameworks/test_accelerator.py: no host synchronisation, CUDA graph capture, the
 #    compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at most 120 s;
 # 3. benchmarks/gpu.py (parity, passes, the grids; the grids' budget 180 s), at most 300 s:
@@ -22,6 +22,8 @@ wanted=(array-api-compat array-api-extra)
 have optax || wanted+=(optax absl-py)
 have pytest || wanted+=(pytest pluggy iniconfig packaging pygments exceptiongroup tomli)
 have typing_extensions || wanted+=(typing_extensions)
+have liger_kernel || wanted+=(liger-kernel)  # anchors of linear_cross_entropy's row (torch and Triton there)
+have cut_cross_entropy || wanted+=(cut-cross-entropy)
 pip install -q --no-index --no-deps --find-links wheels --target "$deps" "${wanted[@]}" >"$out/install.log" 2>&1 \
   || echo "install from wheels/ failed: $out/install.log"
 export PYTHONPATH="$deps:$PWD"
