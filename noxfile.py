@@ -84,6 +84,19 @@ def accelerator(session: nox.Session) -> None:
     _suite(session, "torch", "tests/frameworks/test_fused_contract.py", env=compiled)
 
 
+@nox.session
+def compiled_strategy(session: nox.Session) -> None:
+    """Not in the default run (about 7 minutes here): the torch suite (not ``slow``) with the accelerator strategy
+    forced on CPU tensors and its loss-and-gradient pass compiled (``MULTIXENT_COMPILED_STRATEGY=1``;
+    ``tests/conftest.py`` lifts dynamo's recompile limit, so that every kind of call compiles rather than the
+    ninth and later running the eager pass). Run it when the compiled strategy or the formulas change; it joins
+    the default run if the strategy becomes the accelerators' default."""
+    session.install(*TEST, TORCH)
+    session.install(".")
+    compiled = {"MULTIXENT_ACCELERATOR_ON_CPU": "1", "MULTIXENT_COMPILED_STRATEGY": "1"}
+    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=compiled)
+
+
 def _floors(*extras: str) -> list[str]:
     """``name==floor`` for each ``name>=floor`` of pyproject's dependencies and these extras; a name
     declared twice gets its higher floor (the jax extra raises numpy's: JAX's floor needs NumPy 2)."""

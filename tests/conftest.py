@@ -54,6 +54,13 @@ if "jax" in SELECTED and _importable("jax"):
 
     jax.config.update("jax_enable_x64", True)
 
+if os.environ.get("MULTIXENT_COMPILED_STRATEGY") == "1" and "torch" in SELECTED and _importable("torch"):
+    # The accelerator strategy's pass compiled: every kind of call a test makes compiles; at dynamo's
+    # recompile limit (8 kinds) a new kind would run the eager pass, and the suite would test that instead.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1_000_000
+
 
 # --------------------------------------------------------------------------
 # Backends
