@@ -240,7 +240,21 @@ LINEAR_CASES: dict[str, dict[str, Any]] = {
 def parity_linear(device: str, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
     """``linear_cross_entropy`` of bfloat16 ``(N, D)`` hidden states and a ``(V, D)`` classifier on ``device``
     (8 chunks) against ``F.cross_entropy`` of ``F.linear`` in float64 of the same values: the value and the
-    gradients of both (the z-loss added to the oracle's rows)."""
+    gradients of both (the z-loss added to the oracle's rows); then with the chunks' pass compiled
+    (``COMPILED_STRATEGY``), each case twice (the first compiles: its host synchronisations are the compiler's)."""
+    from multixent import _compat
+
+    results = _parity_linear(device, shape, "torch linear_cross_entropy")
+    saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, True
+    try:
+        _parity_linear(device, shape, "")
+        results += _parity_linear(device, shape, "torch linear_cross_entropy, strategy compiled")
+    finally:
+        _compat.COMPILED_STRATEGY = saved
+    return results
+
+
+def _parity_linear(device: str, shape: tuple[int, int, int], framework: str) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
@@ -271,7 +285,7 @@ def parity_linear(device: str, shape: tuple[int, int, int]) -> list[dict[str, An
             lse = torch.logsumexp(logits, -1)[t != -100]
             ref = ref + z * (lse * lse).sum()
         ref.backward()
-        row = {"framework": "torch linear_cross_entropy", "dtype": "bfloat16", "case": case, "host_syncs": syncs}
+        row = {"framework": framework, "dtype": "bfloat16", "case": case, "host_syncs": syncs}
         row["reduction"] = kw.get("reduction", "mean")
         results.append(check({**row, "case": f"{case} (h̄)"}, loss, hd.grad, ref, h64.grad))
         results.append(check({**row, "case": f"{case} (W̄)"}, loss, wd.grad, ref, w64.grad))
@@ -693,6 +707,22 @@ def jax_grid(
     return ratios(rows, native={"multixent": "optax"})
 
 
+def _linear_loss(chunk: int | None, compiled: bool) -> Callable[..., Any]:
+    """``linear_cross_entropy(h, w, t, chunk_size=chunk)`` with its chunks' pass compiled or not (the private
+    ``COMPILED_STRATEGY``, read in the forward, where the gradients are computed)."""
+    import multixent
+    from multixent import _compat
+
+    def loss(h: Any, w: Any, t: Any) -> Any:
+        saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, compiled
+        try:
+            return multixent.linear_cross_entropy(h, w, t, chunk_size=chunk)
+        finally:
+            _compat.COMPILED_STRATEGY = saved
+
+    return loss
+
+
 def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: list[str]) -> list[dict[str, Any]]:
     """linear_cross_entropy's forward+backward against F.linear + F.cross_entropy (and Liger-Kernel, Cut
     Cross-Entropy on CUDA when they import), bfloat16. ``peak``: beyond the inputs; ``beyond grads``: beyond
@@ -700,18 +730,16 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
     import torch
     import torch.nn.functional as F
 
-    import multixent
-
     n, d, v = args.linear
     if not budget.allows(f"linear_cross_entropy {n}×{d}×{v}"):
         return []
-    losses: dict[str, Callable[..., Any]] = {"multixent.linear_cross_entropy": multixent.linear_cross_entropy}
-    # fewer chunks than the default's: W̄ read and written fewer times, larger products (more rows to
-    # fill a GPU's matrix tiles), and more memory held per chunk
-    for chunks in (64, 32, 16):
-        chunk = -(-n // chunks)
-        name = f"multixent.linear_cross_entropy, chunk_size={chunk}"
-        losses[name] = functools.partial(multixent.linear_cross_entropy, chunk_size=chunk)
+    # the default chunks, and fewer: W̄ read and written fewer times, larger products (more rows to fill a
+    # GPU's matrix tiles), more memory held per chunk; each with the chunks' pass eager, and compiled
+    chunkings = {"": None, **{f", chunk_size={-(-n // k)}": -(-n // k) for k in (64, 32, 16)}}
+    losses: dict[str, Callable[..., Any]] = {}
+    for strategy in ("", ", strategy compiled"):
+        for label, chunk in chunkings.items():
+            losses[f"multixent.linear_cross_entropy{label}{strategy}"] = _linear_loss(chunk, bool(strategy))
     losses["F.linear + F.cross_entropy"] = lambda h, w, t: F.cross_entropy(F.linear(h, w), t)
     ours = list(losses)  # another library's loss that fails is noted in its row, not an error of the run
     liger = optional("liger_kernel.transformers.functional")

@@ -32,9 +32,10 @@ ACCELERATOR_ON_CPU = os.environ.get("MULTIXENT_ACCELERATOR_ON_CPU", "") == "1"
 #: indices to the host and raise an ``IndexError`` for one out of range, as on the CPU (a host
 #: synchronisation per call: for debugging). Otherwise accelerators check them on the device.
 SYNC_CHECKS = os.environ.get("MULTIXENT_SYNC_CHECKS", "") == "1"
-#: Private switch, off until a GPU shows it faster: the accelerator strategy's loss-and-gradient pass (torch's
-#: training step) compiled with ``torch.compile(dynamic=True)``, which costs a compile on the first call of
-#: each kind. ``MULTIXENT_COMPILED_STRATEGY=1`` before import, or set this attribute.
+#: Private switch, off until a GPU shows it faster: the accelerator strategy's loss-and-gradient passes (torch's
+#: training step: ``cross_entropy``'s, and each chunk's of ``linear_cross_entropy``) compiled with
+#: ``torch.compile(dynamic=True)``, which costs a compile on the first call of each kind.
+#: ``MULTIXENT_COMPILED_STRATEGY=1`` before import, or set this attribute.
 COMPILED_STRATEGY = os.environ.get("MULTIXENT_COMPILED_STRATEGY", "") == "1"
 
 

@@ -112,6 +112,24 @@ def chunk_loop(
     return carry, tuple(xp.concat(parts) for parts in zip(*outs, strict=True))
 
 
+def chunk_losses_and_grad(
+    z: Array,
+    target: Array,
+    weight: Array | None,
+    ce_scale: Array,
+    lse_scale: Array | float,
+    spec: Spec,
+    xp: Namespace,
+    products: Any,
+) -> tuple[Array, Array, Array]:
+    """A chunk's ``(ce, lse, ḡ)`` from its logits ``z`` (overwritten: ``ḡ`` may be ``z``), by
+    :func:`multixent._rows.row_losses_and_grad` with the chunk's plan (:attr:`Hooks.chunk_losses_and_grad`);
+    ``ḡ`` in the compute dtype (a hook may give it in ``products``, the products' dtype, instead)."""
+    return _rows.row_losses_and_grad(
+        z, target, weight, ce_scale, lse_scale, spec.opts, spec.plan, xp=xp, overwrite=True
+    )
+
+
 @dataclass(frozen=True)
 class Hooks:
     """Framework-supplied primitives; the defaults are plain array-API code."""
@@ -127,6 +145,10 @@ class Hooks:
     #: once). Given (torch on accelerators: tensor cores), they take them in the inputs' own dtype
     #: (:func:`_classifier`).
     matmul_to: Callable[[Array, Array, Any], Array] | None = None
+    #: ``(z, target, weight, ce_scale, lse_scale, spec, xp, products)`` ↦ a chunk's ``(ce, lse, ḡ)`` in one pass
+    #: over its logits, as :func:`chunk_losses_and_grad` (torch's compiled strategy: that pass compiled, ``ḡ``
+    #: rounded to ``products``, the products' dtype from :func:`_classifier`, inside it).
+    chunk_losses_and_grad: Callable[..., tuple[Array, Array, Array]] = chunk_losses_and_grad
 
 
 PLAIN = Hooks()
@@ -184,7 +206,7 @@ def _backprop(
     ``w``'s dtype (:func:`_classifier`)."""
     w_bar, b_bar = carry
     if b_bar is not None:
-        b_bar = b_bar + xp.sum(g, axis=0)
+        b_bar = b_bar + xp.sum(g, axis=0, dtype=b_bar.dtype)
     g = xp.astype(g, w.dtype, copy=False)
     w_bar = hooks.matmul_add(w_bar, g.T, xp.astype(h_c, w.dtype, copy=False))
     return (w_bar, b_bar), g @ w
@@ -292,17 +314,8 @@ def loss_and_grads(
     def body(carry: Any, xs: tuple[Array, ...]) -> tuple[Any, tuple[Array, ...]]:
         h_c, t_c = xs
         z = _logits(h_c, wc, b, dtype, xp, hooks)
-        ce, lse, g = _rows.row_losses_and_grad(
-            z,
-            t_c,
-            weight,
-            ce_scale,
-            0.0 if lse_scale is None else lse_scale,
-            spec.opts,
-            spec.plan,
-            xp=xp,
-            overwrite=True,
-        )
+        lse_s = 0.0 if lse_scale is None else lse_scale
+        ce, lse, g = hooks.chunk_losses_and_grad(z, t_c, weight, ce_scale, lse_s, spec, xp, wc.dtype)
         del z
         carry, h_bar = _backprop(carry, g, h_c, wc, hooks, xp)
         return carry, (ce, lse, h_bar)

@@ -27,7 +27,7 @@ import enum
 import functools
 import struct
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -672,19 +672,26 @@ def fused(x: Any, target: Any, weight: Any, loss: Callable[..., Any]) -> Any:
 _compiled_strategy_tracing = False
 
 
+@contextlib.contextmanager
+def _compiled_strategy() -> Iterator[None]:
+    """While the compiled strategy's pass runs (:data:`_compiled_strategy_tracing`)."""
+    global _compiled_strategy_tracing
+    _compiled_strategy_tracing = True
+    try:
+        yield
+    finally:
+        _compiled_strategy_tracing = False
+
+
 def _compiled(loss: Callable[..., Any]) -> Callable[..., Any]:
     """``loss`` whose one pass ``loss(x, True)`` runs through ``torch.compile(dynamic=True)``
     (:func:`_compiled_pass`); ``loss(x)`` (a second backward's recomputation) stays eager."""
 
     def run(rows: Any, grad: bool = False) -> Any:
-        global _compiled_strategy_tracing
         if not grad:
             return loss(rows)
-        _compiled_strategy_tracing = True
-        try:
+        with _compiled_strategy():
             return _compiled_pass()(loss, rows)
-        finally:
-            _compiled_strategy_tracing = False
 
     return run
 
@@ -696,6 +703,32 @@ def _compiled_pass() -> Callable[..., Any]:
     function ``loss`` and what it holds) for every shape; past dynamo's recompile limit a new kind runs
     eagerly."""
     return torch.compile(lambda loss, x: loss(x, True), dynamic=True)
+
+
+def _compiled_chunk(
+    z: Any, target: Any, weight: Any, ce_scale: Any, lse_scale: Any, spec: _linear.Spec, xp: Any, products: Any
+) -> Any:
+    """``linear_cross_entropy``'s chunk pass under the compiled strategy
+    (:attr:`multixent._linear.Hooks.chunk_losses_and_grad`): ``(ce, lse, ḡ)`` of the chunk's logits ``z`` through
+    ``torch.compile(dynamic=True)`` (:func:`_compiled_chunk_pass`), ``ḡ`` rounded to the products' dtype inside."""
+    opts, may_ignore = spec.opts, spec.plan.may_ignore
+    with _compiled_strategy():
+        return _compiled_chunk_pass()(z, target, weight, ce_scale, lse_scale, opts, may_ignore, products, xp)
+
+
+@functools.cache
+def _compiled_chunk_pass() -> Callable[..., Any]:
+    """The chunk pass of :func:`_compiled_chunk`, made once (one graph per kind of call, for every chunk shape).
+    Traced, :func:`plan` gives one block out of place, the class indices asserted in the graph."""
+
+    def chunk(
+        z: Any, target: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, may_ignore: bool, dtype: Any, xp: Any
+    ) -> Any:
+        how = plan(z, may_ignore=may_ignore)
+        ce, lse, g = _rows.row_losses_and_grad(z, target, weight, ce_s, lse_s, opts, how, xp=xp)
+        return ce, lse, g.to(dtype)
+
+    return torch.compile(chunk, dynamic=True)
 
 
 def refuse_group(x: Any, target: Any, weight: Any, opts: _formulas.Options) -> None:
@@ -746,6 +779,8 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any =
     context.enter_context(torch.autocast(h.device.type, enabled=False))
     matmul_to = _matmul_to if _half_products(h) else None  # accelerators: products in the inputs' dtype
     hooks = _linear.Hooks(matmul_add=lambda acc, a, b: acc.addmm_(a, b), matmul_to=matmul_to)
+    if _compat.COMPILED_STRATEGY and _accelerated(h) and shard is None:  # a group's collectives stay eager
+        hooks = dataclasses.replace(hooks, chunk_losses_and_grad=_compiled_chunk)
     return spec, array_namespace(h), hooks, context
 
 

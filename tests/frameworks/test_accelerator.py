@@ -152,14 +152,16 @@ def test_compiled_strategy_asserts_on_the_device(compiled_strategy):
     assert torch.compile(mx.cross_entropy, backend="eager")(x, y, label_smoothing=0.05).isnan()
 
 
+@pytest.mark.parametrize("strategy", ["eager", "compiled"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_linear_products_in_bfloat16(accelerator, device):
+def test_linear_products_in_bfloat16(accelerator, device, strategy, monkeypatch):
     """``linear_cross_entropy`` under bfloat16 autocast (float32 leaves), 16 chunks: the products take bfloat16
     operands (on CUDA tensor cores, ``out_dtype``; on the CPU the operands cast, the same products) and
     the logits accumulate in float32, so the float32 loss is the float64 loss of the bfloat16-rounded
     inputs to float32 precision (bfloat16 logits would be ~1e-3 off); the gradients, whose products take
     the logits' gradient rounded to bfloat16 and whose ``W̄`` accumulates in bfloat16, equal the float64
-    ones to bfloat16's rounding."""
+    ones to bfloat16's rounding. With each chunk's pass eager, and compiled (``COMPILED_STRATEGY``)."""
+    monkeypatch.setattr(_compat, "COMPILED_STRATEGY", strategy == "compiled")
     g = torch.Generator().manual_seed(6)
     n, d, v = 64, 32, 300
     leaves = {"h": torch.randn(n, d, generator=g), "w": torch.randn(v, d, generator=g) / 4}
@@ -178,6 +180,34 @@ def test_linear_products_in_bfloat16(accelerator, device):
     for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double().cpu(), want, rtol=16 * eps, atol=16 * eps * scale)
+
+
+def test_compiled_strategy_linear_chunks(compiled_strategy):
+    """``linear_cross_entropy`` with its chunks' pass compiled: one graph for every chunk shape and number of
+    rows (float32, class weights, ignored rows, a bias: against ``F.cross_entropy`` of ``F.linear`` in
+    float64), and the class indices asserted in the graph."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(8)
+    d, v = 16, 70
+    w, b, weight = torch.randn(v, d, generator=g) / 4, torch.randn(v, generator=g), torch.rand(v, generator=g)
+    for i, (n, chunk) in enumerate([(24, 8), (37, 10), (51, 7)]):  # chunks of 2 rows or more (1: a graph of its own)
+        h = torch.randn(n, d, generator=g, requires_grad=True)
+        y = torch.randint(0, v, (n,), generator=g)
+        y[::6] = -100
+        loss = mx.linear_cross_entropy(h, w, y, bias=b, weight=weight, chunk_size=chunk, label_smoothing=0.1)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        loss.backward()
+        h64 = h.detach().double().requires_grad_()
+        ref = F.cross_entropy(F.linear(h64, w.double(), b.double()), y, weight=weight.double(), label_smoothing=0.1)
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] == graphs
+    y[0] = v
+    with pytest.raises(RuntimeError, match="outside \\[0, C\\)"):
+        mx.linear_cross_entropy(h, w, y, chunk_size=7).backward()
 
 
 def test_linear_gradients_scaled_in_place_keep_the_autograd_contract(accelerator):
