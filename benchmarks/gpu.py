@@ -1030,35 +1030,35 @@ def main(argv: list[str] | None = None) -> int:
     # its budget or its machine's time still leaves them; the rest of the grid last.
     key = [tuple(args.compile_at)]
     rest = [size for size in args.grid if tuple(size) not in key]
-    has_torch, has_jax = torch is not None, jax_device is not None
-    steps: list[tuple[str, Callable[[], None], bool]] = [
-        (
-            "parity torch",
-            parity("torch", lambda: parity_torch(device, parity_shape, 1 if args.dry else 4), has_torch),
-            True,
-        ),
+
+    def torch_at(sizes: list[Any]) -> Callable[[], None]:
+        return lambda: torch_rows.extend(torch_grid(args, device, budget, errors, sizes))
+
+    def jax_at(sizes: list[Any]) -> Callable[[], None]:
+        return lambda: jax_rows.extend(jax_grid(args, jax_device, budget, errors, sizes))
+
+    has_torch, has_jax, has_cupy = torch is not None, jax_device is not None, cupy is not None
+    compiled_cases = 1 if args.dry else 4
+    steps: list[tuple[str, Callable[[], None], bool]] = [  # (name, step, whether it runs)
+        ("parity torch", parity("torch", lambda: parity_torch(device, parity_shape, compiled_cases), has_torch), True),
         (
             "parity linear",
             parity("torch linear_cross_entropy", lambda: parity_linear(device, linear_parity), has_torch),
             True,
         ),
         ("passes", count_passes, has_torch),
-        (
-            "torch grid, compile point",
-            lambda: torch_rows.extend(torch_grid(args, device, budget, errors, key)),
-            has_torch,
-        ),
+        ("torch grid, compile point", torch_at(key), has_torch),
         ("linear", lambda: linear_rows.extend(linear_point(args, device, budget, errors)), has_torch),
         ("parity jax", parity("jax", lambda: parity_jax(jax_device, parity_shape), has_jax), True),
-        ("parity cupy", parity("cupy", lambda: parity_array_api(cupy, "cupy", parity_shape), cupy is not None), True),
+        ("parity cupy", parity("cupy", lambda: parity_array_api(cupy, "cupy", parity_shape), has_cupy), True),
         (
             "parity numpy",
-            parity("numpy (standing in for CuPy)", lambda: parity_array_api(np, "numpy", parity_shape), args.dry),
+            parity("numpy (standing in for CuPy)", lambda: parity_array_api(np, "numpy", parity_shape), True),
             args.dry,
         ),
-        ("jax grid, compile point", lambda: jax_rows.extend(jax_grid(args, jax_device, budget, errors, key)), has_jax),
-        ("torch grid, the rest", lambda: torch_rows.extend(torch_grid(args, device, budget, errors, rest)), has_torch),
-        ("jax grid, the rest", lambda: jax_rows.extend(jax_grid(args, jax_device, budget, errors, rest)), has_jax),
+        ("jax grid, compile point", jax_at(key), has_jax),
+        ("torch grid, the rest", torch_at(rest), has_torch),
+        ("jax grid, the rest", jax_at(rest), has_jax),
     ]
     for done, step, wanted in steps:
         if wanted:
