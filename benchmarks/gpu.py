@@ -180,20 +180,28 @@ COMPILED_PARITY = [
 ]
 
 
+@contextlib.contextmanager
+def strategy_compiled(on: bool = True) -> Iterator[None]:
+    """multixent's accelerator strategy with its passes compiled (the private ``COMPILED_STRATEGY``), or not,
+    for the duration (read when a call computes its gradients: in the forward)."""
+    from multixent import _compat
+
+    saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, on
+    try:
+        yield
+    finally:
+        _compat.COMPILED_STRATEGY = saved
+
+
 def parity_torch(device: str, shape: tuple[int, int], compiled_cases: int) -> list[dict[str, Any]]:
     """multixent's value and gradient (autograd, and cross_entropy_and_grad) on ``device`` against torch_oracle;
     then the first ``compiled_cases`` of :data:`COMPILED_PARITY` with the strategy compiled."""
-    from multixent import _compat
-
     results = _parity_torch(device, shape, parity_cases(["float32", "bfloat16"]))
     chosen = set(COMPILED_PARITY[:compiled_cases])
     cases = [c for c in parity_cases(["float32", "bfloat16"]) if (c[0], c[1], c[3]) in chosen]
-    saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, True
-    try:  # twice: the first call of each case compiles (its host synchronisations are the compiler's)
+    with strategy_compiled():  # twice: the first call of each case compiles (its host syncs are the compiler's)
         _parity_torch(device, shape, iter(cases), and_grad=False)
         compiled = _parity_torch(device, shape, iter(cases), and_grad=False)
-    finally:
-        _compat.COMPILED_STRATEGY = saved
     return results + [{**r, "framework": "torch, strategy compiled"} for r in compiled]
 
 
@@ -242,15 +250,10 @@ def parity_linear(device: str, shape: tuple[int, int, int]) -> list[dict[str, An
     (8 chunks) against ``F.cross_entropy`` of ``F.linear`` in float64 of the same values: the value and the
     gradients of both (the z-loss added to the oracle's rows); then with the chunks' pass compiled
     (``COMPILED_STRATEGY``), each case twice (the first compiles: its host synchronisations are the compiler's)."""
-    from multixent import _compat
-
     results = _parity_linear(device, shape, "torch linear_cross_entropy")
-    saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, True
-    try:
+    with strategy_compiled():
         _parity_linear(device, shape, "")
         results += _parity_linear(device, shape, "torch linear_cross_entropy, strategy compiled")
-    finally:
-        _compat.COMPILED_STRATEGY = saved
     return results
 
 
@@ -574,7 +577,6 @@ def torch_grid(
     import torch.nn.functional as F
 
     import multixent
-    from multixent import _compat
 
     meter = Meter(device == "cuda", 0.05 if args.dry else 0.3)
     rows: list[dict[str, Any]] = []
@@ -611,9 +613,7 @@ def torch_grid(
                     loss(xg, t).backward()
 
                 passes = [("fwd+bwd", step)] if compiled else [("fwd", lambda loss=loss: loss(x, t)), ("fwd+bwd", step)]
-                saved = _compat.COMPILED_STRATEGY
-                _compat.COMPILED_STRATEGY = name == "multixent, strategy compiled"
-                try:
+                with strategy_compiled(name == "multixent, strategy compiled"):
                     for kind, fn in passes:
                         t0 = time.perf_counter()
                         meter.sync()
@@ -625,8 +625,6 @@ def torch_grid(
                         out.append({**row, "launches": meter.launches(fn)})
                         if compiled:
                             out[-1]["compile_s"] = first
-                finally:
-                    _compat.COMPILED_STRATEGY = saved
             return out
 
         run_point(rows, errors, base, body)
@@ -711,14 +709,10 @@ def _linear_loss(chunk: int | None, compiled: bool) -> Callable[..., Any]:
     """``linear_cross_entropy(h, w, t, chunk_size=chunk)`` with its chunks' pass compiled or not (the private
     ``COMPILED_STRATEGY``, read in the forward, where the gradients are computed)."""
     import multixent
-    from multixent import _compat
 
     def loss(h: Any, w: Any, t: Any) -> Any:
-        saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, compiled
-        try:
+        with strategy_compiled(compiled):
             return multixent.linear_cross_entropy(h, w, t, chunk_size=chunk)
-        finally:
-            _compat.COMPILED_STRATEGY = saved
 
     return loss
 

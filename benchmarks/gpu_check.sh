@@ -9,8 +9,8 @@
 #    pytest, Liger-Kernel and Cut Cross-Entropy (when they do not import);
 # 2. the CUDA tests (tests/frameworks/test_accelerator.py: no host synchronisation, CUDA graph capture, the
 #    compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at most 120 s;
-# 3. benchmarks/gpu.py (parity, passes, the grids; the grids' budget 240 s: what is measured after it is skipped), at most 300 s:
-#    benchmarks/results/gpu.md.
+# 3. benchmarks/gpu.py (parity, passes, the grids; the grids' budget 240 s: what would start after it is
+#    skipped), at most 300 s: benchmarks/results/gpu.md.
 # About 7 minutes at most: with the machine's start, a device session of 15 minutes holds one run.
 # The logs and the report go to $OUT too when it is set (the device tool's output folder).
 set -u
