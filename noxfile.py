@@ -240,15 +240,16 @@ def language_models(session: nox.Session, transformers: str) -> None:
 
 @nox.session
 def gpu(session: nox.Session) -> None:
-    """benchmarks/gpu.py: where this session's torch sees a CUDA GPU, the whole check (parity on CUDA tensors,
-    GPU JAX and CuPy arrays; the grid against the native losses; writes benchmarks/results/gpu.md within ~5
-    minutes); elsewhere ``--dry`` (tiny sizes on the CPU, the accelerator strategy forced on CPU tensors, the
-    report in the session's tmp folder), so that CI keeps the script from rotting. Arguments go to the script.
-    A GPU machine without network runs the script directly after an install from ``wheels/`` (DEVELOPERS.md).
+    """benchmarks/gpu_check.sh, the GPU machine's one command: where this session's torch sees a CUDA GPU, the
+    CUDA tests and benchmarks/gpu.py's whole check (parity on CUDA tensors, GPU JAX and CuPy arrays; the grid
+    against the native losses; writes benchmarks/results/gpu.md within ~5 minutes); elsewhere ``--dry`` (tiny
+    sizes on the CPU, the accelerator strategy forced on CPU tensors, the report in a temporary folder), so
+    that CI keeps the script and its shell wrapper from rotting. Arguments go to gpu.py. A GPU machine without
+    network runs the wrapper directly, after it installs what is missing from ``wheels/`` (DEVELOPERS.md).
     """
     session.install(*TEST, TORCH, *JAX)
     session.install(".")
     probe = "import torch; print(torch.cuda.is_available())"
     cuda = (session.run("python", "-c", probe, silent=True) or "").strip().endswith("True")
-    dry = [] if cuda else ["--dry", "--out", os.path.join(session.create_tmp(), "gpu.md")]
-    session.run("python", "benchmarks/gpu.py", *dry, *session.posargs)
+    dry = [] if cuda else ["--dry"]
+    session.run("bash", "benchmarks/gpu_check.sh", *dry, *session.posargs, external=True)
