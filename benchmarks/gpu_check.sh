@@ -9,7 +9,7 @@
 #    pytest, Liger-Kernel and Cut Cross-Entropy (when they do not import);
 # 2. the CUDA tests (tests/frameworks/test_accelerator.py: no host synchronisation, the device-side index
 #    check, CUDA graph capture, the compiled strategy, linear_cross_entropy's bfloat16 products, CuPy), at
-#    most 150 s;
+#    most 180 s (each test reported as it ends: a run cut short still says which passed);
 # 3. benchmarks/gpu.py (parity, passes, the grids; the grids' budget 240 s: what would start after it is
 #    skipped), at most 300 s: benchmarks/results/gpu.md (not with --dry).
 # About 8 minutes at most: with the machine's start, a device session of 15 minutes holds one run.
@@ -36,7 +36,7 @@ fi
 export PYTHONPATH="$deps:$PWD"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$py" -VV; } >"$out/machine.txt" 2>&1
 if have pytest; then
-  MULTIXENT_BACKENDS=torch timeout 150 "$py" -m pytest -q -rs -p no:cacheprovider \
+  MULTIXENT_BACKENDS=torch timeout 180 "$py" -m pytest -v -rs -p no:cacheprovider \
     tests/frameworks/test_accelerator.py -k "cuda or cupy" >"$out/cuda-tests.log" 2>&1
   echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
 fi

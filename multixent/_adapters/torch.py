@@ -241,14 +241,15 @@ def _assert_none(mask: Any, message: str) -> bool:
     """Asserts on the device that ``mask`` holds no True: ``torch._assert_async``, torch's own check for its
     losses (no host synchronisation; a failure is a device-side assertion, as for ``F.cross_entropy``, and
     at once on the CPU). False, asserting nothing, for a mask whose values cannot be read now: a batched
-    tensor, or one the user's ``torch.compile`` traces (not the compiled strategy's, :func:`_compiled`)."""
-    if torch.compiler.is_compiling():
-        if not _compiled_strategy_tracing:  # the user's torch.compile: NaN, the traced answer
-            return False
-    elif _wrapped((mask,)):  # batched by a transform: NaN
+    tensor, or one the user's ``torch.compile`` traces (not the compiled strategy's, :func:`_compiled`).
+    Compiled, the assertion is Inductor's (a ``tl.device_assert`` on a GPU, which Triton drops when
+    Inductor's ``assert_indirect_indexing`` is off): False there too, so such rows' loss is NaN as well."""
+    compiling = torch.compiler.is_compiling()
+    readable = _compiled_strategy_tracing if compiling else not _wrapped((mask,))
+    if not readable:  # the user's trace, or a batched mask: NaN, the traced answer
         return False
     torch._assert_async(mask.any().logical_not(), message)
-    return True
+    return not compiling
 
 
 def _device_assertion(x: Any) -> Any:

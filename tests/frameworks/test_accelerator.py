@@ -7,6 +7,8 @@ tests run where such a device is present and skip with a reason elsewhere.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from _paths import load_script
@@ -150,6 +152,20 @@ def test_compiled_strategy_asserts_on_the_device(compiled_strategy):
     with pytest.raises(RuntimeError, match="outside \\[0, C\\)"):
         mx.cross_entropy(x, y, label_smoothing=0.05)
     assert torch.compile(mx.cross_entropy, backend="eager")(x, y, label_smoothing=0.05).isnan()
+
+
+@pytest.mark.parametrize("function", ["cross_entropy", "linear"])
+def test_compiled_strategy_is_nan_where_its_assertion_is_dropped(compiled_strategy, monkeypatch, function):
+    """Compiled, the index check is Inductor's assertion, which a GPU build drops when Inductor's
+    ``assert_indirect_indexing`` is off: the out-of-range row's loss is NaN too, so the loss is NaN, never a
+    number from the clipped index (here the assertion made a no-op)."""
+    monkeypatch.setattr(torch, "_assert_async", lambda *args, **kwargs: None)
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(4, 2, generator=g, requires_grad=True), torch.randn(3, 2, generator=g)
+    y = torch.tensor([0, 1, 3, -100])
+    loss = mx.linear_cross_entropy(h, w, y) if function == "linear" else mx.cross_entropy(h @ w.T, y)
+    loss.backward()
+    assert loss.isnan()
 
 
 @pytest.mark.parametrize("strategy", ["eager", "compiled"])
@@ -392,6 +408,64 @@ def test_cuda_graph_capture_of_a_training_step(strategy, monkeypatch):
     torch.cuda.synchronize()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+#: One call in a fresh process (a CUDA device-side assertion leaves the process's CUDA context unusable):
+#: argv = device, "eager" or "compiled" (``COMPILED_STRATEGY``), "cross_entropy" or "linear", the third row's
+#: class index (of 3 classes); prints "done" once the device has finished the forward and backward.
+_ONE_CALL = """
+import sys
+import torch
+import multixent as mx
+from multixent import _compat
+device, strategy, function, index = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+_compat.COMPILED_STRATEGY = strategy == "compiled"
+g = torch.Generator().manual_seed(0)
+h = torch.randn(4, 2, generator=g).to(device).requires_grad_()
+w = torch.randn(3, 2, generator=g).to(device)
+y = torch.tensor([0, 1, index, -100], device=device)
+loss = mx.linear_cross_entropy(h, w, y) if function == "linear" else mx.cross_entropy(h @ w.T, y)
+loss.backward()
+if device == "cuda":
+    torch.cuda.synchronize()
+print("done")
+"""
+
+
+@pytest.mark.parametrize(
+    ("device", "strategies"),
+    [("cpu", ["eager"]), pytest.param("cuda", ["eager", "compiled"], marks=needs_cuda)],
+)
+def test_cuda_out_of_range_index_fails_the_call(device, strategies):
+    """A class index outside ``[0, C)`` fails the call, never a silently wrong loss: on CUDA a device-side
+    assertion (as for ``F.cross_entropy``), with the strategy eager and compiled, for ``cross_entropy`` and
+    ``linear_cross_entropy``; the same calls with the index in range finish. Each call runs in its own process,
+    all at once; on the CPU (the strategy forced) the same harness sees the assertion's message."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MULTIXENT_ACCELERATOR_ON_CPU": "1", "MULTIXENT_SYNC_CHECKS": "0"}
+    cases = [(s, f, i) for s in strategies for f in ("cross_entropy", "linear") for i in (2, 3)]
+    runs = {
+        case: subprocess.Popen(
+            [sys.executable, "-c", _ONE_CALL, device, *map(str, case)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for case in cases
+    }
+    failed = "device-side assert" if device == "cuda" else "outside \\[0, C\\)"
+    for (strategy, function, index), run in runs.items():
+        out, err = run.communicate(timeout=240)
+        case = f"{strategy} {function}, index {index}: exit {run.returncode}\n{err[-2000:]}"
+        if index < 3:
+            assert run.returncode == 0 and "done" in out, case
+        else:
+            assert run.returncode != 0 and "done" not in out, case
+            assert re.search(failed, err), case
 
 
 def test_cupy_values_and_gradient():
