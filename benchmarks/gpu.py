@@ -705,13 +705,27 @@ def jax_grid(
     return ratios(rows, native={"multixent": "optax"})
 
 
-def _linear_loss(chunk: int | None, compiled: bool) -> Callable[..., Any]:
+@contextlib.contextmanager
+def w_bar_in_compute_dtype(on: bool = True) -> Iterator[None]:
+    """``linear_cross_entropy``'s classifier gradient accumulated in float32 (the default), or in the classifier's
+    own dtype (the private ``W_BAR_IN_COMPUTE_DTYPE``), for the duration."""
+    from multixent import _linear
+
+    saved, _linear.W_BAR_IN_COMPUTE_DTYPE = _linear.W_BAR_IN_COMPUTE_DTYPE, on
+    try:
+        yield
+    finally:
+        _linear.W_BAR_IN_COMPUTE_DTYPE = saved
+
+
+def _linear_loss(chunk: int | None, compiled: bool, w_bar_float32: bool = True) -> Callable[..., Any]:
     """``linear_cross_entropy(h, w, t, chunk_size=chunk)`` with its chunks' pass compiled or not (the private
-    ``COMPILED_STRATEGY``, read in the forward, where the gradients are computed)."""
+    ``COMPILED_STRATEGY``, read in the forward, where the gradients are computed), ``W̄`` accumulated in float32
+    or in bfloat16."""
     import multixent
 
     def loss(h: Any, w: Any, t: Any) -> Any:
-        with strategy_compiled(compiled):
+        with strategy_compiled(compiled), w_bar_in_compute_dtype(w_bar_float32):
             return multixent.linear_cross_entropy(h, w, t, chunk_size=chunk)
 
     return loss
@@ -734,6 +748,8 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
     for strategy in ("", ", strategy compiled"):
         for label, chunk in chunkings.items():
             losses[f"multixent.linear_cross_entropy{label}{strategy}"] = _linear_loss(chunk, bool(strategy))
+    for label, chunk in chunkings.items():  # W̄ in bfloat16: a V×D float32 buffer less, one rounding per chunk
+        losses[f"multixent.linear_cross_entropy{label}, W̄ in bfloat16"] = _linear_loss(chunk, False, False)
     losses["F.linear + F.cross_entropy"] = lambda h, w, t: F.cross_entropy(F.linear(h, w), t)
     ours = list(losses)  # another library's loss that fails is noted in its row, not an error of the run
     liger = optional("liger_kernel.transformers.functional")
@@ -752,6 +768,7 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
         w = (torch.randn(v, d, device=device, generator=gen) / d**0.5).bfloat16().requires_grad_()
         t = torch.randint(0, v, (n,), device=device, generator=gen)
         grads = (h.numel() + w.numel()) * 2
+        w_ref = _w_bar_float32(h, w, t)
         out = []
         for name, loss in losses.items():
 
@@ -765,6 +782,9 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
                 peak = meter.peak(step, reset=lambda: setattr(h, "grad", None) or setattr(w, "grad", None))
                 row = {"loss": name, "ms": meter.ms(step), "peak": peak, "launches": meter.launches(step)}
                 row["beyond_grads"] = None if peak is None else peak - grads
+                if w.grad is None:
+                    step()
+                row["w_bar_error"] = float((w.grad.float() - w_ref).abs().max() / w_ref.abs().max())
             except Exception as e:
                 if name in ours and not is_oom(e):
                     raise
@@ -777,6 +797,19 @@ def linear_point(args: argparse.Namespace, device: str, budget: Budget, errors: 
     run_point(rows, errors, base, body)
     native = {name: "F.linear + F.cross_entropy" for name in losses}
     return ratios(rows, native=native)
+
+
+def _w_bar_float32(h: Any, w: Any, t: Any) -> Any:
+    """The classifier's gradient of ``F.cross_entropy(F.linear(h, w), t)`` in float32 (of the bfloat16 values):
+    the reference of the linear rows' ``W̄`` error (float64 would not fit beside them at the benchmark's size)."""
+    import torch.nn.functional as F
+
+    hf, wf = h.detach().float(), w.detach().float().requires_grad_()
+    F.cross_entropy(F.linear(hf, wf), t).backward()
+    grad = wf.grad
+    del hf, wf
+    free()
+    return grad
 
 
 # --------------------------------------------------------------------------
@@ -881,12 +914,22 @@ def strategy_lines(rows: list[dict[str, Any]]) -> list[str]:
 def chunk_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The decision the accelerators' default chunk size waits for: each chunking's time over the naive path's
     and its memory beyond the inputs and their gradients over the logits' bytes."""
+    naive = [r["w_bar_error"] for r in rows if r.get("loss") == "F.linear + F.cross_entropy" and "w_bar_error" in r]
+    naive_error = naive[0] if naive and naive[0] > 0 else float("nan")
     lines = []
     for r in rows:
-        if r.get("loss", "").startswith("multixent") and "x_ms" in r and r.get("beyond_grads") is not None:
-            memory = r["beyond_grads"] / r["logits_bytes"]
-            lines.append(f"- {r['loss']}: × naive time {r['x_ms']:.2f}, beyond × logits {memory:.3f}")
-    return ["linear_cross_entropy's chunkings (the bar: time ≤ 1.2× naive, memory beyond ≤ 0.1× logits):", "", *lines]
+        if r.get("loss", "").startswith("multixent") and "x_ms" in r:
+            beyond = r.get("beyond_grads")
+            memory = "—" if beyond is None else f"{beyond / r['logits_bytes']:.3f}"  # (none on the CPU)
+            error = r.get("w_bar_error", float("nan")) / naive_error
+            figures = f"× naive time {r['x_ms']:.2f}, beyond × logits {memory}, W̄ error × naive {error:.2f}"
+            lines.append(f"- {r['loss']}: {figures}")
+    return [
+        "linear_cross_entropy's chunkings (the bar: time ≤ 1.2× naive, memory beyond ≤ 0.1× logits; W̄'s largest"
+        " error against float32, over the naive path's):",
+        "",
+        *lines,
+    ]
 
 
 def grid_table(title: str, rows: list[dict[str, Any]], ratio_of: str, extra: str | None = None) -> list[str]:

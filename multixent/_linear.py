@@ -57,6 +57,15 @@ Namespace = Any
 #: (``nox -s bench``; the figures are in benchmarks/results/).
 CHUNK_ELEMENTS = 2**23
 
+#: ``W̄`` accumulates over the chunks in the compute dtype (float32 for half-precision inputs) and is rounded to
+#: the classifier's dtype once, at the end: as accurate as ``F.linear``'s backward, whose one product rounds
+#: once. Only the products that take half-precision operands (:attr:`Hooks.matmul_to`: torch on accelerators)
+#: have the choice; False keeps ``W̄`` in the classifier's dtype (``V·D`` half-precision elements less), with
+#: one rounding per chunk: its error grows with the number of chunks (bfloat16 W̄, 2048 × 128 × 4096, relative
+#: to the largest: 2.5e-3 in one chunk, 1.7e-2 in 64, 2.4e-2 in 256; the naive path's 2.8e-3). The GPU check
+#: (``benchmarks/gpu.py``) measures both.
+W_BAR_IN_COMPUTE_DTYPE = True
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -134,7 +143,8 @@ def chunk_losses_and_grad(
 class Hooks:
     """Framework-supplied primitives; the defaults are plain array-API code."""
 
-    #: ``acc + a @ b``, possibly updating ``acc`` in place.
+    #: ``acc + a @ b``, possibly updating ``acc`` in place (``acc`` may be wider than the operands: the sum in
+    #: its dtype).
     matmul_add: Callable[[Array, Array, Array], Array] = _add
     #: ``loop(body, carry, xs, chunk, xp)`` as :func:`chunk_loop`. JAX passes a
     #: ``lax.scan``: an unrolled Python loop lets XLA schedule every chunk's
@@ -158,8 +168,8 @@ def _classifier(h: Array, w: Array, b: Array | None, xp: Namespace, hooks: Hooks
     """The compute dtype, and the classifier in the dtype the matrix products take their operands in: the
     compute dtype; with ``hooks.matmul_to``, the inputs' own (no copy of a half-precision classifier: the
     logits ``h_c @ Wᵀ`` accumulated in the compute dtype, the logits' gradient rounded to the inputs' dtype
-    for ``ḡ @ W`` and ``ḡᵀ @ h_c``, and ``W̄`` accumulated in the classifier's dtype, as ``F.linear``'s
-    backward gives it)."""
+    for ``ḡ @ W`` and ``ḡᵀ @ h_c``, as ``F.linear``'s backward receives it; ``W̄`` as
+    :data:`W_BAR_IN_COMPUTE_DTYPE` says)."""
     dtype = compute_dtype(h, w, b, xp)
     operands = dtype if hooks.matmul_to is None else xp.result_type(h.dtype, w.dtype)
     return dtype, xp.astype(w, operands, copy=False)
@@ -186,11 +196,12 @@ def compute_dtype(h: Array, w: Array, b: Array | None, xp: Namespace) -> Any:
 
 
 def _zero_grads(w: Array, b: Array | None, dtype: Any, xp: Namespace, spec: Spec) -> tuple[Array, Array | None]:
-    """Zeros for ``W̄`` (in the products' dtype, ``w``'s from :func:`_classifier`) and ``b̄`` (in ``dtype``): the
-    member's own (sharded) arrays with a group (``Shard.spread``)."""
+    """Zeros for ``W̄`` (in the compute dtype ``dtype``; in the products' dtype, ``w``'s from :func:`_classifier`,
+    without :data:`W_BAR_IN_COMPUTE_DTYPE`) and ``b̄`` (in ``dtype``): the member's own (sharded) arrays with a
+    group (``Shard.spread``)."""
     dev = device(w)
     w_bar, b_bar = (
-        xp.zeros(w.shape, dtype=w.dtype, device=dev),
+        xp.zeros(w.shape, dtype=dtype if W_BAR_IN_COMPUTE_DTYPE else w.dtype, device=dev),
         None if b is None else xp.zeros(b.shape, dtype=dtype, device=dev),
     )
     shard = spec.plan.shard

@@ -779,7 +779,7 @@ def _eager(h: torch.Tensor, w: torch.Tensor, opts: tuple[Any, ...], shard: Any =
     context.enter_context(torch.no_grad())
     context.enter_context(torch.autocast(h.device.type, enabled=False))
     matmul_to = _matmul_to if _half_products(h) else None  # accelerators: products in the inputs' dtype
-    hooks = _linear.Hooks(matmul_add=lambda acc, a, b: acc.addmm_(a, b), matmul_to=matmul_to)
+    hooks = _linear.Hooks(matmul_add=_matmul_add, matmul_to=matmul_to)
     if _compat.COMPILED_STRATEGY and _accelerated(h) and shard is None:  # a group's collectives stay eager
         hooks = dataclasses.replace(hooks, chunk_losses_and_grad=_compiled_chunk)
     return spec, array_namespace(h), hooks, context
@@ -802,12 +802,24 @@ def _matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return a.to(dtype) @ b.to(dtype) if a.is_cpu else torch.mm(a, b, out_dtype=dtype)
 
 
+def _matmul_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place (:attr:`multixent._linear.Hooks.matmul_add`); half-precision operands into a
+    float32 ``acc`` in one tensor-core product (``out_dtype``), on CPU tensors cast first (the same sum)."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if a.is_cpu:
+        return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
 @functools.cache
 def _has_out_dtype() -> bool:
-    """Whether this torch's ``mm`` takes ``out_dtype`` (a float32 result of bfloat16 operands)."""
+    """Whether this torch's ``mm`` and ``addmm`` take ``out_dtype`` (a float32 result of bfloat16 operands)."""
     meta = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
+    acc = torch.empty(1, 1, device="meta")
     try:
         torch.mm(meta, meta, out_dtype=torch.float32)
+        torch.addmm(acc, meta, meta, out_dtype=torch.float32, out=acc)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
     return True

@@ -175,8 +175,8 @@ def test_linear_products_in_bfloat16(accelerator, device, strategy, monkeypatch)
     operands (on CUDA tensor cores, ``out_dtype``; on the CPU the operands cast, the same products) and
     the logits accumulate in float32, so the float32 loss is the float64 loss of the bfloat16-rounded
     inputs to float32 precision (bfloat16 logits would be ~1e-3 off); the gradients, whose products take
-    the logits' gradient rounded to bfloat16 and whose ``W̄`` accumulates in bfloat16, equal the float64
-    ones to bfloat16's rounding. With each chunk's pass eager, and compiled (``COMPILED_STRATEGY``)."""
+    the logits' gradient rounded to bfloat16, equal the float64 ones to bfloat16's rounding. With each chunk's
+    pass eager, and compiled (``COMPILED_STRATEGY``)."""
     monkeypatch.setattr(_compat, "COMPILED_STRATEGY", strategy == "compiled")
     g = torch.Generator().manual_seed(6)
     n, d, v = 64, 32, 300
@@ -196,6 +196,30 @@ def test_linear_products_in_bfloat16(accelerator, device, strategy, monkeypatch)
     for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double().cpu(), want, rtol=16 * eps, atol=16 * eps * scale)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_linear_classifier_gradient_as_accurate_as_the_naive_path(accelerator, device):
+    """bfloat16 leaves, products in bfloat16: ``W̄`` accumulates over the chunks in float32 and is rounded once,
+    so its error against float64 does not grow with the number of chunks (in bfloat16, one rounding per
+    chunk: about 7x the naive path's error in 64 chunks here) and stays within the naive path's
+    (``F.linear`` + ``F.cross_entropy`` in bfloat16, one product for ``W̄``)."""
+    g = torch.Generator().manual_seed(8)
+    n, d, v = 1024, 64, 2048
+    h0, w0 = torch.randn(n, d, generator=g).bfloat16(), (torch.randn(v, d, generator=g) / 8).bfloat16()
+    y = torch.randint(0, v, (n,), generator=g)
+    h64, w64 = h0.double().requires_grad_(), w0.double().requires_grad_()
+    F.cross_entropy(h64 @ w64.T, y).backward()
+
+    def w_bar_error(loss_of):
+        h, w = (a.to(device, copy=True).requires_grad_() for a in (h0, w0))
+        loss_of(h, w, y.to(device)).backward()
+        return ((w.grad.double().cpu() - w64.grad).abs().max() / w64.grad.abs().max()).item()
+
+    naive = w_bar_error(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
+    for chunks in (1, 64):
+        error = w_bar_error(lambda h, w, t, k=chunks: mx.linear_cross_entropy(h, w, t, chunk_size=n // k))
+        assert error <= 1.25 * naive, (chunks, error, naive)
 
 
 def test_compiled_strategy_linear_chunks(compiled_strategy):
