@@ -804,22 +804,28 @@ def _matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 def _matmul_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc += a @ b`` in place (:attr:`multixent._linear.Hooks.matmul_add`); half-precision operands into a
-    float32 ``acc`` in one tensor-core product (``out_dtype``), on CPU tensors cast first (the same sum)."""
+    float32 ``acc`` in one tensor-core product (``addmm``'s ``out_dtype``; a torch without it: ``mm``'s, then
+    added), on CPU tensors cast first (the same sum)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     if a.is_cpu:
         return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    if _has_out_dtype("addmm"):
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    return acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
 
 
 @functools.cache
-def _has_out_dtype() -> bool:
-    """Whether this torch's ``mm`` and ``addmm`` take ``out_dtype`` (a float32 result of bfloat16 operands)."""
+def _has_out_dtype(product: str = "mm") -> bool:
+    """Whether this torch's ``mm`` (or ``addmm``, into its input) takes ``out_dtype`` (a float32 result of
+    bfloat16 operands)."""
     meta = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
     acc = torch.empty(1, 1, device="meta")
     try:
-        torch.mm(meta, meta, out_dtype=torch.float32)
-        torch.addmm(acc, meta, meta, out_dtype=torch.float32, out=acc)
+        if product == "mm":
+            torch.mm(meta, meta, out_dtype=torch.float32)
+        else:
+            torch.addmm(acc, meta, meta, out_dtype=torch.float32, out=acc)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
     return True
