@@ -804,28 +804,37 @@ def _matmul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 def _matmul_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc += a @ b`` in place (:attr:`multixent._linear.Hooks.matmul_add`); half-precision operands into a
-    float32 ``acc`` in one tensor-core product (``addmm``'s ``out_dtype``; a torch without it: ``mm``'s, then
-    added), on CPU tensors cast first (the same sum)."""
+    float32 ``acc`` in one tensor-core product (``addmm``'s ``out_dtype``; where this torch's ``addmm`` refuses
+    a float32 input beside them: ``mm``'s, then added), on CPU tensors cast first (the same sum)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     if a.is_cpu:
         return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    if _has_out_dtype("addmm"):
+    if _addmm_into_wider(acc.device.type):
         return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     return acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
 
 
 @functools.cache
-def _has_out_dtype(product: str = "mm") -> bool:
-    """Whether this torch's ``mm`` (or ``addmm``, into its input) takes ``out_dtype`` (a float32 result of
-    bfloat16 operands)."""
+def _has_out_dtype() -> bool:
+    """Whether this torch's ``mm`` takes ``out_dtype`` (a float32 result of bfloat16 operands)."""
     meta = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
-    acc = torch.empty(1, 1, device="meta")
     try:
-        if product == "mm":
-            torch.mm(meta, meta, out_dtype=torch.float32)
-        else:
-            torch.addmm(acc, meta, meta, out_dtype=torch.float32, out=acc)
+        torch.mm(meta, meta, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@functools.cache
+def _addmm_into_wider(device_type: str) -> bool:
+    """Whether this torch's ``addmm`` on ``device_type`` adds bfloat16 operands' product into a float32 input
+    (``out_dtype``, the input as ``out``): asked of the device once (older CUDA kernels require the input in the
+    operands' dtype; their argument checks raise before any launch)."""
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+    acc = torch.zeros(1, 1, device=device_type)
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
     return True

@@ -222,6 +222,20 @@ def test_linear_classifier_gradient_as_accurate_as_the_naive_path(accelerator, d
         assert error <= 1.25 * naive, (chunks, error, naive)
 
 
+@pytest.mark.parametrize("addmm_into_wider", [True, False])
+def test_classifier_gradient_sum_on_an_accelerator(monkeypatch, addmm_into_wider):
+    """On an accelerator ``W̄ += ḡᵀ h_c`` adds bfloat16 operands' product into the float32 ``W̄`` in place, by
+    ``addmm``'s ``out_dtype``, or ``mm``'s then added where this torch's ``addmm`` refuses the wider input
+    (shapes, dtypes and aliasing on meta tensors here; the values on CUDA in the accuracy test above)."""
+    from multixent._adapters import torch as adapter
+
+    monkeypatch.setattr(adapter, "_addmm_into_wider", lambda device_type: addmm_into_wider)
+    acc = torch.zeros(5, 3, device="meta")
+    a, b = (torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in ((5, 2), (2, 3)))
+    out = adapter._matmul_add(acc, a, b)
+    assert out is acc and out.dtype == torch.float32 and out.shape == (5, 3)
+
+
 def test_compiled_strategy_linear_chunks(compiled_strategy):
     """``linear_cross_entropy`` with its chunks' pass compiled: one graph for every chunk shape and number of
     rows (float32, class weights, ignored rows, a bias: against ``F.cross_entropy`` of ``F.linear`` in
