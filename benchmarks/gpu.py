@@ -60,6 +60,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -180,17 +181,12 @@ COMPILED_PARITY = [
 ]
 
 
-@contextlib.contextmanager
-def strategy_compiled(on: bool = True) -> Iterator[None]:
+def strategy_compiled(on: bool = True) -> contextlib.AbstractContextManager[Any]:
     """multixent's accelerator strategy with its passes compiled (the private ``COMPILED_STRATEGY``), or not,
     for the duration (read when a call computes its gradients: in the forward)."""
     from multixent import _compat
 
-    saved, _compat.COMPILED_STRATEGY = _compat.COMPILED_STRATEGY, on
-    try:
-        yield
-    finally:
-        _compat.COMPILED_STRATEGY = saved
+    return mock.patch.object(_compat, "COMPILED_STRATEGY", on)
 
 
 def parity_torch(device: str, shape: tuple[int, int], compiled_cases: int) -> list[dict[str, Any]]:
@@ -705,17 +701,12 @@ def jax_grid(
     return ratios(rows, native={"multixent": "optax"})
 
 
-@contextlib.contextmanager
-def w_bar_in_compute_dtype(on: bool = True) -> Iterator[None]:
+def w_bar_in_compute_dtype(on: bool = True) -> contextlib.AbstractContextManager[Any]:
     """``linear_cross_entropy``'s classifier gradient accumulated in float32 (the default), or in the classifier's
     own dtype (the private ``W_BAR_IN_COMPUTE_DTYPE``), for the duration."""
     from multixent import _linear
 
-    saved, _linear.W_BAR_IN_COMPUTE_DTYPE = _linear.W_BAR_IN_COMPUTE_DTYPE, on
-    try:
-        yield
-    finally:
-        _linear.W_BAR_IN_COMPUTE_DTYPE = saved
+    return mock.patch.object(_linear, "W_BAR_IN_COMPUTE_DTYPE", on)
 
 
 def _linear_loss(chunk: int | None, compiled: bool, w_bar_float32: bool = True) -> Callable[..., Any]:

@@ -61,9 +61,8 @@ CHUNK_ELEMENTS = 2**23
 #: the classifier's dtype once, at the end: as accurate as ``F.linear``'s backward, whose one product rounds
 #: once. Only the products that take half-precision operands (:attr:`Hooks.matmul_to`: torch on accelerators)
 #: have the choice; False keeps ``W̄`` in the classifier's dtype (``V·D`` half-precision elements less), with
-#: one rounding per chunk: its error grows with the number of chunks (bfloat16 W̄, 2048 × 128 × 4096, relative
-#: to the largest: 2.5e-3 in one chunk, 1.7e-2 in 64, 2.4e-2 in 256; the naive path's 2.8e-3). The GPU check
-#: (``benchmarks/gpu.py``) measures both.
+#: one rounding per chunk, so that its error grows with the number of chunks (docs/large-vocabularies.md). The
+#: GPU check (``benchmarks/gpu.py``) measures both.
 W_BAR_IN_COMPUTE_DTYPE = True
 
 
