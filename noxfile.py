@@ -238,6 +238,27 @@ def language_models(session: nox.Session, transformers: str) -> None:
     _suite(session, "torch,jax", "tests/frameworks/test_lm_transformers.py", "tests/frameworks/test_lm_flax.py")
 
 
+#: The GPU machine's torch (its page in the device tool: torch 2.11, on Python 3.12). PyPI's wheel is a CUDA
+#: build (about 4.7 GB with its libraries), which runs on the CPU.
+GPU_MACHINE_TORCH = "torch==2.11.0"
+
+
+@nox.session
+def gpu_versions(session: nox.Session) -> None:
+    """Not in the default run (about 15 minutes here, and the download): before a GPU run, on the CPU with the
+    GPU machine's torch, the torch suite, then (not ``slow``) with the accelerator strategy forced and with its
+    pass compiled, then the GPU check's dry run. What changes between torch releases (dynamo's tracing rules,
+    meta kernels, ``out_dtype`` products) fails here, not in the GPU machine's few minutes."""
+    session.install(*TEST, GPU_MACHINE_TORCH, KERAS)
+    session.install(".")
+    _suite(session, "torch")
+    forced = {"MULTIXENT_ACCELERATOR_ON_CPU": "1"}
+    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=forced)
+    compiled = {**forced, "MULTIXENT_COMPILED_STRATEGY": "1"}
+    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=compiled)
+    session.run("bash", "benchmarks/gpu_check.sh", "--dry", external=True)
+
+
 @nox.session
 def gpu(session: nox.Session) -> None:
     """benchmarks/gpu_check.sh, the GPU machine's one command: where this session's torch sees a CUDA GPU, the

@@ -392,7 +392,7 @@ def _row_count(shape: tuple[int, ...], axis: int) -> int:
 #: Per ``(namespace, device, target dtype)``: the index dtype, its ``(min, max)``, and the
 #: bits of an unsigned target as wide as it (0 otherwise); only for namespaces whose default
 #: dtypes are fixed (:func:`multixent._compat.fixed_defaults`).
-_INDEX_DTYPES: dict[tuple[Any, Any, Any], tuple[Any, int, int, int]] = {}
+_INDEX_DTYPES: _compat.Memo[tuple[Any, int, int, int]] = _compat.Memo()
 
 
 def _index_dtype(target: Array, xp: Any) -> tuple[Any, int, int, int]:
@@ -404,7 +404,7 @@ def _index_dtype(target: Array, xp: Any) -> tuple[Any, int, int, int]:
 
     if not _compat.fixed_defaults(xp):
         return compute()
-    return _compat.memo(_INDEX_DTYPES, (xp, device(target), target.dtype), compute)
+    return _INDEX_DTYPES((xp, device(target), target.dtype), compute)
 
 
 def _index_target(

@@ -143,7 +143,7 @@ _FLOATS = "float16, bfloat16, float32 or float64"
 
 
 #: Per ``(namespace, dtype)``: "floating", "integral" or "" (anything else).
-_KINDS: dict[tuple[Any, Any], str] = {}
+_KINDS: _compat.Memo[str] = _compat.Memo()
 
 
 def _kind(dtype: Any, xp: Namespace) -> str:
@@ -159,7 +159,7 @@ def _kind(dtype: Any, xp: Namespace) -> str:
             return "floating"
         return "integral" if integral else ""
 
-    return _compat.memo(_KINDS, (xp, dtype), compute)
+    return _KINDS((xp, dtype), compute)
 
 
 def is_floating(dtype: Any, xp: Namespace) -> bool:
@@ -168,7 +168,7 @@ def is_floating(dtype: Any, xp: Namespace) -> bool:
 
 
 #: Per ``(namespace, dtype)``: the error message of :func:`floating` ("" when the dtype is fine).
-_FLOATING: dict[tuple[Any, Any], str] = {}
+_FLOATING: _compat.Memo[str] = _compat.Memo()
 
 
 def floating(x: Array, name: str, xp: Namespace, target: Array | None = None) -> None:
@@ -185,7 +185,7 @@ def floating(x: Array, name: str, xp: Namespace, target: Array | None = None) ->
             return "must have dtype {floats}; got {dtype} (cast it first)"
         return ""
 
-    problem = _compat.memo(_FLOATING, (xp, x.dtype), compute)
+    problem = _FLOATING((xp, x.dtype), compute)
     if not problem:
         return
     hint = ""
@@ -414,7 +414,7 @@ def weight(w: Array | None, classes: int, xp: Namespace) -> None:
 
 #: Per the types, dtypes and layouts of a call's ``(logits, target, weight)`` and the function:
 #: ``(namespace, target holds class indices)``, kept once :func:`arrays` passed for them.
-_ARRAYS: dict[tuple[Any, ...], tuple[Namespace, bool]] = {}
+_ARRAYS: _compat.Memo[tuple[Namespace, bool]] = _compat.Memo()
 
 
 def _signature(a: Any) -> tuple[Any, ...]:
@@ -436,8 +436,8 @@ def arrays(
     is_index = index_target(given[1], xp, indices_only)
     weight_dtype(given[2], xp)
     unchanged = all(a is b for a, b in zip(given, (x, target, w), strict=True))
-    if unchanged and len(_ARRAYS) < 256 and not _compat.compiling():
-        _ARRAYS[key] = (xp, is_index)
+    if unchanged:
+        _ARRAYS.put(key, (xp, is_index))
     return xp, given, is_index  # type: ignore[return-value]
 
 
@@ -554,14 +554,14 @@ def options(
     cap = None if softcap is None else option(softcap, "softcap", logits, read)
     cap = None if isinstance(cap, float) and cap == math.inf else cap  # softcap=inf: s·tanh(x/s) -> x, no cap
     result = Options(integer(ignore_index, "ignore_index"), smoothing, cap), z
-    if key is not None and len(_OPTIONS) < 256:
-        _OPTIONS[key] = result
+    if key is not None:
+        _OPTIONS.put(key, result)
     return result
 
 
 _PLAIN = frozenset((int, float, type(None)))
 #: :func:`options`' results per Python values (and their types).
-_OPTIONS: dict[tuple[Any, ...], tuple[Options, float | Array]] = {}
+_OPTIONS: _compat.Memo[tuple[Options, float | Array]] = _compat.Memo()
 
 
 def group(value: Any, class_offset: Any) -> None:

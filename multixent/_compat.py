@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import array_api_compat
 import array_api_extra as xpx
@@ -48,8 +48,39 @@ def is_array_api_obj(x: Any) -> bool:
     return is_torch_array(x) or array_api_compat.is_array_api_obj(x)
 
 
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing (False when torch is not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.compiler.is_compiling())
+
+
+class Memo(Generic[T]):
+    """Answers kept per key (types, dtypes, namespaces, Python options: a handful per process; the first
+    256 are kept): ``memo(key, compute)``, or :meth:`get` and :meth:`put`.
+
+    While ``torch.compile`` traces, nothing is kept or looked up: the table is never handed to dynamo,
+    which before torch 2.13 cannot hash a module or a NumPy dtype among its keys and stops the trace."""
+
+    def __init__(self) -> None:
+        self._found: dict[Any, T] = {}
+
+    def get(self, key: Any) -> T | None:
+        return None if compiling() else self._found.get(key)
+
+    def put(self, key: Any, value: T) -> None:
+        if not compiling() and len(self._found) < 256:
+            self._found[key] = value
+
+    def __call__(self, key: Any, compute: Callable[[], T]) -> T:
+        found = self.get(key)
+        if found is None:
+            found = compute()
+            self.put(key, found)
+        return found
+
+
 #: array-api-compat's namespace per tuple of (non-torch) array types.
-_NAMESPACES: dict[tuple[type, ...], Any] = {}
+_NAMESPACES: Memo[Any] = Memo()
 
 
 def array_namespace(*xs: Any) -> Any:
@@ -57,13 +88,7 @@ def array_namespace(*xs: Any) -> Any:
         import array_api_compat.torch as xp  # array_api_compat.array_namespace's answer
 
         return xp
-    types = tuple(type(x) for x in xs)
-    found = _NAMESPACES.get(types)
-    if found is None:
-        found = array_api_compat.array_namespace(*xs)
-        if len(_NAMESPACES) < 256:  # types of tracers and array libraries: a handful per process
-            _NAMESPACES[types] = found
-    return found
+    return _NAMESPACES(tuple(type(x) for x in xs), lambda: array_api_compat.array_namespace(*xs))
 
 
 def device(x: Any) -> Any:
@@ -174,24 +199,6 @@ def clip(x: Any, low: float, high: float, xp: Any) -> Any:
     if not all(map(known_size, x.shape)):  # compat's clip broadcasts the shapes, which needs them known
         return xp.minimum(xp.maximum(x, low), high)
     return xp.clip(x, low, high)
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing (False when torch is not imported)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and bool(torch.compiler.is_compiling())
-
-
-def memo(table: dict[Any, T], key: Hashable, compute: Callable[[], T]) -> T:
-    """``table[key]``, computed once per key (keys hold namespaces and dtypes); computed afresh
-    while ``torch.compile`` traces, as dynamo cannot hash a module."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.compiler.is_compiling():
-        return compute()
-    found = table.get(key)
-    if found is None:
-        found = table[key] = compute()
-    return found
 
 
 def subtract_at_rows(g: Any, index: Any, values: Any, xp: Any) -> Any:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import clip, device, float_bits, max_along, memo, take, take_rows, zero_nan
+from ._compat import Memo, clip, device, float_bits, max_along, take, take_rows, zero_nan
 
 Array = Any
 Namespace = Any
@@ -142,7 +142,7 @@ def local_weight(weight: Array | None, shard: Shard | None, x: Array, xp: Namesp
 
 
 #: Per ``(namespace, dtype)``: the compute dtype and its largest finite value.
-_COMPUTE: dict[tuple[Namespace, Any], tuple[Any, float]] = {}
+_COMPUTE: Memo[tuple[Any, float]] = Memo()
 
 
 def _compute(dtype: Any, xp: Namespace) -> tuple[Any, float]:
@@ -150,7 +150,7 @@ def _compute(dtype: Any, xp: Namespace) -> tuple[Any, float]:
         wide = xp.float32 if float_bits(dtype, xp) < 32 else dtype
         return wide, float(xp.finfo(wide).max)
 
-    return memo(_COMPUTE, (xp, dtype), compute)
+    return _COMPUTE((xp, dtype), compute)
 
 
 def compute_dtype(dtype: Any, xp: Namespace) -> Any:

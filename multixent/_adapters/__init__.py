@@ -150,17 +150,12 @@ def dtensor_adapter(*arrays: Any) -> Any:
 
 
 #: :func:`adapter_for`'s answer per array type (it reads the type only).
-_ADAPTERS: dict[type, Adapter] = {}
+_ADAPTERS: _compat.Memo[Adapter] = _compat.Memo()
 
 
 def adapter_for(x: Any) -> Adapter:
     """The adapter module of ``x``'s framework (kept per type)."""
-    found = _ADAPTERS.get(type(x))
-    if found is None:
-        found = _adapter_for(x)
-        if len(_ADAPTERS) < 256 and not _compat.compiling():
-            _ADAPTERS[type(x)] = found
-    return found
+    return _ADAPTERS(type(x), lambda: _adapter_for(x))
 
 
 def _adapter_for(x: Any) -> Adapter:

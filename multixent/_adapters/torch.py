@@ -600,7 +600,7 @@ def row_losses(
 ) -> tuple[Any, Any]:
     """Per-row ``(ce, lse)`` by the call's :func:`route`. ``need_lse=False``: without autograd, ``lse``
     is not computed (None)."""
-    how = route(x, target, weight, options=bool(opts.arrays))
+    how = route(x, target, weight, options=len(opts.arrays) > 0)
     if how is Route.PLAIN:  # nothing to differentiate: the math alone, blocks in place
         blocked = _blocked_plan(x, True, may_ignore)
         if shard is not None:

@@ -229,6 +229,8 @@ def test_classifier_gradient_sum_on_an_accelerator(monkeypatch, addmm_into_wider
     (shapes, dtypes and aliasing on meta tensors here; the values on CUDA in the accuracy test above)."""
     from multixent._adapters import torch as adapter
 
+    if addmm_into_wider and not adapter._addmm_into_wider("meta"):  # torch 2.11's meta addmm: out_dtype as beta
+        pytest.skip("this torch's addmm refuses a float32 input beside bfloat16 operands (the probe answers False)")
     monkeypatch.setattr(adapter, "_addmm_into_wider", lambda device_type: addmm_into_wider)
     acc = torch.zeros(5, 3, device="meta")
     a, b = (torch.empty(shape, dtype=torch.bfloat16, device="meta") for shape in ((5, 2), (2, 3)))

@@ -5,6 +5,7 @@ passes over them than optax."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -42,6 +43,55 @@ def test_torch_compile_warns_nothing(name: str) -> None:
         if out.requires_grad:
             out.backward()
     assert [str(m.message).splitlines()[0] for m in caught] == []
+
+
+def _refused_while_tracing(method: Any) -> Any:
+    def refuse(self: Any, *args: Any) -> Any:
+        if sys.modules["torch"].compiler.is_compiling():
+            raise AssertionError("a table of kept answers was touched while torch.compile traced")
+        return method(self, *args)
+
+    return refuse
+
+
+class _Untouchable(dict):  # type: ignore[type-arg]
+    """A table that refuses to be read or written while torch.compile traces (the compiled call's own eager
+    parts, such as linear_cross_entropy's custom op, may use it)."""
+
+    __getattribute__ = _refused_while_tracing(dict.__getattribute__)
+    __len__ = _refused_while_tracing(dict.__len__)
+    __iter__ = _refused_while_tracing(dict.__iter__)
+    __contains__ = _refused_while_tracing(dict.__contains__)
+    __getitem__ = _refused_while_tracing(dict.__getitem__)
+    __setitem__ = _refused_while_tracing(dict.__setitem__)
+
+
+@pytest.mark.skipif("torch" not in SELECTED, reason="backend torch not selected (MULTIXENT_BACKENDS)")
+def test_torch_compile_touches_no_kept_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While torch.compile traces, the answers multixent keeps per namespace, dtype, type or option values
+    (``_compat.Memo``) are neither read nor written: dynamo before torch 2.13 cannot hash the modules and NumPy
+    dtypes among their keys, and a table handed to it stops a fullgraph trace (on torch 2.11, every compiled
+    call after an eager one). Here every table refuses any access while the calls are traced."""
+    import numpy as np
+    import torch
+
+    from multixent import _compat
+
+    x = torch.randn(8, 10, requires_grad=True)
+    y = torch.randint(0, 10, (8,))
+    h, w = torch.randn(8, 6, requires_grad=True), torch.randn(10, 6)
+    opts: dict[str, Any] = {"label_smoothing": 0.1, "z_loss": 1e-3, "weight": torch.rand(10)}
+    calls = [lambda: mx.cross_entropy(x, y, **opts), lambda: mx.linear_cross_entropy(h, w, y)]
+    for call in calls:  # eagerly first: the tables hold torch's namespace and dtypes, and NumPy's
+        call().backward()
+    mx.cross_entropy(x.detach().numpy(), y.numpy().astype(np.int32))
+    tables = {id(v): v for m in list(sys.modules.values()) for v in vars(m).values() if isinstance(v, _compat.Memo)}
+    assert len(tables) >= 5
+    for table in tables.values():
+        monkeypatch.setattr(table, "_found", _Untouchable())
+    torch._dynamo.reset()
+    for call in calls:
+        torch.compile(call, fullgraph=True)().backward()
 
 
 @pytest.mark.skipif("jax" not in SELECTED, reason="backend jax not selected (MULTIXENT_BACKENDS)")
