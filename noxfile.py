@@ -145,9 +145,9 @@ LOWEST = {
 @nox.session
 @nox.parametrize("floors", list(LOWEST))
 def lowest(session: nox.Session, floors: str) -> None:
-    """Tests with the lowest declared versions (torch stays at TORCH, the only one here): the
-    dependencies' floors with the whole suite on numpy and array-api-strict arrays and
-    :data:`FLOOR_FILES` on torch's; the jax extra's with those files on JAX arrays, then
+    """Tests with the lowest declared versions (torch stays at TORCH, the only CPU wheel here; gpu_versions
+    runs the torch extra's floor): the dependencies' floors with the whole suite on numpy and array-api-strict
+    arrays and :data:`FLOOR_FILES` on torch's; the jax extra's with those files on JAX arrays, then
     :data:`FLOOR_SHARD_MAP` (``lax.pcast``, ``axis_size``, ``check_vma``: the reason for the jax
     floor) on 4 simulated devices. Tests marked ``slow`` are left to `tests`.
 
@@ -238,17 +238,18 @@ def language_models(session: nox.Session, transformers: str) -> None:
     _suite(session, "torch,jax", "tests/frameworks/test_lm_transformers.py", "tests/frameworks/test_lm_flax.py")
 
 
-#: The GPU machine's torch (its page in the device tool: torch 2.11, on Python 3.12). PyPI's wheel is a CUDA
-#: build (about 4.7 GB with its libraries), which runs on the CPU.
+#: The GPU machine's torch (its page in the device tool: torch 2.11, on Python 3.12), and the torch extra's floor
+#: (pyproject.toml). PyPI's wheel is a CUDA build (about 4.7 GB with its libraries), which runs on the CPU.
 GPU_MACHINE_TORCH = "torch==2.11.0"
 
 
 @nox.session
 def gpu_versions(session: nox.Session) -> None:
     """Not in the default run (about 15 minutes here, and the download): before a GPU run, on the CPU with the
-    GPU machine's torch, the torch suite, then (not ``slow``) with the accelerator strategy forced and with its
-    pass compiled, then the GPU check's dry run. What changes between torch releases (dynamo's tracing rules,
-    meta kernels, ``out_dtype`` products) fails here, not in the GPU machine's few minutes."""
+    GPU machine's torch (the torch extra's floor too), the torch suite, then (not ``slow``) with the accelerator
+    strategy forced and with its pass compiled, then the GPU check's dry run. What changes between torch
+    releases (dynamo's tracing rules, meta kernels, ``out_dtype`` products) fails here, not in the GPU
+    machine's few minutes."""
     session.install(*TEST, GPU_MACHINE_TORCH, KERAS)
     session.install(".")
     _suite(session, "torch")
