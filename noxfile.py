@@ -67,6 +67,12 @@ SCALED_OUT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "MULTIXEN
 #: check raises torch's RuntimeError instead).
 INDEX_ERRORS = "test_bad_input and index or test_every_integer_width or test_fuzz_target_dtypes or test_index_error"
 
+#: The accelerator strategy forced on CPU tensors (its private switch), and with its pass compiled.
+FORCED = {"MULTIXENT_ACCELERATOR_ON_CPU": "1"}
+COMPILED = {**FORCED, "MULTIXENT_COMPILED_STRATEGY": "1"}
+#: The suite as those run it: not ``slow``, without the tests that expect an IndexError (a RuntimeError there).
+NOT_SLOW_NOR_INDEX_ERRORS = ("-m", "not slow", "-k", f"not ({INDEX_ERRORS})")
+
 
 @nox.session
 def accelerator(session: nox.Session) -> None:
@@ -77,11 +83,9 @@ def accelerator(session: nox.Session) -> None:
     changes, retained graphs) with the strategy's pass compiled (``MULTIXENT_COMPILED_STRATEGY=1``)."""
     session.install(*TEST, TORCH)
     session.install(".")
-    forced = {"MULTIXENT_ACCELERATOR_ON_CPU": "1"}
-    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=forced)
-    _suite(session, "torch", "-m", "not slow", "-k", INDEX_ERRORS, env={**forced, "MULTIXENT_SYNC_CHECKS": "1"})
-    compiled = {**forced, "MULTIXENT_COMPILED_STRATEGY": "1"}
-    _suite(session, "torch", "tests/frameworks/test_fused_contract.py", env=compiled)
+    _suite(session, "torch", *NOT_SLOW_NOR_INDEX_ERRORS, env=FORCED)
+    _suite(session, "torch", "-m", "not slow", "-k", INDEX_ERRORS, env={**FORCED, "MULTIXENT_SYNC_CHECKS": "1"})
+    _suite(session, "torch", "tests/frameworks/test_fused_contract.py", env=COMPILED)
 
 
 @nox.session
@@ -93,8 +97,7 @@ def compiled_strategy(session: nox.Session) -> None:
     the default run if the strategy becomes the accelerators' default."""
     session.install(*TEST, TORCH)
     session.install(".")
-    compiled = {"MULTIXENT_ACCELERATOR_ON_CPU": "1", "MULTIXENT_COMPILED_STRATEGY": "1"}
-    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=compiled)
+    _suite(session, "torch", *NOT_SLOW_NOR_INDEX_ERRORS, env=COMPILED)
 
 
 def _floors(*extras: str) -> list[str]:
@@ -253,10 +256,8 @@ def gpu_versions(session: nox.Session) -> None:
     session.install(*TEST, GPU_MACHINE_TORCH, KERAS)
     session.install(".")
     _suite(session, "torch")
-    forced = {"MULTIXENT_ACCELERATOR_ON_CPU": "1"}
-    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=forced)
-    compiled = {**forced, "MULTIXENT_COMPILED_STRATEGY": "1"}
-    _suite(session, "torch", "-m", "not slow", "-k", f"not ({INDEX_ERRORS})", env=compiled)
+    _suite(session, "torch", *NOT_SLOW_NOR_INDEX_ERRORS, env=FORCED)
+    _suite(session, "torch", *NOT_SLOW_NOR_INDEX_ERRORS, env=COMPILED)
     session.run("bash", "benchmarks/gpu_check.sh", "--dry", external=True)
 
 

@@ -544,7 +544,7 @@ def options(
     given = (ignore_index, label_smoothing, z_loss, softcap)
     types = tuple(map(type, given))
     key = None
-    if all(t in _PLAIN for t in types):  # type too: False == 0 but is refused
+    if _PLAIN.issuperset(types):  # type too: False == 0 but is refused
         key = (*given, *types)
         found = _OPTIONS.get(key)
         if found is not None:
@@ -559,7 +559,7 @@ def options(
     return result
 
 
-_PLAIN = (int, float, type(None))
+_PLAIN = frozenset((int, float, type(None)))
 #: :func:`options`' results per Python values (and their types).
 _OPTIONS: _compat.Memo[tuple[Options, float | Array]] = _compat.Memo()
 

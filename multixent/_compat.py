@@ -72,10 +72,13 @@ class Memo(Generic[T]):
             self._found[key] = value
 
     def __call__(self, key: Any, compute: Callable[[], T]) -> T:
-        found = self.get(key)
+        if compiling():
+            return compute()
+        found = self._found.get(key)
         if found is None:
             found = compute()
-            self.put(key, found)
+            if len(self._found) < 256:
+                self._found[key] = found
         return found
 
 
