@@ -255,7 +255,6 @@ def parity_linear(device: str, shape: tuple[int, int, int]) -> list[dict[str, An
 
 def _parity_linear(device: str, shape: tuple[int, int, int], framework: str) -> list[dict[str, Any]]:
     import torch
-    import torch.nn.functional as F
 
     import multixent
 
@@ -277,17 +276,60 @@ def _parity_linear(device: str, shape: tuple[int, int, int], framework: str) -> 
             return loss
 
         loss, syncs = host_syncs(step, device)
-        h64, w64 = (a.double().requires_grad_() for a in (h, w))
-        logits = h64 @ w64.T
-        ref = F.cross_entropy(logits, t, **kw)
-        if z:
-            lse = torch.logsumexp(logits, -1)[t != -100]
-            ref = ref + z * (lse * lse).sum()
-        ref.backward()
+        ref, ref_h, ref_w = linear_oracle(h, w, t, kw, z)
         row = {"framework": framework, "dtype": "bfloat16", "case": case, "host_syncs": syncs}
         row["reduction"] = kw.get("reduction", "mean")
-        results.append(check({**row, "case": f"{case} (h̄)"}, loss, hd.grad, ref, h64.grad))
-        results.append(check({**row, "case": f"{case} (W̄)"}, loss, wd.grad, ref, w64.grad))
+        results.append(check({**row, "case": f"{case} (h̄)"}, loss, hd.grad, ref, ref_h))
+        results.append(check({**row, "case": f"{case} (W̄)"}, loss, wd.grad, ref, ref_w))
+    return results
+
+
+def linear_oracle(h: Any, w: Any, t: Any, kw: dict[str, Any], z: float) -> tuple[Any, Any, Any]:
+    """``F.cross_entropy(h @ w.T, t, **kw)`` plus the z-loss of the counted rows, and its gradients in ``h`` and
+    ``w``, in float64 on the CPU (``h``, ``w``, ``t``: CPU tensors)."""
+    import torch
+    import torch.nn.functional as F
+
+    h64, w64 = (a.double().requires_grad_() for a in (h, w))
+    logits = h64 @ w64.T
+    ref = F.cross_entropy(logits, t, **kw)
+    if z:
+        lse = torch.logsumexp(logits, -1)[t != -100]
+        ref = ref + z * (lse * lse).sum()
+    ref.backward()
+    return ref, h64.grad, w64.grad
+
+
+def parity_jax_linear(device: Any, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """``linear_cross_entropy`` of bfloat16 JAX arrays on ``device`` (8 chunks, ``jit(value_and_grad)`` in the
+    hidden states and the classifier; its products on bfloat16 operands) against :func:`linear_oracle`."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import multixent
+
+    n, d, v = shape
+    results = []
+    for seed, (case, spec) in enumerate(LINEAR_CASES.items()):
+        gen = torch.Generator().manual_seed(200 + seed)
+        h, w = torch.randn(n, d, generator=gen).bfloat16(), (torch.randn(v, d, generator=gen) / 8).bfloat16()
+        t = torch.randint(0, v, (n,), generator=gen)
+        kw = dict(spec)
+        if kw.pop("ignore", False):
+            t[::5] = -100
+        z = kw.pop("z_loss", 0.0)
+        hj, wj = (jax.device_put(jnp.asarray(a.float().numpy(), jnp.bfloat16), device) for a in (h, w))
+        tj = jax.device_put(jnp.asarray(t.numpy(), jnp.int32), device)
+
+        def loss(h: Any, w: Any, t: Any = tj, kw: dict[str, Any] = kw, z: float = z) -> Any:
+            return multixent.linear_cross_entropy(h, w, t, chunk_size=-(-n // 8), z_loss=z, **kw)
+
+        value, (gh, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hj, wj)
+        ref, ref_h, ref_w = linear_oracle(h, w, t, kw, z)
+        row = {"framework": "jax linear_cross_entropy", "dtype": "bfloat16", "reduction": kw.get("reduction", "mean")}
+        results.append(check({**row, "case": f"{case} (h̄)"}, value, gh, ref, ref_h))
+        results.append(check({**row, "case": f"{case} (W̄)"}, value, gw, ref, ref_w))
     return results
 
 
@@ -675,30 +717,89 @@ def jax_grid(
                 kx, kt = jax.random.split(jax.random.key(n + c))
                 x = jax.device_put(jax.random.normal(kx, (n, c), jnp.float32).astype(dtype), device)
                 t = jax.device_put(jax.random.randint(kt, (n,), 0, c), device)
-                out = []
-                for name, loss in losses.items():
-                    t0 = time.perf_counter()
-                    fn = jax.jit(jax.value_and_grad(loss)).lower(x, t).compile()
-                    compile_s = time.perf_counter() - t0
-                    try:
-                        mem = fn.memory_analysis()
-                        peak = mem.temp_size_in_bytes + mem.output_size_in_bytes
-                    except Exception:  # not every backend and version reports it
-                        peak = None
-                    jax.block_until_ready(fn(x, t))
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(fn(x, t))
-                    repeats = int(min(25, max(3, target_s / max(time.perf_counter() - t0, 1e-6))))
-                    times = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        jax.block_until_ready(fn(x, t))
-                        times.append(1e3 * (time.perf_counter() - t0))
-                    out.append({"loss": name, "ms": statistics.median(times), "peak": peak, "compile_s": compile_s})
-                return out
+                return [
+                    {"loss": name, **jax_measure(jax.value_and_grad(loss), (x, t), target_s)}
+                    for name, loss in losses.items()
+                ]
 
             run_point(rows, errors, base, body)
     return ratios(rows, native={"multixent": "optax"})
+
+
+def jax_measure(fn: Callable[..., Any], args: tuple[Any, ...], target_s: float) -> dict[str, Any]:
+    """``jax.jit(fn)`` at ``args``: its compile time, its warm median time, and its compiled program's temporaries
+    and outputs as the peak (``memory_analysis()``; None where the backend does not report it)."""
+    import jax
+
+    t0 = time.perf_counter()
+    fn = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        mem = fn.memory_analysis()
+        peak = mem.temp_size_in_bytes + mem.output_size_in_bytes
+    except Exception:  # not every backend and version reports it
+        peak = None
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    repeats = int(min(25, max(3, target_s / max(time.perf_counter() - t0, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(1e3 * (time.perf_counter() - t0))
+    return {"ms": statistics.median(times), "peak": peak, "compile_s": compile_s}
+
+
+def jax_linear_point(args: argparse.Namespace, device: Any, budget: Budget, errors: list[str]) -> list[dict[str, Any]]:
+    """``jax.jit(value_and_grad)`` in the hidden states and the classifier of ``linear_cross_entropy`` (the default
+    chunks, and 32 chunks) against the logits formed, ``h @ W.T``, and optax's loss (a log-softmax where optax is
+    absent), bfloat16. ``peak``: the program's temporaries and outputs; ``beyond grads``: less the gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    import multixent
+
+    n, d, v = args.linear
+    if not budget.allows(f"jax linear_cross_entropy {n}×{d}×{v}"):
+        return []
+    optax = optional("optax")
+    naive_name = "h @ W.T + optax" if optax is not None else "h @ W.T + log_softmax"
+
+    def naive(h: Any, w: Any, t: Any) -> Any:
+        logits = h @ w.T
+        if optax is not None:
+            return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, None], axis=-1))
+
+    losses = {
+        "multixent.linear_cross_entropy": lambda h, w, t: multixent.linear_cross_entropy(h, w, t),
+        f"multixent.linear_cross_entropy, chunk_size={-(-n // 32)}": lambda h, w, t: multixent.linear_cross_entropy(
+            h, w, t, chunk_size=-(-n // 32)
+        ),
+        naive_name: naive,
+    }
+    base = {"size": f"{n}×{d}×{v}", "dtype": "bfloat16", "pass": "fwd+bwd", "logits_bytes": n * v * 2}
+    rows: list[dict[str, Any]] = []
+
+    def body() -> list[dict[str, Any]]:
+        kh, kw, kt = jax.random.split(jax.random.key(0), 3)
+        h = jax.device_put(jax.random.normal(kh, (n, d), jnp.float32).astype(jnp.bfloat16), device)
+        w = jax.device_put((jax.random.normal(kw, (v, d), jnp.float32) / d**0.5).astype(jnp.bfloat16), device)
+        t = jax.device_put(jax.random.randint(kt, (n,), 0, v), device)
+        grads = (n + v) * d * 2
+        out = []
+        for name, loss in losses.items():
+            row = {
+                "loss": name,
+                **jax_measure(jax.value_and_grad(loss, argnums=(0, 1)), (h, w, t), 0.05 if args.dry else 0.5),
+            }
+            row["beyond_grads"] = None if row["peak"] is None else row["peak"] - grads
+            out.append(row)
+        return out
+
+    run_point(rows, errors, base, body)
+    return ratios(rows, native={name: naive_name for name in losses})
 
 
 def w_bar_in_compute_dtype(on: bool = True) -> contextlib.AbstractContextManager[Any]:
@@ -998,6 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
     torch_rows: list[dict[str, Any]] = []
     linear_rows: list[dict[str, Any]] = []
     jax_rows: list[dict[str, Any]] = []
+    jax_linear_rows: list[dict[str, Any]] = []
 
     def parity(name: str, stage: Callable[[], list[dict[str, Any]]], present: bool) -> Callable[[], None]:
         def run() -> None:
@@ -1038,6 +1140,11 @@ def main(argv: list[str] | None = None) -> int:
         out += ["", *linear_table, "", *chunk_lines(linear_rows)] if linear_rows else []
         jax_note = "JAX's peak: the compiled program's temporaries and outputs (`memory_analysis()`)."
         out += ["", *jax_table, "", jax_note] if jax_rows else []
+        title_jax_linear = "## JAX: jit(value_and_grad) of linear_cross_entropy against the logits formed (bfloat16)"
+        jax_linear_table = grid_table(
+            title_jax_linear, jax_linear_rows, "naive", extra="beyond inputs and their gradients"
+        )
+        out += ["", *jax_linear_table, "", jax_note] if jax_linear_rows else []
         return out
 
     def write(done: str) -> None:
@@ -1085,6 +1192,14 @@ def main(argv: list[str] | None = None) -> int:
             args.dry,
         ),
         ("jax grid, compile point", jax_at(key), has_jax),
+        (
+            "parity jax linear",
+            parity(
+                "jax linear_cross_entropy", lambda: parity_jax_linear(jax_device, linear_parity), has_jax and has_torch
+            ),
+            True,
+        ),
+        ("jax linear", lambda: jax_linear_rows.extend(jax_linear_point(args, jax_device, budget, errors)), has_jax),
         ("torch grid, the rest", torch_at(rest), has_torch),
         ("jax grid, the rest", jax_at(rest), has_jax),
     ]

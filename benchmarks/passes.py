@@ -32,6 +32,7 @@ import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -125,16 +126,11 @@ def count(fn: Callable[[], Any], numel: int | None = None) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def accelerator_strategy(on: bool = True) -> Iterator[None]:
+def accelerator_strategy(on: bool = True) -> contextlib.AbstractContextManager[Any]:
     """multixent's accelerator strategy on CPU tensors (its private switch), for the duration."""
     from multixent import _compat
 
-    saved, _compat.ACCELERATOR_ON_CPU = _compat.ACCELERATOR_ON_CPU, on
-    try:
-        yield
-    finally:
-        _compat.ACCELERATOR_ON_CPU = saved
+    return mock.patch.object(_compat, "ACCELERATOR_ON_CPU", on)
 
 
 def table(

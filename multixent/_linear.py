@@ -59,7 +59,7 @@ CHUNK_ELEMENTS = 2**23
 
 #: ``W̄`` accumulates over the chunks in the compute dtype (float32 for half-precision inputs) and is rounded to
 #: the classifier's dtype once, at the end: as accurate as ``F.linear``'s backward, whose one product rounds
-#: once. Only the products that take half-precision operands (:attr:`Hooks.matmul_to`: torch on accelerators)
+#: once. Only the products that take half-precision operands (:attr:`Hooks.matmul_to`: JAX, torch on accelerators)
 #: have the choice; False keeps ``W̄`` in the classifier's dtype (``V·D`` half-precision elements less), with
 #: one rounding per chunk, so that its error grows with the number of chunks (docs/large-vocabularies.md). The
 #: GPU check (``benchmarks/gpu.py``) measures both.
@@ -151,7 +151,7 @@ class Hooks:
     loop: Callable[[Body, Any, tuple[Array, ...], int, Namespace], tuple[Any, tuple[Array, ...]]] = chunk_loop
     #: ``matmul_to(a, b, dtype)``: ``a @ b`` of operands in a narrower dtype, accumulated and returned in
     #: ``dtype``. None: the products take their operands in the compute dtype (the classifier cast to it
-    #: once). Given (torch on accelerators: tensor cores), they take them in the inputs' own dtype
+    #: once). Given (JAX, torch on accelerators: tensor cores), they take them in the inputs' own dtype
     #: (:func:`_classifier`).
     matmul_to: Callable[[Array, Array, Any], Array] | None = None
     #: ``(z, target, weight, ce_scale, lse_scale, spec, xp, products)`` ↦ a chunk's ``(ce, lse, ḡ)`` in one pass

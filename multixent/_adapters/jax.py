@@ -212,8 +212,22 @@ def _scan_chunks(body: Any, carry: Any, xs: Any, chunk: int, xp: Any) -> Any:
     return carry, tuple(jnp.concatenate([o, r]) for o, r in zip(outs, rest, strict=True))
 
 
+def _matmul_to(a: Any, b: Any, dtype: Any) -> Any:
+    """``a @ b`` of half-precision operands, accumulated and returned in ``dtype``
+    (:attr:`multixent._linear.Hooks.matmul_to`): ``preferred_element_type``, one product on the operands as they
+    are (a GPU's tensor cores), no copy of them in ``dtype``."""
+    return jnp.matmul(a, b, preferred_element_type=dtype)
+
+
+def _matmul_add(acc: Any, a: Any, b: Any) -> Any:
+    """``acc + a @ b`` with the product accumulated in ``acc``'s dtype (:attr:`multixent._linear.Hooks.matmul_add`)."""
+    return acc + jnp.matmul(a, b, preferred_element_type=acc.dtype)
+
+
 def _linear_hooks() -> Any:
-    return _linear.Hooks(loop=_scan_chunks)
+    """The chunks in a ``lax.scan``; the products on the inputs' own dtype, summed in the compute dtype (on the
+    CPU, XLA converts the operands itself)."""
+    return _linear.Hooks(loop=_scan_chunks, matmul_to=_matmul_to, matmul_add=_matmul_add)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -532,6 +532,33 @@ def test_jax_bfloat16(jax_x64, reduction: str) -> None:
 
 
 @jax_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_bfloat16_products_take_bfloat16_operands(reduction: str) -> None:
+    """bfloat16 inputs: every matrix product of the value and its gradients (jit, the chunks in a ``lax.scan``) takes
+    bfloat16 operands, its sum in float32 where the logits or ``W̄`` need it: what XLA gives a GPU's tensor cores,
+    with no float32 copy of the classifier (``V·D`` float32 elements: 2 GB for a 128256 × 4096 head)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    n, d, v = 16, 8, 40
+    h, w = jnp.ones((n, d), jnp.bfloat16), jnp.ones((v, d), jnp.bfloat16)
+    t = jnp.zeros((n,), jnp.int32)
+
+    def loss(h, w):
+        out = multixent.linear_cross_entropy(h, w, t, chunk_size=4, reduction=reduction, z_loss=1e-2)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w).as_text()
+    operands = re.findall(r"stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", text)
+    assert len(operands) >= 3  # the logits, h̄ and W̄ (the "none" backward recomputes the logits: 4)
+    for a, b, result in operands:
+        assert a.endswith("xbf16>") and b.endswith("xbf16>"), (a, b, result)
+    assert any(result.endswith("xf32>") for *_, result in operands)  # the logits (and W̄) summed in float32
+
+
+@jax_only
 def test_jax_vmap(jax_x64) -> None:
     import jax
     import jax.numpy as jnp
