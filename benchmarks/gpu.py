@@ -26,11 +26,14 @@ It measures the checkout it lies in (the repository root goes first on ``sys.pat
    default only if faster than the eager strategy; ``jax.jit(value_and_grad)`` against optax (memory from
    ``compile().memory_analysis()``);
    ``linear_cross_entropy`` at 8192 × 4096 × 128256 bfloat16 against ``F.linear`` + ``F.cross_entropy`` (and
-   Liger-Kernel, Cut Cross-Entropy when they import). Ratios are against the native loss of the same run.
+   Liger-Kernel, Cut Cross-Entropy when they import); with JAX arrays, its bfloat16 parity on the device and
+   ``jax.jit(value_and_grad)`` against the logits formed (``h @ W.T`` and optax). Ratios are against the native
+   loss of the same run.
 
 They run in the order that keeps what the open decisions need first, should the budget or the machine's time
 run out: torch's parity, the passes, the 4096×32000 point (eager and compiled), ``linear_cross_entropy``, JAX's
-and CuPy's parity, JAX at 4096×32000, then the rest of the grid. The report is written after each part.
+and CuPy's parity, JAX at 4096×32000, JAX's ``linear_cross_entropy``, then the rest of the grid. The report is
+written after each part.
 
 A point that runs out of memory is recorded as OOM; once ``--budget`` seconds have passed the remaining points
 are skipped, and the report says which. The exit status is 1 when a parity case fails or a point raises.
