@@ -257,20 +257,12 @@ def parity_linear(device: str, shape: tuple[int, int, int]) -> list[dict[str, An
 
 
 def _parity_linear(device: str, shape: tuple[int, int, int], framework: str) -> list[dict[str, Any]]:
-    import torch
 
     import multixent
 
-    n, d, v = shape
+    n = shape[0]
     results = []
-    for seed, (case, spec) in enumerate(LINEAR_CASES.items()):
-        gen = torch.Generator().manual_seed(100 + seed)
-        h, w = torch.randn(n, d, generator=gen).bfloat16(), (torch.randn(v, d, generator=gen) / 8).bfloat16()
-        t = torch.randint(0, v, (n,), generator=gen)
-        kw = dict(spec)
-        if kw.pop("ignore", False):
-            t[::5] = -100
-        z = kw.pop("z_loss", 0.0)
+    for case, h, w, t, kw, z in linear_cases(shape, seed=100):
         hd, wd = (a.to(device, copy=True).requires_grad_() for a in (h, w))
 
         def step(hd: Any = hd, wd: Any = wd, t: Any = t, kw: dict[str, Any] = kw, z: float = z) -> Any:
@@ -279,20 +271,34 @@ def _parity_linear(device: str, shape: tuple[int, int, int], framework: str) -> 
             return loss
 
         loss, syncs = host_syncs(step, device)
-        ref, ref_h, ref_w = linear_oracle(h, w, t, kw, z)
         row = {"framework": framework, "dtype": "bfloat16", "case": case, "host_syncs": syncs}
-        row["reduction"] = kw.get("reduction", "mean")
-        results.append(check({**row, "case": f"{case} (h̄)"}, loss, hd.grad, ref, ref_h))
-        results.append(check({**row, "case": f"{case} (W̄)"}, loss, wd.grad, ref, ref_w))
+        results += check_linear(row, loss, (hd.grad, wd.grad), (h, w, t, kw, z))
     return results
 
 
-def linear_oracle(h: Any, w: Any, t: Any, kw: dict[str, Any], z: float) -> tuple[Any, Any, Any]:
-    """``F.cross_entropy(h @ w.T, t, **kw)`` plus the z-loss of the counted rows, and its gradients in ``h`` and
-    ``w``, in float64 on the CPU (``h``, ``w``, ``t``: CPU tensors)."""
+def linear_cases(shape: tuple[int, int, int], seed: int) -> Iterator[tuple[Any, ...]]:
+    """Each linear parity case (:data:`LINEAR_CASES`) as ``(case, h, w, t, kw, z)``: bfloat16 CPU tensors, the
+    class indices (every 5th ignored where the case says so), the other options and the z-loss coefficient."""
+    import torch
+
+    n, d, v = shape
+    for i, (case, spec) in enumerate(LINEAR_CASES.items()):
+        gen = torch.Generator().manual_seed(seed + i)
+        h, w = torch.randn(n, d, generator=gen).bfloat16(), (torch.randn(v, d, generator=gen) / 8).bfloat16()
+        t = torch.randint(0, v, (n,), generator=gen)
+        kw = dict(spec)
+        if kw.pop("ignore", False):
+            t[::5] = -100
+        yield case, h, w, t, kw, kw.pop("z_loss", 0.0)
+
+
+def check_linear(row: dict[str, Any], value: Any, grads: tuple[Any, Any], inputs: tuple[Any, ...]) -> list[dict]:
+    """:func:`check` of a linear case's ``h̄`` and ``W̄`` against ``F.cross_entropy(h @ w.T, t, **kw)`` plus the
+    z-loss of the counted rows, in float64 on the CPU (``inputs``: ``(h, w, t, kw, z)`` of :func:`linear_cases`)."""
     import torch
     import torch.nn.functional as F
 
+    h, w, t, kw, z = inputs
     h64, w64 = (a.double().requires_grad_() for a in (h, w))
     logits = h64 @ w64.T
     ref = F.cross_entropy(logits, t, **kw)
@@ -300,39 +306,33 @@ def linear_oracle(h: Any, w: Any, t: Any, kw: dict[str, Any], z: float) -> tuple
         lse = torch.logsumexp(logits, -1)[t != -100]
         ref = ref + z * (lse * lse).sum()
     ref.backward()
-    return ref, h64.grad, w64.grad
+    row = {**row, "reduction": kw.get("reduction", "mean")}
+    return [
+        check({**row, "case": f"{row['case']} ({bar})"}, value, grad, ref, ref_grad)
+        for bar, grad, ref_grad in (("h̄", grads[0], h64.grad), ("W̄", grads[1], w64.grad))
+    ]
 
 
 def parity_jax_linear(device: Any, shape: tuple[int, int, int]) -> list[dict[str, Any]]:
     """``linear_cross_entropy`` of bfloat16 JAX arrays on ``device`` (8 chunks, ``jit(value_and_grad)`` in the
-    hidden states and the classifier; its products on bfloat16 operands) against :func:`linear_oracle`."""
+    hidden states and the classifier; its products on bfloat16 operands) against :func:`check_linear`'s oracle."""
     import jax
     import jax.numpy as jnp
-    import torch
 
     import multixent
 
-    n, d, v = shape
+    n = shape[0]
     results = []
-    for seed, (case, spec) in enumerate(LINEAR_CASES.items()):
-        gen = torch.Generator().manual_seed(200 + seed)
-        h, w = torch.randn(n, d, generator=gen).bfloat16(), (torch.randn(v, d, generator=gen) / 8).bfloat16()
-        t = torch.randint(0, v, (n,), generator=gen)
-        kw = dict(spec)
-        if kw.pop("ignore", False):
-            t[::5] = -100
-        z = kw.pop("z_loss", 0.0)
+    for case, h, w, t, kw, z in linear_cases(shape, seed=200):
         hj, wj = (jax.device_put(jnp.asarray(a.float().numpy(), jnp.bfloat16), device) for a in (h, w))
         tj = jax.device_put(jnp.asarray(t.numpy(), jnp.int32), device)
 
         def loss(h: Any, w: Any, t: Any = tj, kw: dict[str, Any] = kw, z: float = z) -> Any:
             return multixent.linear_cross_entropy(h, w, t, chunk_size=-(-n // 8), z_loss=z, **kw)
 
-        value, (gh, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hj, wj)
-        ref, ref_h, ref_w = linear_oracle(h, w, t, kw, z)
-        row = {"framework": "jax linear_cross_entropy", "dtype": "bfloat16", "reduction": kw.get("reduction", "mean")}
-        results.append(check({**row, "case": f"{case} (h̄)"}, value, gh, ref, ref_h))
-        results.append(check({**row, "case": f"{case} (W̄)"}, value, gw, ref, ref_w))
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hj, wj)
+        row = {"framework": "jax linear_cross_entropy", "dtype": "bfloat16", "case": case}
+        results += check_linear(row, value, grads, (h, w, t, kw, z))
     return results
 
 
@@ -775,13 +775,12 @@ def jax_linear_point(args: argparse.Namespace, device: Any, budget: Budget, erro
             return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, None], axis=-1))
 
-    losses = {
-        "multixent.linear_cross_entropy": lambda h, w, t: multixent.linear_cross_entropy(h, w, t),
-        f"multixent.linear_cross_entropy, chunk_size={-(-n // 32)}": lambda h, w, t: multixent.linear_cross_entropy(
-            h, w, t, chunk_size=-(-n // 32)
-        ),
-        naive_name: naive,
+    chunkings = {"": None, f", chunk_size={-(-n // 32)}": -(-n // 32)}
+    losses: dict[str, Callable[..., Any]] = {
+        f"multixent.linear_cross_entropy{label}": functools.partial(multixent.linear_cross_entropy, chunk_size=chunk)
+        for label, chunk in chunkings.items()
     }
+    losses[naive_name] = naive
     base = {"size": f"{n}×{d}×{v}", "dtype": "bfloat16", "pass": "fwd+bwd", "logits_bytes": n * v * 2}
     rows: list[dict[str, Any]] = []
 

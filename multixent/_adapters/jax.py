@@ -224,22 +224,21 @@ def _matmul_add(acc: Any, a: Any, b: Any) -> Any:
     return acc + jnp.matmul(a, b, preferred_element_type=acc.dtype)
 
 
-def _linear_hooks() -> Any:
-    """The chunks in a ``lax.scan``; the products on the inputs' own dtype, summed in the compute dtype (on the
-    CPU, XLA converts the operands itself)."""
-    return _linear.Hooks(loop=_scan_chunks, matmul_to=_matmul_to, matmul_add=_matmul_add)
+#: The chunks in a ``lax.scan``; the products on the inputs' own dtype, summed in the compute dtype (on the CPU,
+#: XLA converts the operands itself).
+_HOOKS = _linear.Hooks(loop=_scan_chunks, matmul_to=_matmul_to, matmul_add=_matmul_add)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _linear_scalar(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
     xp = array_namespace(h)
-    ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=_linear_hooks())
+    ce, lse = _linear.rows(h, w, b, t, weight, spec, xp=xp, hooks=_HOOKS)
     return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
 
 def _linear_scalar_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, spec: Any) -> Any:
     xp = array_namespace(h)
-    (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_linear_hooks())
+    (ce, lse), grads = _linear.loss_and_grads(h, w, b, t, weight, ce_s, lse_s, spec, xp=xp, hooks=_HOOKS)
     loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
     # the weight's and ce_scale's cotangents (under jit, XLA drops them when unused)
     lse_sq = None if lse_s is None else jnp.sum(lse * lse) / 2
@@ -255,7 +254,7 @@ def _linear_scalar_bwd(spec: Any, res: Any, g: Any) -> Any:
 
 
 def _weight_vjp(h: Any, w: Any, b: Any, t: Any, ce_bar: Any, spec: Any, weight: Any) -> Any:
-    out = _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=array_namespace(h), hooks=_linear_hooks())
+    out = _linear.weight_vjp(h, w, b, t, ce_bar, spec, xp=array_namespace(h), hooks=_HOOKS)
     return out.astype(weight.dtype)
 
 
@@ -264,7 +263,7 @@ _linear_scalar.defvjp(_linear_scalar_fwd, _linear_scalar_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _linear_rows(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> Any:
-    return _linear.rows(h, w, b, t, weight, spec, xp=array_namespace(h), hooks=_linear_hooks())
+    return _linear.rows(h, w, b, t, weight, spec, xp=array_namespace(h), hooks=_HOOKS)
 
 
 def _linear_rows_fwd(h: Any, w: Any, b: Any, t: Any, weight: Any, spec: Any) -> Any:
@@ -276,7 +275,7 @@ def _linear_rows_bwd(spec: Any, res: Any, bars: Any) -> Any:
     h, w, b, t, weight = res
     ce_bar, lse_bar = bars
     xp = array_namespace(h)
-    dh, dw, db = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=_linear_hooks())
+    dh, dw, db = _linear.rows_vjp(h, w, b, t, weight, ce_bar, lse_bar, spec, xp=xp, hooks=_HOOKS)
     weight_bar = None if weight is None else _weight_vjp(h, w, b, t, ce_bar, spec, weight)
     return dh, dw, db, None, weight_bar
 
