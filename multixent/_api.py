@@ -758,15 +758,28 @@ def cross_entropy(
     if reduction != "none" and isinstance(z, float) and not opts.arrays and call.shard is None and call.layout is None:
         # "mean"/"sum" that autograd records for the logits alone, in one block: the loss and its
         # gradient in one pass (cross_entropy_and_grad's), the backward scales the gradient
-        def loss(rows: Array, grad: bool = False) -> Any:
-            """The loss at the logits ``rows`` by the usual route; ``grad``: ``(loss, ∂loss/∂rows)`` in one pass."""
-            at = call if rows is call.rows else dataclasses.replace(call, rows=rows)
-            return _loss_and_grad(at, z, dtype) if grad else _loss(at, z, dtype)
-
-        fused = call.adapter.fused(call.rows, call.target, call.weight, loss)
+        fused = call.adapter.fused(call.rows, call.target, call.weight, _LossAt(call, z, dtype))
         if fused is not None:
             return fused
     return _lazy(_wrap(call, _loss(call, z, dtype)), logits, target, weight)
+
+
+class _LossAt:
+    """A call's loss at other logits ``rows`` by the usual route; ``grad``: ``(loss, ∂loss/∂rows)`` in one pass.
+    The fused route's ``loss`` (:meth:`multixent._adapters.Adapter.fused`), which the graph keeps as long as
+    it lives: from its first call on, it holds the call without the call's own logits (the backward's saved
+    tensors, freed when it has run)."""
+
+    __slots__ = ("call", "dtype", "z_coef")
+
+    def __init__(self, call: _Call, z_coef: float | Array, dtype: Any) -> None:
+        self.call, self.z_coef, self.dtype = call, z_coef, dtype
+
+    def __call__(self, rows: Array, grad: bool = False) -> Any:
+        if self.call.rows is not None:
+            self.call = dataclasses.replace(self.call, rows=None)
+        at = dataclasses.replace(self.call, rows=rows)
+        return _loss_and_grad(at, self.z_coef, self.dtype) if grad else _loss(at, self.z_coef, self.dtype)
 
 
 def _loss(call: _Call, z_coef: float | Array, out_dtype: Any) -> Array:

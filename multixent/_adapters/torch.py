@@ -620,38 +620,60 @@ class _Fused(torch.autograd.Function):
     gradient, or gives it away as it is for the usual upstream 1 (autograd then keeps it as ``x.grad``
     without a copy).
 
-    A second backward (a retained graph) or ``create_graph=True`` recomputes the gradient through the
-    ordinary route at the saved logits: saved with ``save_for_backward``, so an in-place change since the
-    forward raises torch's own error, and differentiated through an alias of them, which their hooks do
-    not see (they run once, when autograd hands the result on) but whose graph reaches them."""
+    The gradient is saved with ``save_for_backward`` and the logits by the node before, :class:`_Logits`:
+    saved-tensor hooks apply to both (``torch.autograd.graph.save_on_cpu`` offloads them,
+    ``torch.utils.checkpoint`` drops them and computes them again), and the first backward unpacks the
+    gradient alone, so that, as for ``F.cross_entropy``, an in-place change of the logits since the forward
+    does not concern it. That backward spends the gradient; a second one (a retained graph) or
+    ``create_graph=True`` recomputes it through the ordinary route at the saved logits (an in-place change
+    since the forward raises torch's own error there), differentiated through an alias of them, which their
+    hooks do not see (they run once, when autograd hands the result on) but whose graph reaches them."""
 
     @staticmethod
-    def forward(ctx: Any, x: Any, loss: Any) -> Any:
-        value, ctx.grad = loss(x, True)
-        ctx.save_for_backward(x)
-        ctx.loss = loss
+    def forward(ctx: Any, x: Any, logits: Any, loss: Any) -> Any:
+        value, grad = loss(x, True)
+        ctx.save_for_backward(grad)
+        ctx.logits, ctx.loss, ctx.spent = logits, loss, False
         return value
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
-        grad, ctx.grad = ctx.grad, None
-        if grad is None or torch.is_grad_enabled():  # a second backward, or create_graph=True: the usual route
-            (x,) = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
+        if ctx.spent or torch.is_grad_enabled():  # a second backward, or create_graph=True: the usual route
+            (x,) = ctx.logits.saved_tensors
             with torch.enable_grad():
                 alias = x.view_as(x)
                 (x_bar,) = torch.autograd.grad(ctx.loss(alias), alias, g, create_graph=torch.is_grad_enabled())
-            return x_bar, None
-        return _times_upstream(grad, g, owned=True), None
+            return x_bar, None, None
+        ctx.spent = True
+        return _times_upstream(grad, g), None, None
 
 
-def _times_upstream(grad: torch.Tensor, g: torch.Tensor, owned: bool) -> torch.Tensor:
-    """A gradient computed in the forward, times the backward's upstream ``g``: out of place for an upstream
-    batched by torch.func (``is_grads_batched``); on accelerators in place where the gradient is ``owned`` (given
-    away by the forward: no host read, no second copy); elsewhere the usual upstream 1 is read and skips the
-    product (the gradient as it is), others out of place (a gradient still saved stays as it is)."""
+class _Logits(torch.autograd.Function):
+    """The identity, saving the logits given to :class:`_Fused` for its recomputation (a node of their own:
+    their saved tensor is unpacked only when the gradient is recomputed, and freed when autograd has passed
+    this node)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any) -> Any:
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Any) -> Any:
+        return g
+
+
+def _times_upstream(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A saved gradient computed in the forward, spent by this backward, times the backward's upstream ``g``:
+    out of place for an upstream batched by torch.func (``is_grads_batched``); on accelerators in place (no host
+    read, no second copy); elsewhere the usual upstream 1 is read and skips the product (the gradient as it is),
+    others out of place. Handed on untracked (``.data``): what changes it later (an in-place hook, ``.grad``'s
+    sum, the product here) concerns no saved tensor, since a later backward computes the gradient again."""
+    grad = grad.data
     if _unread(g):
         return (grad * g).to(grad.dtype)
-    if owned and _accelerated(grad):
+    if _accelerated(grad):
         return grad.mul_(g.to(grad.dtype))
     return grad if bool(g == 1) else (grad * g).to(grad.dtype)
 
@@ -665,7 +687,8 @@ def fused(x: Any, target: Any, weight: Any, loss: Callable[..., Any]) -> Any:
         return None
     if _compat.COMPILED_STRATEGY and _accelerated(x):
         loss = _compiled(loss)
-    return _Fused.apply(x, loss)  # type: ignore[no-untyped-call]
+    logits = _Logits.apply(x)  # type: ignore[no-untyped-call]
+    return _Fused.apply(logits, logits.grad_fn, loss)  # type: ignore[no-untyped-call]
 
 
 #: True while the compiled strategy's pass runs (:func:`_compiled`): traced, it still asserts the class
@@ -951,44 +974,43 @@ class _LinearScalar(torch.autograd.Function):
     """``linear_cross_entropy``'s "mean"/"sum": the gradients computed in the forward (one pass over the chunks),
     scaled by the backward's upstream gradient.
 
-    On the CPU the gradients are saved tensors, returned as they are for the usual upstream 1 (read on the
-    host) and scaled out of place otherwise, so a retained graph gives them again. On accelerators the
-    upstream is not read (no host synchronisation): the gradients are given away on the first backward,
-    scaled in place (no second gradient-sized copy), and a second backward through a retained graph
-    recomputes them by the forward's pass from the inputs, saved with ``save_for_backward`` (an in-place
-    change since the forward raises torch's own error)."""
+    The gradients and the inputs are saved with ``save_for_backward``: saved-tensor hooks apply to them, and an
+    in-place change of an input since the forward raises torch's own error (as for ``F.linear``, which saves
+    them too). The first backward spends the gradients, handed on untracked (``.data``): as they are for the
+    usual upstream 1 on the CPU (read on the host), scaled out of place for another; on accelerators scaled in
+    place (the upstream not read: no host synchronisation, no second gradient-sized copy). What changes them
+    afterwards (an in-place hook, ``.grad``'s sum) concerns no saved tensor then: a second backward through a
+    retained graph computes them again by the forward's pass from the saved inputs."""
 
     @staticmethod
     def forward(
         ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, ce_s: Any, lse_s: Any, opts: Any, xp: Any, call: Any
     ) -> Any:
         need = ctx.needs_input_grad
-        ctx.call, ctx.inputs = call, (h, w, b, weight, ce_s, lse_s)  # for a double backward only
         grads: tuple[Any, ...] = (None, None, None)
         if any(need[:3]):
             ce, lse, *grads = _ops(call)[1](h, w, b, t, weight, ce_s, lse_s, *opts)
         else:
             ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
-        grads = tuple(g if n else None for g, n in zip(grads, need[:3], strict=True))
-        ctx.given = _accelerated(h)  # the gradients given away (ctx.grads), not saved
-        ctx.grads = grads if ctx.given else None
         ctx.save_for_backward(
-            *((None,) * 3 if ctx.given else grads),
-            *((h, w, b, t, ce_s) if need[4] or ctx.given else (None,) * 5),
+            *(g if n else None for g, n in zip(grads, need[:3], strict=True)),
+            *(h, w, b, t, weight, ce_s, lse_s),
             torch.sum(ce) if need[5] else None,
             torch.sum(lse * lse) / 2 if need[6] else None,
         )
-        ctx.opts = opts
+        ctx.call, ctx.opts, ctx.spent = _without_arrays(call), opts, False
         return _linear.scalar_loss(ce, lse, ce_s, lse_s, xp)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
+        *grads, h, w, b, t, weight, ce_s, lse_s, ce_sum, lse_sq = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the unchunked path, which is differentiable
-            return _LinearScalar._differentiated(ctx, g)
-        *grads, h, w, b, t, ce_s, ce_sum, lse_sq = ctx.saved_tensors
-        if ctx.given:  # accelerators: the gradients given away by the forward, scaled in place
-            grads = _LinearScalar._given(ctx, h, w, b, t)
-        scaled = [None if s is None else _times_upstream(s, g, owned=ctx.given) for s in grads]
+            return _LinearScalar._differentiated(ctx, g, (h, w, b, t, weight, ce_s, lse_s))
+        if ctx.spent:  # a second backward (a retained graph): the forward's pass again
+            _, _, *again = _ops(ctx.call)[1](h, w, b, t, weight, ce_s, lse_s, *ctx.opts)
+            grads = [None if gr is None else a for gr, a in zip(grads, again, strict=True)]
+        ctx.spent = True
+        scaled = [None if s is None else _times_upstream(s, g) for s in grads]
         weight_bar = None
         if ctx.needs_input_grad[4]:  # ∂loss/∂weight at a fixed ce_scale; autograd adds the denominator's part
             weight_bar = _ops(ctx.call)[3](h, w, b, t, (g * ce_s).expand(t.shape[0]), *ctx.opts)
@@ -996,27 +1018,16 @@ class _LinearScalar(torch.autograd.Function):
         return (*scaled, None, weight_bar, *extra, None, None, None)
 
     @staticmethod
-    def _given(ctx: Any, h: Any, w: Any, b: Any, t: Any) -> tuple[Any, ...]:
-        """Accelerators: the forward's gradients, given away once; for a second backward (a retained graph)
-        the forward's pass again at the saved inputs (the same values)."""
-        given, ctx.grads = ctx.grads, None
-        if given is None:
-            weight, ce_s, lse_s = ctx.inputs[3:]
-            _, _, *grads = _ops(ctx.call)[1](h, w, b, t, weight, ce_s, lse_s, *ctx.opts)
-            given = tuple(gr if n else None for gr, n in zip(grads, ctx.needs_input_grad[:3], strict=True))
-        return given  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _differentiated(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
-        """``create_graph=True``: the gradients through the unchunked path, which is differentiable."""
-        h, w, b, weight, ce_s, lse_s = ctx.inputs
+    def _differentiated(ctx: Any, g: torch.Tensor, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``create_graph=True``: the gradients through the unchunked path, which is differentiable; ``inputs``
+        the saved ``(h, w, b, t, weight, ce_s, lse_s)``."""
+        h, w, b, t, weight, ce_s, lse_s = inputs
         wanted = [i for i in (0, 1, 2, 4, 5, 6) if ctx.needs_input_grad[i]]
-        args = dict(enumerate((h, w, b, None, weight, ce_s, lse_s)))
         with torch.enable_grad():
-            call = dataclasses.replace(ctx.call, weight=weight)
+            call = dataclasses.replace(ctx.call, target=t, weight=weight)
             ce, lse = _unchunked_rows(call, h, w, b)
             loss = _linear.scalar_loss(ce, lse, ce_s, lse_s, call.xp)
-            grads = torch.autograd.grad(loss, [args[i] for i in wanted], g, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, [inputs[i] for i in wanted], g, create_graph=True, allow_unused=True)
         out: list[Any] = [None] * 11
         for i, gr in zip(wanted, grads, strict=True):
             out[i] = gr
@@ -1028,7 +1039,7 @@ class _LinearRows(torch.autograd.Function):
     def forward(ctx: Any, h: Any, w: Any, b: Any, t: Any, weight: Any, opts: Any, call: Any) -> Any:
         ce, lse = _ops(call)[0](h, w, b, t, weight, *opts)
         ctx.save_for_backward(h, w, b, t, weight)
-        ctx.opts, ctx.call = opts, call
+        ctx.opts, ctx.call = opts, _without_arrays(call)
         return ce, lse
 
     @staticmethod
@@ -1038,7 +1049,7 @@ class _LinearRows(torch.autograd.Function):
             wanted = [i for i in (0, 1, 2, 4) if ctx.needs_input_grad[i]]
             args = dict(enumerate((h, w, b, None, weight)))
             with torch.enable_grad():
-                ce, lse = _unchunked_rows(dataclasses.replace(ctx.call, weight=weight), h, w, b)
+                ce, lse = _unchunked_rows(dataclasses.replace(ctx.call, target=t, weight=weight), h, w, b)
                 grads = torch.autograd.grad(
                     (ce, lse), [args[i] for i in wanted], (ce_bar, lse_bar), create_graph=True, allow_unused=True
                 )
@@ -1072,6 +1083,12 @@ def linear_out_dtype(dtype: torch.dtype, hidden: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(hidden.device.type):
         return torch.promote_types(dtype, torch.float32)
     return dtype
+
+
+def _without_arrays(call: _linear.LinearCall) -> _linear.LinearCall:
+    """``call`` without its arrays, for a node's ``ctx``: those its backward reads are saved tensors (freed with
+    the graph's buffers, seen by saved-tensor hooks); a ``ctx`` attribute would hold them as long as the graph."""
+    return dataclasses.replace(call, h=None, w=None, b=None, target=None, weight=None)
 
 
 def _unchunked_rows(call: _linear.LinearCall, h: Any, w: Any, b: Any) -> Any:

@@ -337,6 +337,103 @@ def test_torch_second_backward() -> None:
 
 
 @torch_only
+@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
+@pytest.mark.parametrize("scenario", ["in-place-hooks-retained", "checkpoint", "checkpoint-reentrant", "save_on_cpu"])
+def test_torch_autograd_contract_of_the_naive_path(strategy: str, scenario: str, monkeypatch: Any) -> None:
+    """On the same graph as ``F.cross_entropy(F.linear(h, W))``: in-place gradient hooks on ``h`` and ``W``
+    with a retained graph and a second backward (the hooks change the gradients handed on, which a second
+    backward must not read), ``torch.utils.checkpoint`` (both kinds) and ``save_on_cpu``: the same gradients,
+    on the CPU strategy and the accelerator strategy (forced on CPU tensors)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.checkpoint import checkpoint
+
+    from multixent import _compat
+
+    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", strategy == "accelerator")
+    data = _data()
+
+    def grads(loss_fn: Any) -> tuple[Any, Any]:
+        h = torch.as_tensor(data["h"]).requires_grad_()
+        w = torch.as_tensor(data["w"]).requires_grad_()
+        y = torch.as_tensor(data["y"])
+        a = h * 1.5
+        if scenario == "in-place-hooks-retained":
+            a.register_hook(lambda g: g.mul_(2))
+            w.register_hook(lambda g: g.mul_(3))
+            loss = loss_fn(a, w, y)
+            loss.backward(retain_graph=True)
+            loss.backward()
+        elif scenario == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                loss = loss_fn(a, w, y)
+            loss.backward()
+        else:
+            reentrant = scenario == "checkpoint-reentrant"
+            checkpoint(lambda a_: loss_fn(a_, w, y), a, use_reentrant=reentrant).backward()
+        return h.grad, w.grad
+
+    want = grads(lambda a, w, y: torch.nn.functional.cross_entropy(a @ w.T, y))
+    got = grads(lambda a, w, y: multixent.linear_cross_entropy(a, w, y, chunk_size=4))
+    for g, wg in zip(got, want, strict=True):
+        torch.testing.assert_close(g, wg)
+
+
+@torch_only
+@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
+def test_torch_hidden_states_freed_after_the_backward(strategy: str, monkeypatch: Any) -> None:
+    """As for ``F.linear``, the graph, which lives as long as the loss does (in a training loop, into the next
+    step's forward), holds the hidden states only until the backward has run."""
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    from multixent import _compat
+
+    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", strategy == "accelerator")
+    data = _data()
+    w, y = torch.as_tensor(data["w"]).requires_grad_(), torch.as_tensor(data["y"])
+    for loss_fn in (
+        lambda h: torch.nn.functional.cross_entropy(h @ w.T, y),
+        lambda h: multixent.linear_cross_entropy(h, w, y, chunk_size=4),
+    ):
+        h = torch.as_tensor(data["h"]).requires_grad_() * 2.0
+        alive = weakref.ref(h)
+        loss = loss_fn(h)
+        del h
+        loss.backward()
+        gc.collect()
+        assert alive() is None
+
+
+@torch_only
+@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
+def test_torch_saved_tensor_hooks_see_the_gradients(strategy: str, monkeypatch: Any) -> None:
+    """The gradients computed in the forward are saved tensors: saved-tensor hooks (offloading, checkpointing)
+    see them, and the backward reads them through the hooks."""
+    torch = pytest.importorskip("torch")
+    from multixent import _compat
+
+    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", strategy == "accelerator")
+    data = _data()
+    h = torch.as_tensor(data["h"]).requires_grad_()
+    w = torch.as_tensor(data["w"]).requires_grad_()
+    y = torch.as_tensor(data["y"])
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.T, y), (h, w))
+    packed: list[Any] = []
+
+    def pack(t: Any) -> int:
+        packed.append(t.detach().clone())
+        return len(packed) - 1
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, packed.__getitem__):
+        loss = multixent.linear_cross_entropy(h, w, y, chunk_size=4)
+    for g in want:
+        assert any(t.shape == g.shape and torch.allclose(t, g) for t in packed)
+    loss.backward()
+    torch.testing.assert_close((h.grad, w.grad), want)
+
+
+@torch_only
 @pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "hessian", "vmap_grad", "gradcheck"])
 def test_torch_func_transforms(transform: str) -> None:
     """torch.func over linear_cross_entropy (the unchunked path under a transform) equals the

@@ -1,7 +1,9 @@
 """The fused torch route (the loss and its gradient in one pass, torch's "mean"/"sum") keeps autograd's
 contract: against ``F.cross_entropy`` on an identical graph, with hooks (out of place and in place, on the
 leaf and on an intermediate), a retained graph and a second backward, ``create_graph=True`` and a double
-backward, in-place changes before the backward, and an optimizer step between two backwards.
+backward, in-place changes before the backward, and an optimizer step between two backwards; under
+saved-tensor hooks, ``torch.utils.checkpoint`` and ``save_on_cpu``; and the graph holds the logits no longer
+than ``F.cross_entropy``'s does.
 
 Where the gradient is recomputed (a second backward, ``create_graph=True``) after an in-place change of
 the tensor given to the loss, multixent raises torch's own "modified by an inplace operation" error, as
@@ -219,11 +221,87 @@ def test_saved_logits_are_the_input(torch: Any) -> None:
     x, y, _ = _inputs(torch, "mean-all")
     x.requires_grad_()
     loss = multixent.cross_entropy(x, y)
-    (saved,) = loss.grad_fn.saved_tensors
+    (gradient,) = loss.grad_fn.saved_tensors
+    (saved,) = loss.grad_fn.next_functions[0][0].saved_tensors
     assert saved.data_ptr() == x.data_ptr()
     loss.backward()
+    assert x.grad.data_ptr() == gradient.data_ptr()
     g = x.grad
     x.grad = None
     loss = multixent.cross_entropy(x, y)
     loss.backward()
     np.testing.assert_array_equal(x.grad.numpy(), g.numpy())
+
+
+def test_saved_tensor_hooks_see_the_logits_and_the_gradient(torch: Any) -> None:
+    """What the fused route keeps for its backward goes through the saved-tensor hooks, as the ordinary
+    route's saved tensors do: the logits, as they are, and the gradient computed in the forward (so that
+    offloading and checkpointing apply to them); the backward reads them through the hooks."""
+    x, y, kwargs = _inputs(torch, "mean-all")
+    x.requires_grad_()
+    packed: list[Any] = []
+    unpacked: list[int] = []
+
+    def pack(t: Any) -> int:
+        packed.append(t.detach().clone())
+        return len(packed) - 1
+
+    def unpack(i: int) -> Any:
+        unpacked.append(i)
+        return packed[i]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = multixent.cross_entropy(x, y, **kwargs)
+    (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x, y, **kwargs), x)
+    logits_sized = [t for t in packed if t.shape == x.shape]
+    assert len(packed) == len(logits_sized) == 2
+    np.testing.assert_array_equal(logits_sized[0].numpy(), x.detach().numpy())
+    np.testing.assert_allclose(logits_sized[1].numpy(), want.numpy(), rtol=1e-12, atol=1e-15)
+    loss.backward()
+    assert unpacked == [1]  # the first backward reads the gradient alone
+    np.testing.assert_allclose(x.grad.numpy(), want.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_logits_freed_after_the_backward(torch: Any) -> None:
+    """As for ``F.cross_entropy``, the graph, which lives as long as the loss does (in a training loop, into
+    the next step's forward), holds the logits no longer than until the backward has run."""
+    import gc
+    import weakref
+
+    for loss_fn in (torch.nn.functional.cross_entropy, multixent.cross_entropy):
+        x, y, kwargs = _inputs(torch, "mean-all")
+        logits = x.requires_grad_() * 2.0
+        alive = weakref.ref(logits)
+        loss = loss_fn(logits, y, **kwargs)
+        del logits
+        loss.backward()
+        gc.collect()
+        assert alive() is None, loss_fn
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("wrapper", ["checkpoint", "checkpoint-reentrant", "save_on_cpu"])
+def test_checkpointed_and_offloaded_equal_torch(torch: Any, option: str, wrapper: str) -> None:
+    """Under ``torch.utils.checkpoint`` (both kinds) and ``save_on_cpu``, the loss, ``.grad`` and a hook's
+    calls equal ``F.cross_entropy``'s."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(loss_fn: Any) -> tuple[Any, Any, int]:
+        x0, y, kwargs = _inputs(torch, option)
+        x = x0.clone().requires_grad_()
+        calls = []
+        x.register_hook(calls.append)
+        h = x * 1.5
+        if wrapper == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                loss = loss_fn(h, y, **kwargs)
+        else:
+            reentrant = wrapper == "checkpoint-reentrant"
+            loss = checkpoint(lambda a: loss_fn(a, y, **kwargs), h, use_reentrant=reentrant)
+        (loss * 2).backward()
+        return loss.detach(), x.grad, len(calls)
+
+    want, got = run(torch.nn.functional.cross_entropy), run(multixent.cross_entropy)
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-10, atol=1e-13)
+    assert got[2] == want[2] == 1
