@@ -638,13 +638,13 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Any) -> Any:
-        (grad,) = ctx.saved_tensors
         if ctx.spent or torch.is_grad_enabled():  # a second backward, or create_graph=True: the usual route
             (x,) = ctx.logits.saved_tensors
             with torch.enable_grad():
                 alias = x.view_as(x)
                 (x_bar,) = torch.autograd.grad(ctx.loss(alias), alias, g, create_graph=torch.is_grad_enabled())
             return x_bar, None, None
+        (grad,) = ctx.saved_tensors
         ctx.spent = True
         return _times_upstream(grad, g), None, None
 

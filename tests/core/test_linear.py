@@ -10,8 +10,10 @@ comma-separated list; unset means all) and skip when the framework is missing.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -336,10 +338,18 @@ def test_torch_second_backward() -> None:
     torch.testing.assert_close(h.grad, first)
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def strategy(request: Any, monkeypatch: Any) -> str:
+    """torch's CPU strategy, or its accelerator strategy forced on CPU tensors (its private switch)."""
+    from multixent import _compat
+
+    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", request.param == "accelerator")
+    return str(request.param)
+
+
 @torch_only
-@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
 @pytest.mark.parametrize("scenario", ["in-place-hooks-retained", "checkpoint", "checkpoint-reentrant", "save_on_cpu"])
-def test_torch_autograd_contract_of_the_naive_path(strategy: str, scenario: str, monkeypatch: Any) -> None:
+def test_torch_autograd_contract_of_the_naive_path(strategy: str, scenario: str) -> None:
     """On the same graph as ``F.cross_entropy(F.linear(h, W))``: in-place gradient hooks on ``h`` and ``W``
     with a retained graph and a second backward (the hooks change the gradients handed on, which a second
     backward must not read), ``torch.utils.checkpoint`` (both kinds) and ``save_on_cpu``: the same gradients,
@@ -347,9 +357,6 @@ def test_torch_autograd_contract_of_the_naive_path(strategy: str, scenario: str,
     torch = pytest.importorskip("torch")
     from torch.utils.checkpoint import checkpoint
 
-    from multixent import _compat
-
-    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", strategy == "accelerator")
     data = _data()
 
     def grads(loss_fn: Any) -> tuple[Any, Any]:
@@ -379,17 +386,10 @@ def test_torch_autograd_contract_of_the_naive_path(strategy: str, scenario: str,
 
 
 @torch_only
-@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
-def test_torch_hidden_states_freed_after_the_backward(strategy: str, monkeypatch: Any) -> None:
+def test_torch_hidden_states_freed_after_the_backward(strategy: str) -> None:
     """As for ``F.linear``, the graph, which lives as long as the loss does (in a training loop, into the next
     step's forward), holds the hidden states only until the backward has run."""
-    import gc
-    import weakref
-
     torch = pytest.importorskip("torch")
-    from multixent import _compat
-
-    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", strategy == "accelerator")
     data = _data()
     w, y = torch.as_tensor(data["w"]).requires_grad_(), torch.as_tensor(data["y"])
     for loss_fn in (
@@ -406,14 +406,10 @@ def test_torch_hidden_states_freed_after_the_backward(strategy: str, monkeypatch
 
 
 @torch_only
-@pytest.mark.parametrize("strategy", ["cpu", "accelerator"])
-def test_torch_saved_tensor_hooks_see_the_gradients(strategy: str, monkeypatch: Any) -> None:
+def test_torch_saved_tensor_hooks_see_the_gradients(strategy: str) -> None:
     """The gradients computed in the forward are saved tensors: saved-tensor hooks (offloading, checkpointing)
     see them, and the backward reads them through the hooks."""
     torch = pytest.importorskip("torch")
-    from multixent import _compat
-
-    monkeypatch.setattr(_compat, "ACCELERATOR_ON_CPU", strategy == "accelerator")
     data = _data()
     h = torch.as_tensor(data["h"]).requires_grad_()
     w = torch.as_tensor(data["w"]).requires_grad_()

@@ -14,7 +14,9 @@ equal torch's.
 
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -265,9 +267,6 @@ def test_saved_tensor_hooks_see_the_logits_and_the_gradient(torch: Any) -> None:
 def test_logits_freed_after_the_backward(torch: Any) -> None:
     """As for ``F.cross_entropy``, the graph, which lives as long as the loss does (in a training loop, into
     the next step's forward), holds the logits no longer than until the backward has run."""
-    import gc
-    import weakref
-
     for loss_fn in (torch.nn.functional.cross_entropy, multixent.cross_entropy):
         x, y, kwargs = _inputs(torch, "mean-all")
         logits = x.requires_grad_() * 2.0
